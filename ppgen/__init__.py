@@ -1,0 +1,1 @@
+"""ppgen: deep generative models on Pyro."""

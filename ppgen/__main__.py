@@ -1,0 +1,5 @@
+import sys
+
+from ppgen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Inference: gradient estimators, the SVI loop, evidence and estimator variance."""

@@ -1,0 +1,139 @@
+"""Named gradient estimators of the ELBO, each a Pyro ELBO object plus how to treat the guide.
+
+A guide is written once, reparameterized. Score-function estimators train the *same* guide with
+its latent sites marked non-reparameterizable (``has_rsample_(False)``) by a poutine handler, so
+no model or guide needs a switch of its own.
+
+=================  ==========================  ===============================================
+name               Pyro ELBO                   gradient
+=================  ==========================  ===============================================
+``reparam``        ``Trace_ELBO``              pathwise (Kingma & Welling 2014)
+``analytic-kl``    ``TraceMeanField_ELBO``     pathwise, KL term in closed form where known
+``score``          ``TraceGraph_ELBO``         score function, Rao-Blackwellized by the
+                                               dependency graph (Williams 1992; Ranganath et
+                                               al. 2014; Schulman et al. 2015)
+``score-baseline`` ``TraceGraph_ELBO``         as ``score`` with a decaying-average baseline
+                                               (Mnih & Gregor 2014)
+=================  ==========================  ===============================================
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+from pyro import infer
+from pyro.poutine.messenger import Messenger
+
+__all__ = ["Estimator", "ESTIMATORS", "get_estimator", "make_elbo", "prepare_guide"]
+
+
+class Estimator(NamedTuple):
+    """A named gradient estimator.
+
+    :param elbo_class: Pyro ELBO class to instantiate.
+    :param reparameterized: if false, the guide's latent sites are made score-function only.
+    :param baseline: Pyro ``infer={"baseline": ...}`` options put on each guide latent site.
+    :param description: one line for ``--help`` and tables.
+    """
+
+    name: str
+    elbo_class: Callable[..., infer.ELBO]
+    reparameterized: bool
+    baseline: Optional[dict]
+    description: str
+
+
+#: name -> :class:`Estimator`. Users may add their own entries.
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in [
+        Estimator("reparam", infer.Trace_ELBO, True, None, "reparameterized (pathwise) gradient"),
+        Estimator(
+            "analytic-kl",
+            infer.TraceMeanField_ELBO,
+            True,
+            None,
+            "reparameterized, analytic KL(q || p)",
+        ),
+        Estimator(
+            "score",
+            infer.TraceGraph_ELBO,
+            False,
+            None,
+            "score function, Rao-Blackwellized (TraceGraph_ELBO)",
+        ),
+        Estimator(
+            "score-baseline",
+            infer.TraceGraph_ELBO,
+            False,
+            {"use_decaying_avg_baseline": True, "baseline_beta": 0.95},
+            "score function with a decaying-average baseline",
+        ),
+    ]
+}
+
+
+def get_estimator(name: str) -> Estimator:
+    """Look an estimator up by name; unknown names get the list of known ones."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown estimator {name!r}; known estimators: {', '.join(ESTIMATORS)}"
+        ) from None
+
+
+def make_elbo(
+    name: str,
+    num_particles: int = 1,
+    vectorize_particles: bool = False,
+    max_plate_nesting: Optional[int] = None,
+) -> infer.ELBO:
+    """The Pyro ELBO object for estimator ``name``.
+
+    :param num_particles: samples per gradient estimate (averaged).
+    :param vectorize_particles: draw the particles in one vectorized pass (needs
+        ``max_plate_nesting``, guessed by tracing if not given).
+    """
+    est = get_estimator(name)
+    if not isinstance(num_particles, int) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    kwargs: dict = {"num_particles": num_particles, "vectorize_particles": vectorize_particles}
+    if max_plate_nesting is not None:
+        kwargs["max_plate_nesting"] = max_plate_nesting
+    return est.elbo_class(**kwargs)
+
+
+def _detach_sampling(fn) -> None:
+    # Wrappers such as Independent read has_rsample from their base distribution.
+    try:
+        fn.has_rsample_(False)
+    except AttributeError:
+        if not hasattr(fn, "base_dist"):
+            raise
+        _detach_sampling(fn.base_dist)
+
+
+class ScoreFunctionMessenger(Messenger):
+    """Marks every latent sample site non-reparameterized and attaches baseline options."""
+
+    def __init__(self, baseline: Optional[dict] = None):
+        super().__init__()
+        self.baseline = baseline
+
+    def _process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return
+        if msg["fn"].has_rsample:
+            _detach_sampling(msg["fn"])
+        if self.baseline is not None:
+            msg["infer"] = {**msg["infer"], "baseline": dict(self.baseline)}
+
+
+def prepare_guide(name: str, guide: Callable) -> Callable:
+    """The guide as estimator ``name`` must see it: unchanged for pathwise estimators,
+    wrapped by :class:`ScoreFunctionMessenger` for score-function ones."""
+    est = get_estimator(name)
+    if est.reparameterized:
+        return guide
+    return ScoreFunctionMessenger(est.baseline)(guide)

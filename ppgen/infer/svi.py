@@ -1,0 +1,233 @@
+"""The SVI training loop: any Pyro model/guide pair with a ``"data"`` plate over datapoints.
+
+The model and guide are called on minibatches ``x`` of shape ``(B, ...)`` and declare
+``pyro.plate("data", B)``. The loop scales every site inside that plate by ``N / B`` so the loss
+is an unbiased estimate of the full-dataset negative ELBO (global latents are counted once), and
+reports the ELBO per datapoint in nats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, NamedTuple, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from tqdm.auto import tqdm
+
+from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
+from ppgen.runs import Run, rng_state, seed_everything, set_rng_state
+
+__all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "evaluate_elbo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SVIConfig:
+    """Settings of the SVI loop."""
+
+    estimator: str = "reparam"  # gradient estimator name (ppgen.infer.estimators.ESTIMATORS)
+    particles: int = 1  # samples per gradient estimate, vectorized
+    epochs: int = 10  # passes over the training data
+    batch_size: int = 128  # datapoints per step; the last partial batch is dropped
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 0  # seeds Python, NumPy, torch and Pyro
+    device: str = "cpu"  # "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        get_estimator(self.estimator)
+        for name in ("particles", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+
+
+class SVIResult(NamedTuple):
+    """What :func:`train_svi` returns: one metrics dict per epoch, and the final validation ELBO."""
+
+    history: list[dict]
+    val_elbo: Optional[float]
+
+
+class DataScale(Messenger):
+    """Multiply the log-density of every site inside the ``"data"`` plate by ``scale``.
+
+    Used with ``scale = N / B`` to turn a minibatch ELBO into an unbiased full-dataset estimate.
+    Sites of a plate that already subsamples itself (``subsample_size``) are left alone.
+    """
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg: dict) -> None:
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == "data" and (frame.full_size is None or frame.full_size == frame.size):
+                msg["scale"] = self.scale * msg["scale"]
+                return
+
+
+def _eval_rng(device: torch.device):
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    batch_size: int = 1000,
+    num_particles: int = 1,
+    seed: int = 0,
+) -> float:
+    """Mean ELBO per datapoint (nats) of ``data`` (shape ``(N, ...)``), estimated with
+    ``num_particles`` reparameterized samples per datapoint under a fixed seed, leaving the
+    caller's random state untouched."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate the ELBO of an empty dataset")
+    elbo = Trace_ELBO(num_particles=num_particles)
+    total = 0.0
+    with _eval_rng(data.device):
+        torch.manual_seed(seed)
+        for i in range(0, len(data), batch_size):
+            total += -elbo.loss(model, guide, data[i : i + batch_size])
+    return total / len(data)
+
+
+def _state(optimizer: torch.optim.Optimizer, epoch: int, step: int) -> dict:
+    store = pyro.get_param_store()
+    return {
+        "params": {k: store._params[k].detach().clone() for k in store.keys()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(),
+    }
+
+
+def load_params(params: dict) -> None:
+    """Copy saved unconstrained parameter values into Pyro's param store, in place (so nn.Module
+    parameters and optimizer references stay the same objects)."""
+    store = pyro.get_param_store()
+    for name, value in params.items():
+        if name in store:
+            target = store._params[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"checkpoint parameter {name!r} has shape {tuple(value.shape)} but the model's "
+                    f"has {tuple(target.shape)}: the checkpoint comes from another configuration"
+                )
+            with torch.no_grad():
+                target.copy_(value.to(target.device))
+        else:
+            pyro.param(name, value)
+
+
+def train_svi(
+    model: Callable,
+    guide: Callable,
+    train_data: torch.Tensor,
+    val_data: Optional[torch.Tensor] = None,
+    config: SVIConfig = SVIConfig(),
+    run: Optional[Run] = None,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    progress: bool = True,
+) -> SVIResult:
+    """Train ``model``/``guide`` by stochastic variational inference.
+
+    :param model: Pyro model taking a batch ``x`` of shape ``(B, ...)``; its datapoints sit in
+        ``pyro.plate("data", B)``.
+    :param guide: Pyro guide with the same signature.
+    :param train_data: tensor ``(N, ...)``; moved to ``config.device`` (move the networks
+        there yourself).
+    :param val_data: optional tensor ``(N_val, ...)`` scored each epoch (ELBO per datapoint).
+    :param run: run directory for metrics and a checkpoint per epoch; with ``run.resume`` the
+        loop continues from the checkpoint, with parameters, optimizer and RNG states restored.
+    :param transform: applied to each training batch (e.g. dynamic binarization).
+    :returns: :class:`SVIResult`, one metrics dict per epoch (train loss, validation ELBO, seconds).
+    """
+    from ppgen.runs import resolve_device
+
+    device = resolve_device(config.device)
+    n = len(train_data)
+    if n == 0:
+        raise ValueError("train_data is empty")
+    if config.batch_size > n:
+        raise ValueError(
+            f"batch_size {config.batch_size} is larger than the training set ({n} datapoints); "
+            f"use --batch-size {n} or smaller"
+        )
+    train_data = train_data.to(device)
+    val_data = val_data.to(device) if val_data is not None else None
+
+    seed_everything(config.seed)
+    pyro.clear_param_store()
+    elbo = make_elbo(
+        config.estimator, config.particles, vectorize_particles=config.particles > 1
+    )
+    train_guide = prepare_guide(config.estimator, guide)
+    batches = n // config.batch_size
+    scale = n / config.batch_size
+
+    # Register every parameter once (one trace of model and guide) to build one optimizer.
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        Trace_ELBO().loss(model, guide, train_data[: config.batch_size])
+    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+
+    start_epoch, step, history = 0, 0, []
+    if run is not None and run.resume:
+        ckpt = run.load_checkpoint(map_location=device)
+        load_params(ckpt["params"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        run.truncate_metrics(lambda r: r.get("epoch", 0) <= start_epoch)
+        history = [r for r in run.metrics() if "val_elbo" in r or "train_loss" in r]
+
+    val_elbo = history[-1].get("val_elbo") if history else None
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, device=device)
+        total = 0.0
+        bar = tqdm(range(batches), desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+        for i in bar:
+            x = train_data[perm[i * config.batch_size : (i + 1) * config.batch_size]]
+            if transform is not None:
+                x = transform(x)
+            with DataScale(scale):
+                loss = elbo.loss_and_grads(model, train_guide, x)
+            if not math.isfinite(loss):
+                where = run.checkpoint_path if run is not None else "none (no run directory)"
+                raise FloatingPointError(
+                    f"non-finite loss ({loss}) at epoch {epoch}, step {step + 1}; "
+                    f"last good checkpoint: {where}. Lower --lr or check the data."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            total += loss / n
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss / n:.2f}")
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "step": step, "train_loss": total / batches, "seconds": seconds}
+        if val_data is not None:
+            val_elbo = evaluate_elbo(model, guide, val_data)
+            record["val_elbo"] = val_elbo
+        history.append(record)
+        if progress:
+            tqdm.write(
+                f"epoch {epoch:3d}  train loss {record['train_loss']:9.3f}  "
+                + (f"val ELBO {val_elbo:9.3f}  " if val_data is not None else "")
+                + f"{seconds:6.1f}s"
+            )
+        if run is not None:
+            run.log(record)
+            run.save_checkpoint(_state(optimizer, epoch, step))
+    return SVIResult(history, val_elbo)

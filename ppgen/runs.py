@@ -1,0 +1,233 @@
+"""Run directories and the helpers every training loop calls.
+
+A run directory holds::
+
+    config.json        the run's configuration (nested dataclasses as JSON)
+    checkpoint.pt      the latest checkpoint (tensors only; loaded with weights_only=True)
+    metrics.jsonl      one JSON object per logged event (epoch metrics)
+    figures/           PNG figures
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyro
+import torch
+
+__all__ = [
+    "Run",
+    "RunExistsError",
+    "CheckpointError",
+    "config_to_dict",
+    "config_from_dict",
+    "resolve_device",
+    "seed_everything",
+    "rng_state",
+    "set_rng_state",
+]
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run and neither resume nor overwrite was asked."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or from another configuration."""
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A frozen dataclass (possibly nested) as a JSON-ready dict."""
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {type(value).__name__}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
+    ):
+        raise TypeError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build the frozen dataclass ``cls`` from parsed JSON, checking names and types."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- device and seeds
+
+
+def resolve_device(name: str = "cpu") -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``, refusing CUDA when absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; use 'cpu' or 'cuda'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch (all devices) and Pyro."""
+    pyro.set_rng_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors (safe for ``weights_only`` loading)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "python_pos": torch.tensor(py[2] if py[2] is not None else -1),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(np_state[2]),
+        "torch": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    pos = int(state["python_pos"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None if pos < 0 else pos))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"])))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+class Run:
+    """A run directory: config, checkpoint, metrics log and figures.
+
+    :param path: the directory.
+    :param resume: continue the run already in ``path``.
+    :param overwrite: start afresh even if ``path`` holds a run (its files are replaced).
+    """
+
+    CONFIG, CHECKPOINT, METRICS = "config.json", "checkpoint.pt", "metrics.jsonl"
+
+    def __init__(self, path: Union[str, Path], resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.resume = resume
+        exists = (self.path / self.CONFIG).exists()
+        if resume and not exists:
+            raise FileNotFoundError(f"cannot resume: {self.path} holds no run ({self.CONFIG} missing)")
+        if exists and not resume:
+            if not overwrite:
+                raise RunExistsError(
+                    f"{self.path} already holds a run; pass --resume to continue it or "
+                    "--overwrite to start afresh"
+                )
+            for name in (self.CONFIG, self.CHECKPOINT, self.METRICS):
+                (self.path / name).unlink(missing_ok=True)
+        self.figures.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    # config ---------------------------------------------------------------
+    def save_config(self, config: dict) -> None:
+        _atomic_write_text(self.path / self.CONFIG, json.dumps(config, indent=2) + "\n")
+
+    def load_config(self) -> dict:
+        path = self.path / self.CONFIG
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path} not found: is {self.path} a ppgen run directory?") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore it or start a new run") from None
+
+    # metrics --------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.path / self.METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self.path / self.METRICS
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, keep: "typing.Callable[[dict], bool]") -> None:
+        """Keep only the records for which ``keep`` is true (used on resume)."""
+        kept = [r for r in self.metrics() if keep(r)]
+        _atomic_write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+    # checkpoints ----------------------------------------------------------
+    def save_checkpoint(self, state: dict) -> None:
+        """Write ``state`` (tensors, numbers, strings, nested dicts/lists) atomically."""
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def load_checkpoint(self, map_location: Optional[Union[str, torch.device]] = "cpu") -> dict:
+        return load_checkpoint(self.checkpoint_path, map_location)
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: nothing in the file is executed."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}; the run has not finished an epoch yet")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}. "
+            "The file is corrupt, truncated or holds objects other than tensors; "
+            "delete it and retrain (or --overwrite the run)."
+        ) from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
