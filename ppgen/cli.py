@@ -117,7 +117,7 @@ def add_sample(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def sample_vae(args: argparse.Namespace, out: Path) -> None:
     import torch
 
     from ppgen.plots import save_image_grid
@@ -125,8 +125,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     vae, _, shape = load_vae(args.run, args.device)
     torch.manual_seed(args.seed)
-    out = Path(args.out) if args.out else Path(args.run) / "figures" / f"samples-{args.n}.png"
     save_image_grid(vae.sample(args.n), shape, out)
+
+
+#: run family (config.json "family") -> function(args, png_path) writing a sample grid.
+SAMPLERS = {"vae": sample_vae}
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ppgen.runs import Run
+
+    family = Run(args.run, resume=True).load_config().get("family")
+    if family not in SAMPLERS:
+        raise ValueError(f"{args.run} holds a run of family {family!r}; ppgen can sample {', '.join(SAMPLERS)}")
+    out = Path(args.out) if args.out else Path(args.run) / "figures" / f"samples-{args.n}.png"
+    SAMPLERS[family](args, out)
     print(f"wrote {args.n} samples to {out}")
     return 0
 

@@ -1,14 +1,16 @@
 """``ppgen demo``: the showcase on the embedded digits, no download, no GPU.
 
-Trains the same VAE with the reparameterized and the score-function estimator, then writes
-sample grids, reconstructions, validation-ELBO curves and ``summary.md`` with the final numbers.
+The demo is a list of steps (:data:`STEPS`). Each step takes a :class:`DemoContext`, may add
+what it trained to ``ctx.results`` for later steps, writes its figures under ``ctx.out`` and
+returns the Markdown lines of its section of ``summary.md``. Later features add a step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Union
+from typing import Any, Callable, Union
 
 from ppgen.data import DataConfig
 from ppgen.infer.svi import SVIConfig
@@ -16,9 +18,58 @@ from ppgen.models.vae import VAEConfig
 from ppgen.plots import plot_curves
 from ppgen.train import VAERunConfig, train_vae
 
-__all__ = ["run_demo", "DEMO_ESTIMATORS"]
+__all__ = ["DemoContext", "STEPS", "run_demo"]
 
-DEMO_ESTIMATORS = ("reparam", "score")
+
+@dataclasses.dataclass
+class DemoContext:
+    """What the demo's steps share."""
+
+    out: Path  # output folder
+    epochs: int  # epochs for each trained model
+    seed: int
+    device: str
+    progress: bool
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)  # step outputs by name
+
+
+def vae_step(ctx: DemoContext) -> list[str]:
+    """Train the same VAE with the reparameterized and the score-function estimator."""
+    rows, curves = [], {}
+    for name in ("reparam", "score"):
+        config = VAERunConfig(
+            data=DataConfig("digits"),
+            model=VAEConfig(latent_dim=10, hidden=(256,)),
+            svi=SVIConfig(estimator=name, epochs=ctx.epochs, batch_size=64, seed=ctx.seed, device=ctx.device),
+        )
+        t0 = time.perf_counter()
+        done = train_vae(config, ctx.out / f"vae-{name}", overwrite=True, progress=ctx.progress)
+        seconds = time.perf_counter() - t0
+        ctx.results[f"vae-{name}"] = done
+        hist = done.result.history
+        curves[name] = ([h["step"] for h in hist], [h["val_elbo"] for h in hist])
+        test = done.run.metrics()[-1]["test_elbo"]
+        rows.append(f"| {name} | {hist[-1]['val_elbo']:.2f} | {test:.2f} | {seconds:.1f} | "
+                    f"![samples](vae-{name}/figures/samples.png) |")
+    plot_curves(curves, ctx.out / "elbo_curves.png", "SVI steps", "validation ELBO (nats per image)",
+                "VAE on 8x8 digits: reparameterized vs score-function gradients")
+    return [
+        "## VAE: reparameterized vs score-function gradients",
+        "",
+        f"Same VAE (64-256-10), {ctx.epochs} epochs, batch 64, Adam 1e-3, dynamic binarization; "
+        "ELBO per image in nats (higher is better).",
+        "",
+        "| estimator | validation ELBO | test ELBO | seconds | samples |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "![validation ELBO per step](elbo_curves.png)",
+        "",
+    ]
+
+
+#: The demo's steps, in order.
+STEPS: list[Callable[[DemoContext], list[str]]] = [vae_step]
 
 
 def run_demo(
@@ -28,37 +79,14 @@ def run_demo(
     device: str = "cpu",
     progress: bool = True,
 ) -> Path:
-    """Run the demo into ``out`` and return the path of its ``summary.md``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
-    for name in DEMO_ESTIMATORS:
-        config = VAERunConfig(
-            data=DataConfig("digits"),
-            model=VAEConfig(latent_dim=10, hidden=(256,)),
-            svi=SVIConfig(estimator=name, epochs=epochs, batch_size=64, seed=seed, device=device),
-        )
-        t0 = time.perf_counter()
-        done = train_vae(config, out / name, overwrite=True, progress=progress)
-        seconds = time.perf_counter() - t0
-        hist = done.result.history
-        curves[name] = ([h["step"] for h in hist], [h["val_elbo"] for h in hist])
-        test = done.run.metrics()[-1]["test_elbo"]
-        rows.append((name, hist[-1]["val_elbo"], test, seconds, done.run.figures))
-    plot_curves(curves, out / "elbo_curves.png", "SVI steps", "validation ELBO (nats per image)",
-                "VAE on 8x8 digits: reparameterized vs score-function gradients")
-    lines = [
-        "# ppgen demo: VAE on the embedded 8x8 digits",
-        "",
-        f"Same VAE (64-256-10), {epochs} epochs, batch 64, Adam 1e-3, dynamic binarization; "
-        "ELBO per image in nats (higher is better).",
-        "",
-        "| estimator | validation ELBO | test ELBO | seconds | figures |",
-        "|---|---|---|---|---|",
-    ]
-    for name, val, test, sec, fig in rows:
-        lines.append(f"| {name} | {val:.2f} | {test:.2f} | {sec:.1f} | {fig.relative_to(out)}/ |")
-    lines += ["", "![validation ELBO per epoch](elbo_curves.png)", ""]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
+    """Run every step into ``out`` and return the path of ``summary.md``."""
+    ctx = DemoContext(Path(out), epochs, seed, device, progress)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lines = ["# ppgen demo on the embedded 8x8 digits", ""]
+    for step in STEPS:
+        lines += step(ctx)
+    lines.append(f"Total time: {time.perf_counter() - t0:.0f} s.")
+    summary = ctx.out / "summary.md"
+    summary.write_text("\n".join(lines) + "\n")
     return summary
