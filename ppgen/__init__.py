@@ -1,1 +1,38 @@
-"""ppgen: deep generative models on Pyro."""
+"""ppgen: deep generative models on Pyro and PyTorch.
+
+Declare latent-variable models as Pyro model/guide pairs and train them by SVI with the gradient
+estimator of your choice; measure estimators; estimate evidence; train the same networks as a
+GAN and as a score model.
+"""
+
+from ppgen.data import DataConfig, Dataset, binarize, load_dataset, toy_log_density, toy_sample
+from ppgen.infer.estimators import ESTIMATORS, get_estimator, make_elbo, prepare_guide
+from ppgen.infer.svi import SVIConfig, SVIResult, evaluate_elbo, train_svi
+from ppgen.models.vae import VAE, VAEConfig
+from ppgen.runs import Run
+from ppgen.train import VAERunConfig, load_vae, train_vae
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DataConfig",
+    "Dataset",
+    "ESTIMATORS",
+    "Run",
+    "SVIConfig",
+    "SVIResult",
+    "VAE",
+    "VAEConfig",
+    "VAERunConfig",
+    "binarize",
+    "evaluate_elbo",
+    "get_estimator",
+    "load_dataset",
+    "load_vae",
+    "make_elbo",
+    "prepare_guide",
+    "toy_log_density",
+    "toy_sample",
+    "train_svi",
+    "train_vae",
+]
