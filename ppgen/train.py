@@ -14,7 +14,7 @@ from ppgen.data import DataConfig, Dataset, binarize
 from ppgen.infer.svi import SVIConfig, SVIResult, evaluate_elbo, load_params, train_svi
 from ppgen.models.vae import VAE, VAEConfig
 from ppgen.plots import save_image_grid
-from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device
+from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, seed_everything
 
 __all__ = ["VAERunConfig", "VAERun", "train_vae", "load_vae"]
 
@@ -81,6 +81,7 @@ def train_vae(
     run.save_config(config_to_dict(config))
     data = config.data.load(download)
     device = resolve_device(config.svi.device)
+    seed_everything(config.svi.seed)  # network initialisation is part of the seeded run
     vae = config.model.build(data.dim, data.image_shape).to(device)
     if not data.dynamic:
         vae.check_data(data.train)

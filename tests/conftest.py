@@ -1,0 +1,16 @@
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    """Every test starts with an empty param store and a fixed seed."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
