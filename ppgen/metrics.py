@@ -182,25 +182,34 @@ def parzen_log_likelihood(samples: torch.Tensor, x: torch.Tensor, sigma: float, 
     """
     _check_2d(samples, "samples")
     _check_2d(x, "x", samples.shape[1])
-    if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma}")
-    samples, x = samples.double(), x.double().to(samples.device)
-    d = samples.shape[1]
+    return _parzen_grid(samples, x, [sigma], chunk)[0]
+
+
+def _parzen_grid(samples: torch.Tensor, x: torch.Tensor, sigmas: Sequence[float], chunk: int = 512) -> torch.Tensor:
+    """Parzen log-likelihoods ``(len(sigmas), M)``; squared distances are computed once (float32
+    matrix product, error well under 1e-3 nats for images in [0, 1]) and reused for every sigma."""
+    if not all(s > 0 for s in sigmas):
+        raise ValueError(f"sigma must be positive, got {list(sigmas)}")
+    sig = torch.tensor(list(sigmas), dtype=torch.float64)
+    x = x.to(samples.device, samples.dtype)
     s2 = samples.pow(2).sum(1)
     out = []
     for b in range(0, x.shape[0], chunk):
         xb = x[b : b + chunk]
-        sq = (xb.pow(2).sum(1, keepdim=True) - 2 * xb @ samples.T + s2).clamp(min=0)
-        out.append(torch.logsumexp(-0.5 * sq / sigma**2, 1))
-    norm = math.log(samples.shape[0]) + 0.5 * d * math.log(2 * math.pi * sigma**2)
-    return (torch.cat(out) - norm).cpu()
+        sq = (xb.pow(2).sum(1, keepdim=True) - 2 * xb @ samples.T + s2).clamp(min=0).double().cpu()
+        out.append(torch.stack([torch.logsumexp(-0.5 * sq / v**2, 1) for v in sig]))
+    d = samples.shape[1]
+    norm = math.log(samples.shape[0]) + 0.5 * d * torch.log(2 * math.pi * sig**2)
+    return torch.cat(out, 1) - norm[:, None]
 
 
 def choose_parzen_bandwidth(samples: torch.Tensor, val: torch.Tensor,
                             sigmas: Sequence[float] = tuple(torch.logspace(-1.3, 0, 14).tolist())) -> float:
     """The ``sigma`` of the grid maximizing mean Parzen log-likelihood of validation data ``val``."""
-    scores = [float(parzen_log_likelihood(samples, val, s).mean()) for s in sigmas]
-    return float(sigmas[max(range(len(sigmas)), key=scores.__getitem__)])
+    _check_2d(samples, "samples")
+    _check_2d(val, "val", samples.shape[1])
+    scores = _parzen_grid(samples, val, sigmas).mean(1)
+    return float(sigmas[int(scores.argmax())])
 
 
 def parzen_evaluation(samples: torch.Tensor, val: torch.Tensor, test: torch.Tensor) -> tuple[float, float, float]:
