@@ -176,8 +176,9 @@ def train_svi(
     scale = n / config.batch_size
 
     # Register every parameter once (one trace of model and guide) to build one optimizer.
+    first = train_data[: config.batch_size]
     with poutine.trace(param_only=True) as capture, torch.no_grad():
-        Trace_ELBO().loss(model, guide, train_data[: config.batch_size])
+        Trace_ELBO().loss(model, guide, transform(first) if transform is not None else first)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     optimizer = torch.optim.Adam(params, lr=config.lr)
 
