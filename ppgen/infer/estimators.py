@@ -14,6 +14,18 @@ name               Pyro ELBO                   gradient
                                                al. 2014; Schulman et al. 2015)
 ``score-baseline`` ``TraceGraph_ELBO``         as ``score`` with a decaying-average baseline
                                                (Mnih & Gregor 2014)
+``stl``            ``Trace_ELBO``              pathwise, "sticking the landing": the score
+                                               term of log q dropped (Roeder et al. 2017)
+``score-naive``    ``Reinforce_ELBO``          plain REINFORCE (Williams 1992): every score
+                                               weighted by the whole ELBO, no Rao-Blackwell-
+                                               ization (Pyro's Trace_ELBO already sums the
+                                               weight only to each site's plates)
+``score-nn-        ``TraceGraph_ELBO``         as ``score`` with a learned input-dependent
+baseline``                                     baseline b(x), own Adam lr (Mnih & Gregor 2014)
+``enum``           ``TraceEnum_ELBO``          discrete guide sites summed exactly (parallel
+                                               enumeration); others as ``reparam``
+``iwae``           ``IWAE_ELBO`` (ppgen)       pathwise gradient of the per-datapoint
+                                               importance-weighted bound (Burda et al. 2016)
 =================  ==========================  ===============================================
 """
 
@@ -23,6 +35,10 @@ from typing import Callable, NamedTuple, Optional
 
 from pyro import infer
 from pyro.poutine.messenger import Messenger
+
+from ppgen.infer import guide_transforms as _gt
+from ppgen.infer.reinforce import Reinforce_ELBO
+from ppgen.infer.evidence import IWAE_ELBO
 
 __all__ = ["Estimator", "ESTIMATORS", "get_estimator", "make_elbo", "prepare_guide"]
 
@@ -34,6 +50,9 @@ class Estimator(NamedTuple):
     :param reparameterized: if false, the guide's latent sites are made score-function only.
     :param baseline: Pyro ``infer={"baseline": ...}`` options put on each guide latent site.
     :param description: one line for ``--help`` and tables.
+    :param guide_transform: optional ``guide -> guide`` that :func:`prepare_guide` applies
+        instead of its default handling (sticking the landing, a learned baseline, enumeration;
+        see :mod:`ppgen.infer.guide_transforms`).
     """
 
     name: str
@@ -41,6 +60,7 @@ class Estimator(NamedTuple):
     reparameterized: bool
     baseline: Optional[dict]
     description: str
+    guide_transform: Optional[Callable[[Callable], Callable]] = None
 
 
 #: name -> :class:`Estimator`. Users may add their own entries.
@@ -68,6 +88,38 @@ ESTIMATORS: dict[str, Estimator] = {
             False,
             {"use_decaying_avg_baseline": True, "baseline_beta": 0.95},
             "score function with a decaying-average baseline",
+        ),
+        Estimator(
+            "stl",
+            infer.Trace_ELBO,
+            True,
+            None,
+            "reparameterized, sticking the landing (Roeder et al. 2017)",
+            _gt.sticking_the_landing,
+        ),
+        Estimator("score-naive", Reinforce_ELBO, False, None, "plain REINFORCE, no Rao-Blackwellization"),
+        Estimator(
+            "score-nn-baseline",
+            infer.TraceGraph_ELBO,
+            False,
+            None,
+            "score function with a learned baseline network b(x) (Adam, lr 1e-3)",
+            _gt.nn_baseline(lr=1e-3),
+        ),
+        Estimator(
+            "enum",
+            infer.TraceEnum_ELBO,
+            True,
+            None,
+            "exact sum over discrete guide sites (TraceEnum_ELBO)",
+            _gt.enumerate_guide,
+        ),
+        Estimator(
+            "iwae",
+            IWAE_ELBO,
+            True,
+            None,
+            "importance-weighted bound per datapoint, K = --particles (Burda et al. 2016)",
         ),
     ]
 }
@@ -134,6 +186,6 @@ def prepare_guide(name: str, guide: Callable) -> Callable:
     """The guide as estimator ``name`` must see it: unchanged for pathwise estimators,
     wrapped by :class:`ScoreFunctionMessenger` for score-function ones."""
     est = get_estimator(name)
-    if est.reparameterized:
-        return guide
-    return ScoreFunctionMessenger(est.baseline)(guide)
+    if not est.reparameterized and est.guide_transform is None:
+        return ScoreFunctionMessenger(est.baseline)(guide)
+    return guide if est.guide_transform is None else est.guide_transform(guide)
