@@ -1,0 +1,158 @@
+"""Score matching and Langevin sampling against analytic scores of Gaussian mixtures."""
+
+import pytest
+import torch
+
+from ppgen.langevin import GaussianMixture, annealed_langevin, langevin
+from ppgen.score import (
+    ScoreNet,
+    UNetScore,
+    dae_loss,
+    dae_score,
+    dsm_loss,
+    geometric_sigmas,
+    ism_loss,
+    ncsn_loss,
+    ssm_loss,
+)
+
+# 0.3 N((-1.5, 0), 0.25 I) + 0.7 N((1.5, 0), 0.25 I); E||grad log p||^2 is about 7.9 on it.
+GM = GaussianMixture([0.3, 0.7], [[-1.5, 0.0], [1.5, 0.0]], 0.5)
+SIGMA = 0.5  # DSM / DAE noise level (the DAE score divides denoiser errors by sigma^2)
+
+
+def _fit(loss_fn, net, steps=400, seed=0, lr=5e-3):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr)
+    for _ in range(steps):
+        loss = loss_fn(net, GM.sample(128, g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return GM.sample(2000, torch.Generator().manual_seed(123))
+
+
+def _mse(a, b):
+    return float((a - b).pow(2).sum(-1).mean())
+
+
+# Measured MSE over seeds 0-2 (600 steps): ism 0.13-0.20, ssm 0.15-0.25; thresholds about 2x.
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, loss_fn, threshold",
+    [
+        ("ism-exact", lambda n, x: ism_loss(n, x), 0.4),
+        ("ism-hutchinson", lambda n, x: ism_loss(n, x, "hutchinson"), 0.5),
+        ("ssm-vr", lambda n, x: ssm_loss(n, x), 0.5),
+    ],
+)
+def test_noise_free_objectives_recover_the_analytic_score(held_out, name, loss_fn, threshold):
+    net = _fit(loss_fn, ScoreNet(2, (64, 64)))
+    with torch.no_grad():
+        mse = _mse(net(held_out), GM.score(held_out))
+    assert mse < threshold, f"{name}: score MSE {mse:.3f}"
+
+
+@pytest.mark.slow
+def test_dsm_optimum_is_the_noised_score_and_dae_agrees(held_out):
+    dsm = _fit(lambda n, x: dsm_loss(n, x, SIGMA), ScoreNet(2, (64, 64)))
+    dae = _fit(lambda n, x: dae_loss(n, x, SIGMA), ScoreNet(2, (64, 64)), seed=1)
+    with torch.no_grad():
+        target = GM.score(held_out, SIGMA)
+        s_dsm, s_dae = dsm(held_out), dae_score(dae, SIGMA)(held_out)
+        mse_dsm, mse_dae, mse_pair = _mse(s_dsm, target), _mse(s_dae, target), _mse(s_dsm, s_dae)
+        # the noised score is a different function from the clean one: DSM must find the noised one
+        mse_clean = _mse(s_dsm, GM.score(held_out))
+    assert mse_dsm < 0.5 and mse_dae < 0.5 and mse_pair < 0.8, (mse_dsm, mse_dae, mse_pair)
+    assert mse_clean > mse_dsm
+
+
+@pytest.mark.slow
+def test_ncsn_learns_the_score_at_every_level(held_out):
+    sigmas = geometric_sigmas(2.0, 0.2, 4)
+    net = _fit(lambda n, x: ncsn_loss(n, x, sigmas), ScoreNet(2, (64, 64), conditional=True), steps=500)
+    with torch.no_grad():
+        for s in sigmas.tolist():
+            x = GM.sample(1000, torch.Generator().manual_seed(7), sigma=s)
+            ref = GM.score(x, s)
+            rel = _mse(net(x, torch.full((1000,), s)), ref) / float(ref.pow(2).sum(-1).mean())
+            assert rel < 0.1, f"sigma={s:.3f}: relative score MSE {rel:.3f}"
+
+
+def test_exact_and_hutchinson_ism_agree_in_expectation():
+    torch.manual_seed(0)
+    net = ScoreNet(5, (32,))
+    x = torch.randn(64, 5)
+    exact = float(ism_loss(net, x))
+    draws = torch.tensor([float(ism_loss(net, x, "hutchinson")) for _ in range(400)])
+    sliced = torch.tensor([float(ssm_loss(net, x, variance_reduced=False)) for _ in range(400)])
+    for d in (draws, sliced):
+        se = float(d.std()) / 20
+        assert abs(float(d.mean()) - exact) < 4 * se + 1e-6, (float(d.mean()), exact, se)
+    # the variance-reduced form has the smaller spread
+    vr = torch.tensor([float(ssm_loss(net, x)) for _ in range(400)])
+    assert vr.std() < sliced.std()
+
+
+def test_exact_trace_matches_autograd_jacobian():
+    torch.manual_seed(0)
+    net = ScoreNet(3, (16,))
+    x = torch.randn(4, 3)
+    jac = torch.stack([torch.autograd.functional.jacobian(net, xi[None])[0, :, 0] for xi in x])
+    want = (0.5 * net(x).pow(2).sum(-1) + jac.diagonal(dim1=-2, dim2=-1).sum(-1)).mean()
+    assert torch.allclose(ism_loss(net, x), want, atol=1e-5)
+
+
+FAR = GaussianMixture([0.8, 0.2], [[5.0, 5.0], [-5.0, -5.0]], 1.0)  # Song & Ermon (2019), fig. 3
+
+
+def test_plain_langevin_gets_mode_weights_wrong_annealed_gets_them_right():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2000, 2, generator=g) * 16 - 8  # uniform on [-8, 8]^2: half in each basin
+    plain = langevin(FAR.score, x0, eta=0.1, steps=1000, generator=g).x
+    sigmas = geometric_sigmas(20.0, 1.0, 10)
+    annealed = annealed_langevin(FAR.score, x0, sigmas, eta=0.05, steps_per_level=100, generator=g).x
+    w_plain, w_ann = FAR.mode_weights(plain)[0], FAR.mode_weights(annealed)[0]
+    # measured over seeds: plain 0.48-0.51 (stays where it started), annealed 0.78-0.81
+    assert abs(w_plain - 0.5) < 0.05 and abs(w_plain - 0.8) > 0.2, w_plain
+    assert abs(w_ann - 0.8) < 0.04, w_ann
+
+
+def test_langevin_trajectory_and_stationary_moments():
+    gm = GaussianMixture([1.0], [[1.0, -2.0]], 0.5)
+    g = torch.Generator().manual_seed(0)
+    res = langevin(gm.score, torch.zeros(4000, 2), eta=0.01, steps=400, keep_every=100, generator=g)
+    assert res.trajectory.shape == (5, 4000, 2)
+    assert torch.allclose(res.x.mean(0), torch.tensor([1.0, -2.0]), atol=0.03)
+    # ULA's stationary variance for N(m, v): v / (1 - eta / (2 v)) = 0.2513 for v = 0.25
+    assert abs(float(res.x.var(0).mean()) - 0.2513) < 0.02
+
+
+def test_unet_shapes_and_sigma_scaling():
+    net = UNetScore((1, 8, 8), width=8)
+    x = torch.rand(3, 64)
+    assert net(x, torch.full((3,), 0.5)).shape == (3, 64)
+    with pytest.raises(ValueError, match="sigma"):
+        net(x)
+
+
+def test_bad_inputs_are_named():
+    net = ScoreNet(2)
+    with pytest.raises(ValueError, match="x must have shape"):
+        ism_loss(net, torch.zeros(3))
+    with pytest.raises(ValueError, match="trace"):
+        ism_loss(net, torch.zeros(3, 2), trace="nope")
+    with pytest.raises(ValueError, match="sigma"):
+        dsm_loss(net, torch.zeros(3, 2), -1.0)
+    with pytest.raises(ValueError, match="sigma_min"):
+        geometric_sigmas(0.1, 1.0, 3)
+    with pytest.raises(ValueError, match="descending"):
+        annealed_langevin(GM.score, torch.zeros(3, 2), [0.1, 1.0], 0.1, 5)
+    with pytest.raises(ValueError, match="eta"):
+        langevin(GM.score, torch.zeros(3, 2), 0.0, 5)
