@@ -104,6 +104,42 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train gan
+
+
+def add_train_gan(sub) -> None:
+    from ppgen.adversarial import LOSSES
+
+    p = sub.add_parser("gan", help="train a GAN by the adversarial loop",
+                       description="Train a GAN: decoder-class generator vs encoder-trunk discriminator.")
+    add_data_flags(p)
+    p.set_defaults(binarize="none")  # GANs model grey levels
+    p.add_argument("--latent-dim", type=_positive_int, default=20)
+    p.add_argument("--hidden", type=_int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    p.add_argument("--loss", default="ns", choices=list(LOSSES), help="GAN objective (default: ns)")
+    p.add_argument("--d-steps", type=_positive_int, default=1, help="discriminator steps per generator step")
+    p.add_argument("--lr-d", type=_positive_float, default=None, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both optimizers")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both optimizers")
+    add_loop_flags(p)
+    p.set_defaults(lr=2e-4, func=cmd_train_gan)  # --lr is the generator's learning rate
+
+
+def cmd_train_gan(args: argparse.Namespace) -> int:
+    from ppgen.adversarial import GANConfig, LoopConfig, train_gan
+
+    loop = LoopConfig(args.loss, args.d_steps, args.epochs, args.batch_size, args.lr,
+                      args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device)
+    config = GANConfig(data_config(args), args.latent_dim, args.hidden, args.arch, loop)
+    _, result, run = train_gan(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    last = result.history[-1]
+    print(f"epoch {last['epoch']}: loss_D {last['loss_D']:.3f}, loss_G {last['loss_G']:.3f}, "
+          f"D(x) {last['D_real']:.3f}, D(G(z)) {last['D_fake']:.3f}; run written to {run.path} "
+          f"(figures in {run.figures})")
+    return 0
+
+
 # --------------------------------------------------------------------------- sample
 
 
@@ -128,8 +164,19 @@ def sample_vae(args: argparse.Namespace, out: Path) -> None:
     save_image_grid(vae.sample(args.n), shape, out)
 
 
+def sample_gan(args: argparse.Namespace, out: Path) -> None:
+    import torch
+
+    from ppgen.adversarial import load_gan
+    from ppgen.plots import save_image_grid
+
+    generator, config = load_gan(args.run, args.device)
+    save_image_grid(generator.sample(args.n, torch.Generator().manual_seed(args.seed)), config.data.image_shape, out)
+
+
 #: run family (config.json "family") -> function(args, png_path) writing a sample grid.
 SAMPLERS = {"vae": sample_vae}
+SAMPLERS["gan"] = sample_gan
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -141,6 +188,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "figures" / f"samples-{args.n}.png"
     SAMPLERS[family](args, out)
     print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def add_metrics(sub) -> None:
+    p = sub.add_parser("metrics", help="sample-quality metrics of a trained run (stored as RUN/metrics.json)",
+                       description="Classifier Frechet distance and Parzen log-likelihood of a run's samples.")
+    p.add_argument("run", help="run directory (family vae or gan)")
+    p.add_argument("--n", type=_positive_int, default=10000, help="samples drawn from the model")
+    p.add_argument("--n-val", type=_positive_int, default=1000, help="validation images for the Parzen bandwidth")
+    p.add_argument("--cache-dir", default=None, help="folder of cached feature classifiers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.set_defaults(func=cmd_metrics)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import json
+
+    from ppgen.metrics import run_metrics
+
+    result = run_metrics(args.run, args.n, args.n_val, args.cache_dir, args.seed, args.device, not args.no_download)
+    for key, value in result.items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    (Path(args.run) / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"stored in {Path(args.run) / 'metrics.json'}")
     return 0
 
 
@@ -166,6 +242,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- evidence
+
+
+def add_evidence(sub) -> None:
+    p = sub.add_parser(
+        "evidence",
+        help="importance-sampled log p(x) of a trained VAE run (IWAE ladder, ESS, k-hat, AIS)",
+        description="Per-datapoint log p(x) by importance sampling (Burda et al. 2016), with AIS "
+        "and BDMC when --ais-steps > 0. Writes RUN/evidence.json and RUN/figures/{iwae_ladder,khat}.png.",
+    )
+    p.add_argument("run", help="run directory of a trained VAE")
+    p.add_argument("--samples", type=_positive_int, default=5000, help="K importance samples per datapoint")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N datapoints only (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=100, help="datapoints per chunk")
+    p.add_argument("--particle-chunk", type=_positive_int, default=500, help="particles per vectorized pass")
+    p.add_argument("--ais-steps", type=int, default=0, help="AIS annealing steps (0: no AIS)")
+    p.add_argument("--ais-chains", type=_positive_int, default=16, help="AIS chains per datapoint")
+    p.add_argument("--ais-limit", type=_positive_int, default=100, help="datapoints for AIS and BDMC")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evidence)
+
+
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from ppgen.infer.evidence_report import EvidenceConfig, evidence_report, format_report
+    from ppgen.runs import resolve_device
+    from ppgen.train import load_vae
+
+    config = EvidenceConfig(
+        args.samples, args.split, args.limit, args.batch_size, args.particle_chunk,
+        args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
+    )
+    vae, run_config, _ = load_vae(args.run, args.device)
+    data = getattr(run_config.data.load(False), config.split).to(resolve_device(args.device))
+    vae.check_data(data)
+    report = evidence_report(vae.model, vae.guide, data, config, args.run, progress=not args.no_progress)
+    print(format_report(report))
+    print(f"wrote {Path(args.run) / 'evidence.json'} and figures in {Path(args.run) / 'figures'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -177,8 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model", description="Train a model.")
     train_sub = train.add_subparsers(dest="family", required=True, metavar="FAMILY")
     add_train_vae(train_sub)
+    add_train_gan(train_sub)
     add_sample(sub)
     add_demo(sub)
+    add_metrics(sub)
+    add_evidence(sub)
     return parser
 
 

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ppgen.data import TOY_RADIUS, TOY_STD, Dataset, default_data_dir, toy_log_density
+from ppgen.data import TOY_RADIUS, TOY_STD, DataConfig, Dataset, default_data_dir, toy_log_density
 from ppgen.nets import mlp
 
 __all__ = [
     "mode_coverage", "toy_log_likelihood", "frechet_distance", "FeatureClassifier", "feature_classifier",
     "classifier_frechet_distance", "parzen_log_likelihood", "choose_parzen_bandwidth", "parzen_evaluation",
+    "RUN_SAMPLERS", "image_metrics", "run_metrics",
 ]
 
 
@@ -220,3 +221,55 @@ def parzen_evaluation(samples: torch.Tensor, val: torch.Tensor, test: torch.Tens
     sigma = choose_parzen_bandwidth(samples, val)
     ll = parzen_log_likelihood(samples, test, sigma)
     return float(ll.mean()), float(ll.std() / math.sqrt(len(ll))), sigma
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def _vae_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tensor, "DataConfig"]:
+    from ppgen.train import load_vae
+
+    vae, config, _ = load_vae(path, device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return vae.sample(n).cpu(), config.data  # pixel probabilities (Bernoulli means)
+
+
+def _gan_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tensor, "DataConfig"]:
+    from ppgen.adversarial import load_gan
+
+    generator, config = load_gan(path, device)
+    return generator.sample(n, torch.Generator().manual_seed(seed)).cpu(), config.data
+
+
+#: run family -> function(run_path, n, device, seed) -> (samples (n, D) in [0, 1], DataConfig).
+RUN_SAMPLERS = {"vae": _vae_samples, "gan": _gan_samples}
+
+
+def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
+                  device: str = "cpu") -> dict:
+    """Classifier Frechet distance to the test split and Parzen log-likelihood of the test split
+    (bandwidth chosen on ``n_val`` validation images) for ``samples`` (N, D) of grey levels."""
+    _check_2d(samples, "samples", data.dim)
+    clf, acc = feature_classifier(data, cache_dir, device=device)
+    ll, se, sigma = parzen_evaluation(samples.to(device), data.val[:n_val].to(device), data.test.to(device))
+    return {"frechet_distance": classifier_frechet_distance(clf, samples, data.test),
+            "frechet_distance_val_vs_test": classifier_frechet_distance(clf, data.val, data.test),
+            "classifier_test_accuracy": acc, "parzen_log_likelihood": ll, "parzen_stderr": se,
+            "parzen_sigma": sigma, "n_samples": samples.shape[0]}
+
+
+def run_metrics(path: Union[str, Path], n: int = 10000, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
+                seed: int = 0, device: str = "cpu", download: bool = True) -> dict:
+    """Sample-quality metrics of the run in ``path`` (any family in :data:`RUN_SAMPLERS`), measured
+    against the grey-level test split of the run's dataset (whatever binarization it trained on)."""
+    import dataclasses
+
+    from ppgen.runs import Run
+
+    family = Run(path, resume=True).load_config().get("family")
+    if family not in RUN_SAMPLERS:
+        raise ValueError(f"{path} holds a run of family {family!r}; metrics exist for {', '.join(RUN_SAMPLERS)}")
+    samples, data_config = RUN_SAMPLERS[family](Path(path), n, device, seed)
+    data = dataclasses.replace(data_config, binarization="none").load(download)
+    return {"family": family, "dataset": data.name, **image_metrics(samples, data, n_val, cache_dir, device)}
