@@ -143,3 +143,24 @@ def test_resume_gives_the_same_generator_as_an_uninterrupted_run(tmp_path):
     with pytest.raises(ValueError, match="latent_dim"):
         bad = GANConfig(DataConfig("digits", "none"), latent_dim=4, hidden=(64,), loop=LoopConfig(epochs=3, seed=3))
         train_gan(bad, tmp_path / "half", resume=True, progress=False, download=False)
+
+
+def test_cli_train_sample_and_metrics(tmp_path, capsys):
+    import json
+
+    from ppgen.cli import main
+
+    out = str(tmp_path / "gan")
+    assert main(["train", "gan", "--data", "digits", "--no-download", "--hidden", "32", "--latent-dim", "4",
+                 "--epochs", "1", "--out", out, "--no-progress", "--loss", "hinge"]) == 0
+    assert json.loads((tmp_path / "gan" / "config.json").read_text())["loop"]["loss"] == "hinge"
+    assert main(["sample", out, "--n", "16"]) == 0
+    assert (tmp_path / "gan" / "figures" / "samples-16.png").exists()
+    assert main(["metrics", out, "--n", "500", "--n-val", "100", "--cache-dir", str(tmp_path), "--no-download"]) == 0
+    m = json.loads((tmp_path / "gan" / "metrics.json").read_text())
+    assert m["family"] == "gan" and m["n_samples"] == 500
+    # One epoch of a tiny GAN is far from held-out digits; validation digits are close to test digits.
+    assert m["frechet_distance"] > 5 * m["frechet_distance_val_vs_test"]
+    with pytest.raises(SystemExit):
+        main(["train", "gan", "--data", "digits", "--loss", "wgan", "--out", out])
+    assert "invalid choice: 'wgan'" in capsys.readouterr().err
