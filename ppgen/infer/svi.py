@@ -129,6 +129,39 @@ def load_params(params: dict) -> None:
             pyro.param(name, value)
 
 
+def make_svi_step(
+    model: Callable,
+    guide: Callable,
+    config: SVIConfig,
+    example: torch.Tensor,
+    scale: float = 1.0,
+) -> tuple[Callable[[torch.Tensor], float], torch.optim.Optimizer]:
+    """One SVI update as a function of a batch, and the optimizer it steps.
+
+    Clears Pyro's param store, registers every parameter with one trace of model and guide on
+    ``example``, and builds a single ``torch.optim.Adam`` over all of them. The returned
+    ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
+    scaled by ``scale`` (``N / B``), takes the Adam step and returns the loss (negative ELBO
+    estimate, full-dataset scale).
+    """
+    pyro.clear_param_store()
+    elbo = make_elbo(config.estimator, config.particles, vectorize_particles=config.particles > 1)
+    train_guide = prepare_guide(config.estimator, guide)
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        Trace_ELBO().loss(model, guide, example)
+    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+
+    def step(x: torch.Tensor) -> float:
+        with DataScale(scale):
+            loss = elbo.loss_and_grads(model, train_guide, x)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, optimizer
+
+
 def train_svi(
     model: Callable,
     guide: Callable,
@@ -167,20 +200,11 @@ def train_svi(
     val_data = val_data.to(device) if val_data is not None else None
 
     seed_everything(config.seed)
-    pyro.clear_param_store()
-    elbo = make_elbo(
-        config.estimator, config.particles, vectorize_particles=config.particles > 1
-    )
-    train_guide = prepare_guide(config.estimator, guide)
-    batches = n // config.batch_size
-    scale = n / config.batch_size
-
-    # Register every parameter once (one trace of model and guide) to build one optimizer.
     first = train_data[: config.batch_size]
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        Trace_ELBO().loss(model, guide, transform(first) if transform is not None else first)
-    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    step_fn, optimizer = make_svi_step(
+        model, guide, config, transform(first) if transform is not None else first, n / config.batch_size
+    )
+    batches = n // config.batch_size
 
     start_epoch, step, history = 0, 0, []
     if run is not None and run.resume:
@@ -202,16 +226,13 @@ def train_svi(
             x = train_data[perm[i * config.batch_size : (i + 1) * config.batch_size]]
             if transform is not None:
                 x = transform(x)
-            with DataScale(scale):
-                loss = elbo.loss_and_grads(model, train_guide, x)
+            loss = step_fn(x)
             if not math.isfinite(loss):
                 where = run.checkpoint_path if run is not None else "none (no run directory)"
                 raise FloatingPointError(
                     f"non-finite loss ({loss}) at epoch {epoch}, step {step + 1}; "
                     f"last good checkpoint: {where}. Lower --lr or check the data."
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             total += loss / n
             if i % 10 == 0:

@@ -1,0 +1,113 @@
+"""Per-step time of ppgen's SVI step against a hand-written PyTorch VAE and plain Pyro SVI.
+
+Same 784-400-20 networks, batch 128, Adam, the same sampled-KL ELBO (one z per datapoint).
+The three are timed in interleaved rounds in one process, so load on the machine affects
+them alike; the ratio is of medians. Run: ``python bench/svi_step.py [--device cuda] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch.distributions import Bernoulli, Normal
+
+from ppgen.infer.svi import SVIConfig, make_svi_step
+from ppgen.models.vae import VAE
+
+D, Z, H, B = 784, 20, 400, 128
+
+
+def hand_written(vae: VAE, lr: float):
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+
+    def step(x):
+        loc, scale = vae.encoder(x)
+        z = loc + scale * torch.randn_like(loc)
+        elbo = (
+            Bernoulli(logits=vae.decoder(z), validate_args=False).log_prob(x).sum()
+            + Normal(0.0, 1.0).log_prob(z).sum()
+            - Normal(loc, scale).log_prob(z).sum()
+        )
+        loss = -elbo
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def plain_pyro(vae: VAE, lr: float):
+    # As Pyro's VAE example does it: pyro.optim.Adam and svi.step.
+    pyro.clear_param_store()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    return svi.step
+
+
+def ppgen_step(vae: VAE, lr: float, x: torch.Tensor):
+    step, _ = make_svi_step(vae.model, vae.guide, SVIConfig(lr=lr), x)
+    return step
+
+
+def time_steps(step, batches, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for x in batches:
+        step(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rounds, steps = (3, 20) if args.quick else (7, 50)
+    torch.manual_seed(0)
+    batches = [torch.bernoulli(torch.rand(B, D, device=device)) for _ in range(steps)]
+    # Separate networks per contestant, same initial weights; each step function owns one.
+    base = VAE(D, Z, (H,)).to(device)
+    nets = {k: VAE(D, Z, (H,)).to(device) for k in ("hand-written", "plain-pyro", "ppgen")}
+    for v in nets.values():
+        v.load_state_dict(base.state_dict())
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    makers = {
+        "hand-written": lambda: hand_written(nets["hand-written"], 1e-3),
+        "plain-pyro": lambda: plain_pyro(nets["plain-pyro"], 1e-3),
+        "ppgen": lambda: ppgen_step(nets["ppgen"], 1e-3, batches[0]),
+    }
+    for _ in range(rounds):
+        for name, make in makers.items():
+            fn = make()  # Pyro-based steps are rebuilt: they share Pyro's global param store
+            fn(batches[0])  # warm-up
+            times[name].append(time_steps(fn, batches, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'loop':<14}{'ms/step (median of ' + str(rounds) + ')':>28}")
+    for k, v in med.items():
+        print(f"{k:<14}{1000 * v:>28.3f}")
+    results = [
+        {"bench": "svi_step", "case": "ppgen/hand-written", "value": med["ppgen"], "unit": "s/step",
+         "reference": med["hand-written"], "ratio": med["ppgen"] / med["hand-written"], "target": 1.10,
+         "better": "lower", "device": str(device)},
+        {"bench": "svi_step", "case": "ppgen/plain-pyro", "value": med["ppgen"], "unit": "s/step",
+         "reference": med["plain-pyro"], "ratio": med["ppgen"] / med["plain-pyro"], "target": 0.75,
+         "better": "lower", "device": str(device)},
+    ]
+    for r in results:
+        print(json.dumps(r))
+    return results
+
+
+if __name__ == "__main__":
+    main()
