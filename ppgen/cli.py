@@ -150,6 +150,8 @@ def add_sample(sub) -> None:
     p.add_argument("--out", default=None, help="PNG path (default: RUN/figures/samples-N.png)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--langevin-steps", type=_positive_int, default=None,
+                   help="score runs: Langevin steps per noise level (default: the run's)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -177,6 +179,57 @@ def sample_gan(args: argparse.Namespace, out: Path) -> None:
 #: run family (config.json "family") -> function(args, png_path) writing a sample grid.
 SAMPLERS = {"vae": sample_vae}
 SAMPLERS["gan"] = sample_gan
+
+
+# --------------------------------------------------------------------------- train score
+
+
+def add_train_score(sub) -> None:
+    from ppgen.data import DATASETS, TOYS
+    from ppgen.score import OBJECTIVES
+
+    p = sub.add_parser("score", help="train a score model by score matching",
+                       description="Train a score network s(x) = grad log p(x) by score matching; sample by Langevin.")
+    p.add_argument("--data", default="8gaussians", choices=[*DATASETS, *TOYS], help="image dataset or 2-D toy")
+    p.add_argument("--data-dir", default=None, help="folder holding torchvision's dataset folders")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (toys: of the points)")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--toy-n", type=_positive_int, default=20000, help="training points drawn from a 2-D toy")
+    p.add_argument("--objective", default="dsm", choices=list(OBJECTIVES),
+                   help="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
+    p.add_argument("--arch", default="mlp", choices=["mlp", "unet"], help="score network (unet: images, dsm)")
+    p.add_argument("--hidden", type=_int_list, default=(128, 128), help="MLP hidden widths, e.g. 128,128")
+    p.add_argument("--width", type=_positive_int, default=32, help="U-Net base channels")
+    p.add_argument("--sigma-max", type=_positive_float, default=1.0, help="largest noise level (dsm)")
+    p.add_argument("--sigma-min", type=_positive_float, default=0.01, help="smallest noise level (dsm)")
+    p.add_argument("--n-sigmas", type=_positive_int, default=10, help="levels of the geometric ladder (dsm)")
+    p.add_argument("--projections", type=_positive_int, default=1, help="random projections (ssm, ism-hutchinson)")
+    p.add_argument("--langevin-steps", type=_positive_int, default=100, help="Langevin steps per noise level")
+    p.add_argument("--eta", type=_positive_float, default=0.1, help="Langevin step at the smallest level / sigma_min^2")
+    add_loop_flags(p)
+    p.set_defaults(func=cmd_train_score)
+
+
+def cmd_train_score(args: argparse.Namespace) -> int:
+    from ppgen.score_train import ScoreConfig, train_score
+
+    config = ScoreConfig(args.data, args.data_dir, args.split_seed, args.toy_n, args.objective, args.arch,
+                         args.hidden, args.width, args.sigma_max, args.sigma_min, args.n_sigmas, args.projections,
+                         args.epochs, args.batch_size, args.lr, args.seed, args.device, args.langevin_steps, args.eta)
+    done = train_score(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    last = done.history[-1]
+    print(f"epoch {last['epoch']}: {config.objective} loss train {last['train_loss']:.4f}, "
+          f"validation {last['val_loss']:.4f}; run written to {done.run.path} (figures in {done.run.figures})")
+    return 0
+
+
+def sample_score_run(args: argparse.Namespace, out: Path) -> None:
+    from ppgen.score_train import sample_run
+
+    sample_run(args.run, out, args.n, args.langevin_steps, args.seed, args.device)
+
+
+SAMPLERS["score"] = sample_score_run
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -285,6 +338,108 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- variance
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def add_variance(sub) -> None:
+    p = sub.add_parser(
+        "variance",
+        help="gradient variance / SNR / bias of each estimator at a VAE run's checkpoints",
+        description="Draw repeated gradient estimates at fixed parameters (initialization and the "
+        "run's checkpoints) and write RUN/variance/{table.md,rows.jsonl,variance.png}.",
+    )
+    p.add_argument("run", help="run directory of a trained VAE")
+    p.add_argument("--estimators", type=_name_list, default=("reparam", "stl", "score", "score-baseline", "score-nn-baseline"),
+                   help="comma-separated estimator names")
+    p.add_argument("--checkpoints", default="all", choices=["all", "last", "init"],
+                   help="all: init + every kept checkpoint (checkpoints/epoch-XXX.pt) + the final one")
+    p.add_argument("--draws", type=_positive_int, default=100, help="gradient draws per estimator")
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="validation images in the batch")
+    p.add_argument("--reference-draws", type=_positive_int, default=500, help="reparam draws in the reference")
+    p.add_argument("--warmup", type=int, default=100, help="discarded draws so baselines adapt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(func=cmd_variance)
+
+
+def cmd_variance(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from ppgen.infer.variance import format_table
+    from ppgen.infer.variance_runs import VarianceConfig, measure_run, plot_variance
+
+    config = VarianceConfig(args.estimators, args.checkpoints, args.draws, args.batch_size,
+                            args.reference_draws, args.warmup, args.seed, args.device)
+    kwargs = dataclasses.asdict(config)
+    kwargs["num_draws"] = kwargs.pop("draws")
+    results = measure_run(args.run, **kwargs)
+    out = Path(args.run) / "variance"
+    out.mkdir(parents=True, exist_ok=True)
+    lines, rows = [], []
+    for point, stats in results:
+        lines += [f"## epoch {point.epoch}", "", *format_table(stats, ("all", "group"), config.estimators[0]), ""]
+        rows += [{"epoch": point.epoch, **r} for r in stats.rows if r["level"] != "param"]
+    (out / "table.md").write_text("\n".join(lines))
+    (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_variance(results, out / "variance.png", f"gradient estimators on {args.run}")
+    print("\n".join(lines))
+    print(f"wrote {out / 'table.md'}, {out / 'rows.jsonl'} and {out / 'variance.png'}")
+    return 0
+
+
+def add_compare_estimators(sub) -> None:
+    from ppgen.infer.estimators import ESTIMATORS
+
+    p = sub.add_parser(
+        "compare-estimators",
+        help="train the same VAE with each estimator; validation ELBO vs steps and wall time",
+        description="Train one VAE per estimator into OUT/<estimator> and plot OUT/compare.png.",
+    )
+    add_data_flags(p)
+    p.add_argument("--estimators", type=_name_list, default=("reparam", "score", "score-baseline", "score-nn-baseline"),
+                   help=f"comma-separated, from: {', '.join(ESTIMATORS)}")
+    p.add_argument("--latent-dim", type=_positive_int, default=20)
+    p.add_argument("--hidden", type=_int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", default="runs/compare-estimators", help="output folder")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare_estimators)
+
+
+def cmd_compare_estimators(args: argparse.Namespace) -> int:
+    import json
+
+    from ppgen.infer.svi import SVIConfig
+    from ppgen.infer.variance_runs import compare_estimators, elbo_at_equal_time
+    from ppgen.models.vae import VAEConfig
+    from ppgen.train import VAERunConfig
+
+    base = VAERunConfig(
+        data=data_config(args),
+        model=VAEConfig(args.latent_dim, args.hidden),
+        svi=SVIConfig(args.estimators[0] if args.estimators else "reparam", 1, args.epochs, args.batch_size,
+                      args.lr, args.seed, args.device),
+    )
+    histories = compare_estimators(base, args.estimators, args.out, not args.no_progress, not args.no_download)
+    budget, at_budget = elbo_at_equal_time(histories)
+    print(f"| estimator | final val ELBO | train s | val ELBO within {budget:.1f} s |")
+    print("|---|---|---|---|")
+    for name, hist in histories.items():
+        print(f"| {name} | {hist[-1]['val_elbo']:.2f} | {hist[-1]['wall']:.1f} | {at_budget[name]:.2f} |")
+    Path(args.out, "histories.json").write_text(json.dumps(histories, indent=1))
+    print(f"wrote {Path(args.out) / 'compare.png'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -297,10 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_sub = train.add_subparsers(dest="family", required=True, metavar="FAMILY")
     add_train_vae(train_sub)
     add_train_gan(train_sub)
+    add_train_score(train_sub)
     add_sample(sub)
     add_demo(sub)
     add_metrics(sub)
     add_evidence(sub)
+    add_variance(sub)
+    add_compare_estimators(sub)
     return parser
 
 

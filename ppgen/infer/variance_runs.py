@@ -1,0 +1,211 @@
+"""Gradient-estimator measurements on trained VAE runs: over checkpoints, and by training.
+
+- :func:`measure_run`: :func:`ppgen.infer.variance.gradient_stats` of a VAE run at
+  initialization and at each saved checkpoint (``checkpoint.pt``, plus any
+  ``checkpoints/epoch-XXX.pt`` a run kept), on one fixed validation batch.
+- :func:`plot_variance`: total variance (log scale) per estimator against epoch, and SNR per
+  parameter group.
+- :func:`compare_estimators`: train the same VAE with each estimator and plot validation ELBO
+  against SVI steps and against wall time on one figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
+import torch  # noqa: E402
+
+from ppgen.data import binarize  # noqa: E402
+from ppgen.infer.svi import load_params  # noqa: E402
+from ppgen.infer.variance import GradientStats, gradient_stats  # noqa: E402
+from ppgen.runs import Run, config_from_dict, load_checkpoint, resolve_device  # noqa: E402
+
+__all__ = ["Checkpoint", "list_checkpoints", "measure_run", "plot_variance", "compare_estimators"]
+
+
+class Checkpoint(NamedTuple):
+    """A point of a run to measure: ``epoch`` 0 is a fresh initialization (``path`` None)."""
+
+    epoch: int
+    path: Optional[Path]
+
+
+def list_checkpoints(run_path: Union[str, Path], which: str = "all") -> list[Checkpoint]:
+    """``"all"``: initialization, every ``checkpoints/epoch-XXX.pt`` and the final
+    ``checkpoint.pt``; ``"last"``: the final checkpoint only; ``"init"``: initialization only."""
+    if which not in ("all", "last", "init"):
+        raise ValueError(f"checkpoints must be 'all', 'last' or 'init', got {which!r}")
+    run = Run(run_path, resume=True)
+    points = [Checkpoint(0, None)] if which in ("all", "init") else []
+    if which == "init":
+        return points
+    if which == "all":
+        for p in sorted((run.path / "checkpoints").glob("epoch-*.pt")):
+            m = re.fullmatch(r"epoch-(\d+)\.pt", p.name)
+            if m:
+                points.append(Checkpoint(int(m.group(1)), p))
+    final = run.checkpoint_path
+    if final.exists():
+        epoch = int(load_checkpoint(final)["epoch"])
+        if all(c.epoch != epoch for c in points):
+            points.append(Checkpoint(epoch, final))
+    return points
+
+
+def measure_run(
+    run_path: Union[str, Path],
+    estimators: Sequence[str],
+    checkpoints: str = "all",
+    num_draws: int = 100,
+    batch_size: int = 128,
+    reference_draws: int = 500,
+    warmup: int = 100,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[tuple[Checkpoint, GradientStats]]:
+    """Gradient statistics of VAE run ``run_path`` at each checkpoint, on the first
+    ``batch_size`` validation images (binarized once with ``seed`` if the run binarizes dynamically).
+    Gradients are those of the batch's negative ELBO (sum over the batch, not rescaled to N)."""
+    from ppgen.train import VAERunConfig
+
+    run = Run(run_path, resume=True)
+    config = config_from_dict(VAERunConfig, run.load_config())
+    data = config.data.load(False)
+    x = data.val[:batch_size].to(resolve_device(device))
+    if data.dynamic:
+        x = binarize(x, torch.Generator(device=x.device).manual_seed(seed))
+    out = []
+    for point in list_checkpoints(run_path, checkpoints):
+        torch.manual_seed(config.svi.seed)
+        vae = config.model.build(data.dim, data.image_shape).to(x.device)
+        pyro.clear_param_store()
+        pyro.module("encoder", vae.encoder)
+        pyro.module("decoder", vae.decoder)
+        if point.path is not None:
+            params = load_checkpoint(point.path, map_location=x.device)["params"]
+            load_params({k: v for k, v in params.items() if k.split("$$$")[0] in ("encoder", "decoder")})
+        stats = gradient_stats(vae.model, vae.guide, x, estimators, num_draws=num_draws,
+                               reference_draws=reference_draws, warmup=warmup, seed=seed)
+        out.append((point, stats))
+    return out
+
+
+def plot_variance(results: list[tuple[Checkpoint, GradientStats]], path: Union[str, Path], title: str = "") -> Path:
+    """Left: total gradient variance (log scale) per estimator against epoch. Right: SNR per
+    parameter group (log scale) at the last measured checkpoint, one bar per estimator."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    estimators = list(results[0][1].mean)
+    epochs = [c.epoch for c, _ in results]
+    for est in estimators:
+        ax1.plot(epochs, [s.row(est)["variance"] for _, s in results], marker="o", label=est)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("epoch (0 = initialization)")
+    ax1.set_ylabel("tr Cov[gradient] (log scale)")
+    ax1.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=7)
+    last = results[-1][1]
+    groups = sorted({r["name"] for r in last.rows if r["level"] == "group"})
+    width = 0.8 / len(estimators)
+    for i, est in enumerate(estimators):
+        ax2.bar([g + i * width for g in range(len(groups))], [last.row(est, g, "group")["snr"] for g in groups],
+                width, label=est)
+    ax2.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax2.set_yscale("log")
+    ax2.set_ylabel(f"mean SNR |E g|/sd(g), epoch {results[-1][0].epoch}")
+    ax2.grid(alpha=0.3, axis="y", which="both")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compare_estimators(
+    base,
+    estimators: Sequence[str],
+    out: Union[str, Path],
+    progress: bool = False,
+    download: bool = False,
+) -> dict[str, list[dict]]:
+    """Train the VAE of ``base`` (a :class:`ppgen.train.VAERunConfig`) once per estimator into
+    ``out/<estimator>`` and plot validation ELBO against steps and wall time into
+    ``out/compare.png``. Returns ``estimator -> history`` with cumulative ``wall`` seconds."""
+    from ppgen.infer.estimators import get_estimator
+    from ppgen.train import train_vae
+
+    if not estimators:
+        raise ValueError("estimators must name at least one estimator")
+    for name in estimators:
+        get_estimator(name)
+    out = Path(out)
+    histories = {}
+    for name in estimators:
+        config = dataclasses.replace(base, svi=dataclasses.replace(base.svi, estimator=name))
+        done = train_vae(config, out / name, overwrite=True, progress=progress, download=download)
+        wall, hist = 0.0, []
+        for h in done.result.history:
+            wall += h["seconds"]
+            hist.append({**h, "wall": wall})
+        histories[name] = hist
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
+    for name, hist in histories.items():
+        ax1.plot([h["step"] for h in hist], [h["val_elbo"] for h in hist], marker="o", markersize=3, label=name)
+        ax2.plot([h["wall"] for h in hist], [h["val_elbo"] for h in hist], marker="o", markersize=3, label=name)
+    ax1.set_xlabel("SVI steps")
+    ax2.set_xlabel("wall time (s, training only)")
+    ax1.set_ylabel("validation ELBO (nats per image)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle(f"{base.data.name}: the same VAE trained with each gradient estimator")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "compare.png")
+    plt.close(fig)
+    return histories
+
+
+def elbo_at_equal_time(histories: dict[str, list[dict]]) -> tuple[float, dict[str, float]]:
+    """The common budget ``T`` (the shortest run's total wall time) and, per estimator, the
+    validation ELBO of its last epoch finished within ``T``."""
+    budget = min(h[-1]["wall"] for h in histories.values())
+    best = {}
+    for name, hist in histories.items():
+        done = [h for h in hist if h["wall"] <= budget + 1e-9]
+        best[name] = done[-1]["val_elbo"] if done else float("nan")
+    return budget, best
+
+
+@dataclasses.dataclass(frozen=True)
+class VarianceConfig:
+    """Settings of ``ppgen variance`` (flags map one-to-one)."""
+
+    estimators: tuple[str, ...] = ("reparam", "stl", "score", "score-baseline", "score-nn-baseline")  # to measure
+    checkpoints: str = "all"  # "all" (init + every kept checkpoint + final), "last" or "init"
+    draws: int = 100  # gradient draws per estimator and checkpoint
+    batch_size: int = 128  # validation images in the fixed batch
+    reference_draws: int = 500  # reparameterized draws averaged into the reference gradient
+    warmup: int = 100  # discarded draws first, so baselines adapt
+    seed: int = 0  # torch seed of the draws and of the batch's binarization
+    device: str = "cpu"  # "cpu" or "cuda"
+
+    def __post_init__(self) -> None:
+        from ppgen.infer.estimators import get_estimator
+
+        if not self.estimators:
+            raise ValueError("estimators must name at least one estimator")
+        for name in self.estimators:
+            get_estimator(name)
+        if self.checkpoints not in ("all", "last", "init"):
+            raise ValueError(f"checkpoints must be 'all', 'last' or 'init', got {self.checkpoints!r}")
