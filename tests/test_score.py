@@ -21,12 +21,12 @@ GM = GaussianMixture([0.3, 0.7], [[-1.5, 0.0], [1.5, 0.0]], 0.5)
 SIGMA = 0.5  # DSM / DAE noise level (the DAE score divides denoiser errors by sigma^2)
 
 
-def _fit(loss_fn, net, steps=400, seed=0, lr=5e-3):
+def _fit(loss_fn, net, steps=500, seed=0, lr=3e-3):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr)
     for _ in range(steps):
-        loss = loss_fn(net, GM.sample(128, g))
+        loss = loss_fn(net, GM.sample(256, g))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -42,12 +42,13 @@ def _mse(a, b):
     return float((a - b).pow(2).sum(-1).mean())
 
 
-# Measured MSE over seeds 0-2 (600 steps): ism 0.13-0.20, ssm 0.15-0.25; thresholds about 2x.
+# Measured MSE over seeds 0-2 (500 steps): ism 0.18-0.28, hutchinson 0.20-0.23, ssm-vr 0.17-0.20;
+# thresholds about 2x the worst (E||grad log p||^2 = 7.9, so 0.5 is a 6% relative error).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, loss_fn, threshold",
     [
-        ("ism-exact", lambda n, x: ism_loss(n, x), 0.4),
+        ("ism-exact", lambda n, x: ism_loss(n, x), 0.5),
         ("ism-hutchinson", lambda n, x: ism_loss(n, x, "hutchinson"), 0.5),
         ("ssm-vr", lambda n, x: ssm_loss(n, x), 0.5),
     ],
@@ -69,7 +70,8 @@ def test_dsm_optimum_is_the_noised_score_and_dae_agrees(held_out):
         mse_dsm, mse_dae, mse_pair = _mse(s_dsm, target), _mse(s_dae, target), _mse(s_dsm, s_dae)
         # the noised score is a different function from the clean one: DSM must find the noised one
         mse_clean = _mse(s_dsm, GM.score(held_out))
-    assert mse_dsm < 0.5 and mse_dae < 0.5 and mse_pair < 0.8, (mse_dsm, mse_dae, mse_pair)
+    # measured over seeds 0-2: dsm 0.019-0.038, dae 0.07-0.12 (E||grad log p_sigma||^2 = 1.9)
+    assert mse_dsm < 0.1 and mse_dae < 0.25 and mse_pair < 0.3, (mse_dsm, mse_dae, mse_pair)
     assert mse_clean > mse_dsm
 
 
@@ -156,3 +158,47 @@ def test_bad_inputs_are_named():
         annealed_langevin(GM.score, torch.zeros(3, 2), [0.1, 1.0], 0.1, 5)
     with pytest.raises(ValueError, match="eta"):
         langevin(GM.score, torch.zeros(3, 2), 0.0, 5)
+
+
+# --------------------------------------------------------------------------- run directory, CLI
+
+
+def _toy_config(**kw):
+    from ppgen.score_train import ScoreConfig
+
+    base = dict(data="8gaussians", toy_n=1000, objective="dsm", hidden=(32,), sigma_max=2.0, sigma_min=0.1,
+                n_sigmas=4, epochs=3, batch_size=250, lr=3e-3, langevin_steps=5)
+    return ScoreConfig(**{**base, **kw})
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    from ppgen.score_train import load_score, train_score
+
+    full = train_score(_toy_config(), tmp_path / "full", progress=False, figures=False)
+    train_score(_toy_config(epochs=2), tmp_path / "part", progress=False, figures=False)
+    resumed = train_score(_toy_config(), tmp_path / "part", resume=True, progress=False, figures=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["val_loss"] == pytest.approx(full.history[-1]["val_loss"], rel=1e-5)
+    net, config, _ = load_score(tmp_path / "part")
+    x = torch.randn(5, 2)
+    s = torch.full((5,), 0.1)
+    assert torch.allclose(net(x, s), full.net(x, s), atol=1e-6)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_score(_toy_config(lr=1e-2), tmp_path / "part", resume=True, progress=False, figures=False)
+
+
+def test_cli_trains_and_samples_a_toy_and_rejects_bad_flags(tmp_path, capsys):
+    from ppgen.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "score", "--data", "8gaussians", "--toy-n", "500", "--hidden", "16", "--epochs", "1",
+            "--sigma-max", "2", "--sigma-min", "0.1", "--n-sigmas", "3", "--langevin-steps", "3",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert main(["sample", str(out), "--n", "100", "--langevin-steps", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "bad"), "--arch", "unet"]) == 2
+    assert "unet" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="objective"):
+        _toy_config(objective="nope")

@@ -287,7 +287,7 @@ def log_evidence(
         for i in starts:
             x = data[i : i + batch_size]
             if nesting is None:
-                nesting = _plate_nesting_from(model, guide, (x, *args), kwargs)
+                nesting = _plate_nesting_from(model, guide, (x[:1], *args), kwargs)  # one row is enough
             chunks = []
             for k0 in range(0, num_samples, particle_chunk):
                 kc = min(particle_chunk, num_samples - k0)

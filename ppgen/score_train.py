@@ -1,0 +1,287 @@
+"""Training and sampling runs for score models: config, loop, checkpoint/resume, figures.
+
+The loop is plain PyTorch: draw a batch, evaluate one objective of :mod:`ppgen.score`, step
+Adam; once per epoch log the validation loss and write an atomic checkpoint through
+:class:`ppgen.runs.Run` so ``--resume`` continues where the run stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
+from ppgen.langevin import annealed_langevin, langevin
+from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, rng_state, seed_everything, set_rng_state
+from ppgen.score import OBJECTIVES, ScoreNet, UNetScore, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
+
+__all__ = ["ScoreConfig", "ScoreRun", "train_score", "load_score", "sample_score", "sample_run", "run_samples",
+           "plot_toy_field", "write_figures"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``ppgen train score`` needs; stored as the run's config.json."""
+
+    data: str = "8gaussians"  # image dataset (ppgen.data.DATASETS, grey levels) or 2-D toy (TOYS)
+    data_dir: Optional[str] = None  # folder with torchvision's dataset folders
+    split_seed: int = 0  # train/validation split seed (toys: seed of the drawn points)
+    toy_n: int = 20000  # training points drawn from a 2-D toy
+    objective: str = "dsm"  # ism | ism-hutchinson | ssm | dsm (noise-conditional, geometric ladder)
+    arch: str = "mlp"  # mlp, or unet (images, dsm only)
+    hidden: tuple[int, ...] = (128, 128)  # MLP hidden widths
+    width: int = 32  # U-Net base channels
+    sigma_max: float = 1.0  # largest noise level of the dsm ladder
+    sigma_min: float = 0.01  # smallest noise level of the dsm ladder
+    n_sigmas: int = 10  # number of levels (1: single-level DSM at sigma_max)
+    projections: int = 1  # random projections per point (ssm, ism-hutchinson)
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 128  # points per step
+    lr: float = 1e-3  # Adam learning rate
+    seed: int = 0  # seed of initialization, batches and noise
+    device: str = "cpu"  # cpu or cuda
+    langevin_steps: int = 100  # Langevin steps per noise level (noise-free objectives: in total)
+    eta: float = 0.1  # Langevin step at the smallest level, in units of sigma_min^2
+    family: str = "score"  # model family, for `ppgen sample` and reports
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS and self.data not in TOYS:
+            raise ValueError(f"unknown data {self.data!r}; choose one of {', '.join([*DATASETS, *TOYS])}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.arch not in ("mlp", "unet"):
+            raise ValueError(f"arch must be 'mlp' or 'unet', got {self.arch!r}")
+        if self.arch == "unet" and (self.objective != "dsm" or self.data in TOYS):
+            raise ValueError("arch 'unet' is noise-conditional and takes images: use it with --objective dsm on an image dataset")
+        if not 0 < self.sigma_min <= self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
+        for name in ("n_sigmas", "projections", "epochs", "batch_size", "langevin_steps", "toy_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.objective == "dsm"
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        return geometric_sigmas(self.sigma_max, self.sigma_min, self.n_sigmas)
+
+    @property
+    def image_shape(self) -> Optional[tuple[int, ...]]:
+        return None if self.data in TOYS else DataConfig(self.data).image_shape
+
+    def build(self) -> nn.Module:
+        dim = 2 if self.data in TOYS else math.prod(self.image_shape)
+        if self.arch == "unet":
+            return UNetScore(self.image_shape, self.width)
+        return ScoreNet(dim, self.hidden, conditional=self.conditional)
+
+    def loss(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.objective == "ism":
+            return ism_loss(net, x)
+        if self.objective == "ism-hutchinson":
+            return ism_loss(net, x, "hutchinson", self.projections)
+        if self.objective == "ssm":
+            return ssm_loss(net, x, self.projections)
+        return ncsn_loss(net, x, self.sigmas.to(x.device))
+
+
+class ScoreRun(NamedTuple):
+    """A trained score network with its config, run directory, data and per-epoch history."""
+
+    net: nn.Module
+    config: ScoreConfig
+    run: Run
+    train: torch.Tensor  # (N, D) training data
+    history: list
+
+
+def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, val)`` tensors ``(N, D)``: toy draws, or image grey levels in [0, 1]."""
+    if config.data in TOYS:
+        return toy_sample(config.data, config.toy_n, config.split_seed), toy_sample(config.data, 2000, config.split_seed + 1)
+    data = DataConfig(config.data, "none", config.data_dir, config.split_seed).load(download)
+    return data.train, data.val
+
+
+_RESUMABLE = {"epochs", "device", "langevin_steps", "eta"}
+
+
+def train_score(
+    config: ScoreConfig,
+    out: Union[str, Path],
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    download: bool = True,
+    figures: bool = True,
+) -> ScoreRun:
+    """Train ``config.build()`` on ``config.objective``, writing run directory ``out``
+    (config.json, metrics.jsonl with one line per epoch, checkpoint.pt, figures/samples.png)."""
+    run = Run(out, resume=resume, overwrite=overwrite)
+    if resume:
+        stored, new = run.load_config(), json.loads(json.dumps(config_to_dict(config)))
+        diff = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k) and k not in _RESUMABLE)
+        if diff:
+            raise ValueError(f"cannot resume: the run was made with other settings ({', '.join(diff)}); use --overwrite")
+    run.save_config(config_to_dict(config))
+    device = resolve_device(config.device)
+    train, val = load_data(config, download)
+    seed_everything(config.seed)
+    net = config.build().to(device)
+    opt = torch.optim.Adam(net.parameters(), config.lr)
+    start, history = 0, []
+    if resume and run.checkpoint_path.exists():
+        ckpt = run.load_checkpoint(map_location=device)
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["optim"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["epoch"])
+        run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
+        history = run.metrics()
+    x_val = val[:512].to(device)
+    for epoch in range(start, config.epochs):
+        t0, total, order = time.perf_counter(), 0.0, torch.randperm(len(train))
+        batches = range(0, len(train), config.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        for b in batches:
+            loss = config.loss(net, train[order[b : b + config.batch_size]].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"score loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * min(config.batch_size, len(train) - b)
+        g = torch.random.get_rng_state()
+        torch.manual_seed(12345)  # the same validation noise every epoch
+        val_loss = float(config.loss(net, x_val).detach())
+        torch.random.set_rng_state(g)
+        record = {"epoch": epoch + 1, "train_loss": total / len(train), "val_loss": val_loss,
+                  "seconds": time.perf_counter() - t0}
+        run.log(record)
+        history.append(record)
+        run.save_checkpoint({"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
+                             "rng": rng_state(), "lo": train.min(0).values, "hi": train.max(0).values})
+    result = ScoreRun(net, config, run, train, history)
+    if figures:
+        write_figures(result)
+    return result
+
+
+def load_score(path: Union[str, Path], device: str = "cpu") -> tuple[nn.Module, ScoreConfig, dict]:
+    """Rebuild the network of run ``path``; returns ``(net, config, checkpoint)``."""
+    run = Run(path, resume=True)
+    config = config_from_dict(ScoreConfig, run.load_config())
+    ckpt = run.load_checkpoint(map_location=resolve_device(device))
+    net = config.build().to(device)
+    net.load_state_dict(ckpt["net"])
+    return net.eval(), config, ckpt
+
+
+def sample_score(
+    net: nn.Module,
+    config: ScoreConfig,
+    n: int,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    steps: Optional[int] = None,
+    keep_every: int = 0,
+    seed: int = 0,
+):
+    """Langevin samples from a trained score net, started uniformly in the data's box ``[lo, hi]``.
+
+    Noise-conditional nets use annealed Langevin over ``config.sigmas`` (with a final Tweedie
+    denoising step); noise-free ones plain Langevin with step ``eta * sigma_min^2``.
+
+    :param steps: steps per level (default ``config.langevin_steps``).
+    :returns: :class:`ppgen.langevin.LangevinResult` ``(x (n, D), trajectory)``.
+    """
+    device = next(net.parameters()).device
+    steps = steps or config.langevin_steps
+    g = torch.Generator(device=device).manual_seed(seed)
+    lo, hi = lo.to(device), hi.to(device)
+    x0 = lo + (hi - lo) * torch.rand(n, lo.shape[0], generator=g, device=device)
+    eta = config.eta * config.sigma_min**2
+    if config.conditional:
+        return annealed_langevin(net, x0, config.sigmas.to(device), eta, steps, denoise=True,
+                                 keep_every=keep_every, generator=g)
+    return langevin(net, x0, eta, steps, keep_every=keep_every, generator=g)
+
+
+def plot_toy_field(net: nn.Module, config: ScoreConfig, samples: torch.Tensor, data: torch.Tensor, path: Path) -> Path:
+    """Quiver plot of the learned score (at the smallest noise level) over data and Langevin samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lim = float(data.abs().max()) * 1.15
+    g = torch.linspace(-lim, lim, 25)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        args = (torch.full((len(grid),), config.sigma_min, device=device),) if config.conditional else ()
+        s = net(grid.to(device), *args).cpu()
+    s = s / (s.norm(dim=-1, keepdim=True) + 1e-8) * s.norm(dim=-1, keepdim=True).clamp(max=1).pow(0.5)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=110)
+    axes[0].scatter(*data[:2000].T, s=2, alpha=0.3, c="tab:gray")
+    axes[0].quiver(grid[:, 0], grid[:, 1], s[:, 0], s[:, 1], color="tab:blue", angles="xy")
+    axes[0].set_title(f"learned score ({config.objective}), data in grey")
+    axes[1].scatter(*samples[:2000].cpu().T, s=2, alpha=0.4, c="tab:red")
+    axes[1].set_title("Langevin samples")
+    for ax in axes:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_figures(done: ScoreRun, n: int = 64, path: Optional[Path] = None, steps: Optional[int] = None,
+                  seed: int = 0) -> Path:
+    """Write a sample figure: a scatter + score field for toys, an image grid otherwise."""
+    from ppgen.plots import save_image_grid
+
+    net, config = done.net.eval(), done.config
+    lo, hi = done.train.min(0).values, done.train.max(0).values
+    if config.image_shape is None:
+        x = sample_score(net, config, max(n, 2000), lo, hi, steps, seed=seed).x
+        return plot_toy_field(net, config, x, done.train, path or done.run.figures / "samples.png")
+    x = sample_score(net, config, n, lo, hi, steps, seed=seed).x.clamp(0, 1)
+    return save_image_grid(x.cpu(), config.image_shape, path or done.run.figures / "samples.png")
+
+
+def sample_run(path: Union[str, Path], out: Union[str, Path], n: int = 64, steps: Optional[int] = None,
+               seed: int = 0, device: str = "cpu", download: bool = False) -> Path:
+    """Langevin samples from the score run in ``path`` written to the PNG ``out``."""
+    net, config, _ = load_score(path, device)
+    train = load_data(config, download)[0] if config.image_shape is None else None
+    if train is None:
+        ckpt = Run(path, resume=True).load_checkpoint()
+        train = torch.stack([ckpt["lo"], ckpt["hi"]])  # only its bounding box is used for images
+    return write_figures(ScoreRun(net, config, Run(path, resume=True), train, []), n, Path(out), steps, seed)
+
+
+def run_samples(path: Union[str, Path], n: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, DataConfig]:
+    """``(samples (n, D) in [0, 1], DataConfig)`` of an image score run, the signature of
+    ``ppgen.metrics.RUN_SAMPLERS`` so ``ppgen metrics`` can score it."""
+    net, config, ckpt = load_score(path, device)
+    if config.image_shape is None:
+        raise ValueError(f"{path} is a 2-D toy run; image metrics need an image dataset")
+    x = torch.cat([sample_score(net, config, min(500, n - i), ckpt["lo"], ckpt["hi"], seed=seed + i).x
+                   for i in range(0, n, 500)])
+    return x.clamp(0, 1).cpu(), DataConfig(config.data, "none", config.data_dir, config.split_seed)
