@@ -11,6 +11,8 @@ A run directory holds::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import random
@@ -160,7 +162,8 @@ class Run:
                     f"{self.path} already holds a run; pass --resume to continue it or "
                     "--overwrite to start afresh"
                 )
-            for name in (self.CONFIG, self.CHECKPOINT, self.METRICS):
+            for name in (self.CONFIG, self.CHECKPOINT, self.METRICS, "checkpoint.prev.pt",
+                         "checkpoint.pt.sha256", "checkpoint.prev.pt.sha256"):
                 (self.path / name).unlink(missing_ok=True)
         self.figures.mkdir(parents=True, exist_ok=True)
 
@@ -202,23 +205,70 @@ class Run:
         _atomic_write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
     # checkpoints ----------------------------------------------------------
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.prev.pt"
+
     def save_checkpoint(self, state: dict) -> None:
-        """Write ``state`` (tensors, numbers, strings, nested dicts/lists) atomically."""
+        """Write ``state`` (tensors, numbers, strings, nested dicts/lists) atomically.
+
+        The bytes go to a temporary file that is flushed to disk and renamed into place, with a
+        SHA-256 sidecar; the checkpoint it replaces is kept as ``checkpoint.prev.pt``.
+        """
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        current, previous = self.checkpoint_path, self.previous_checkpoint_path
+        if current.exists():
+            os.replace(current, previous)
+            if _digest_path(current).exists():
+                os.replace(_digest_path(current), _digest_path(previous))
+        _atomic_write_text(_digest_path(current), hashlib.sha256(data).hexdigest() + "\n")
+        os.replace(tmp, current)
 
     def load_checkpoint(self, map_location: Optional[Union[str, torch.device]] = "cpu") -> dict:
-        return load_checkpoint(self.checkpoint_path, map_location)
+        """Load the latest checkpoint; if it is damaged, the error names the last good one."""
+        try:
+            return load_checkpoint(self.checkpoint_path, map_location)
+        except CheckpointError as err:
+            previous = self.previous_checkpoint_path
+            if previous.exists() and _loads(previous):
+                raise CheckpointError(
+                    f"{err} The last good checkpoint is {previous}: copy it over "
+                    f"{self.checkpoint_path} to resume from it."
+                ) from None
+            raise
+
+
+def _loads(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: nothing in the file is executed."""
+    """Load a checkpoint with ``weights_only=True``: nothing in the file is executed. If a
+    ``.sha256`` sidecar exists, the file's digest must match it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; the run has not finished an epoch yet")
+    data = path.read_bytes()
+    digest = _digest_path(path)
+    if digest.exists() and digest.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise CheckpointError(f"checkpoint {path} fails its SHA-256 check: it is truncated or corrupt.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(
             f"cannot load checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0]}. "

@@ -53,21 +53,24 @@ def test_run_directory_guards(tmp_path):
     assert len([r for r in again.run.metrics() if "val_elbo" in r]) == 1
 
 
-def test_corrupt_and_malicious_checkpoints_are_refused(tmp_path):
-    train_vae(_config(1), tmp_path / "r", progress=False)
+def test_corrupt_checkpoint_is_detected_and_the_last_good_one_named(tmp_path):
+    train_vae(_config(2), tmp_path / "r", progress=False)
     ckpt = tmp_path / "r" / "checkpoint.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # a crash mid-copy, a full disk
+    with pytest.raises(CheckpointError, match=r"SHA-256.*last good checkpoint is .*checkpoint.prev.pt"):
         load_vae(tmp_path / "r")
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.prev.pt")["epoch"] == 1
 
+
+def test_pickle_payload_in_a_checkpoint_is_refused_not_run(tmp_path):
     class Payload:
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
 
-    torch.save({"params": Payload()}, ckpt)
-    with pytest.raises(CheckpointError):
-        load_checkpoint(ckpt)
-    assert not (tmp_path / "pwned").exists()  # the pickle payload never ran
+    torch.save({"params": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="holds objects other than tensors"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()  # the payload never ran
 
 
 def test_config_json_is_type_checked(tmp_path):
