@@ -193,7 +193,8 @@ def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
 
 def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     """Pareto k-hat of importance weights along the last axis (ArviZ ``psislw``; Vehtari et al.
-    2024). Shape ``(..., K) -> (...)``; NaN where ``K < 10`` (too few weights to fit a tail).
+    2024). Shape ``(..., K) -> (...)``; NaN where ``K < 10`` (too few weights to fit a tail),
+    ``-inf`` where all weights are equal (bounded weights, no tail).
     The only ArviZ call in ppgen."""
     if log_w.shape[-1] < 10:
         return torch.full(log_w.shape[:-1], math.nan, dtype=torch.float64)
@@ -206,7 +207,10 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
         import arviz as az
 
         _, k = az.psislw(np.asarray(log_w.detach().double().cpu().numpy()), reff=1.0)
-    return torch.as_tensor(np.asarray(k, dtype=np.float64)).reshape(log_w.shape[:-1])
+    k = torch.as_tensor(np.asarray(k, dtype=np.float64)).reshape(log_w.shape[:-1])
+    # Equal weights (an exact proposal) have no tail; a fit to rounding noise would mean nothing.
+    spread = (log_w.max(-1).values - log_w.min(-1).values).detach().double().cpu()
+    return torch.where(spread < 1e-9, torch.full_like(k, -math.inf), k)
 
 
 def iwae_ladder_sizes(num_samples: int) -> list[int]:

@@ -30,6 +30,7 @@ def test_exact_posterior_guide_gives_exact_evidence(lg):
     assert torch.allclose(r.elbo, exact, atol=1e-10, rtol=0)
     assert r.stderr.max() < 1e-10
     assert torch.allclose(r.ess, torch.full_like(r.ess, 64.0))
+    assert (r.khat == -float("inf")).all()  # equal weights: no tail
     for value in r.ladder.values():
         assert value == pytest.approx(float(exact.mean()), abs=1e-10)
 
@@ -207,3 +208,41 @@ def test_clear_errors(lg):
         per_datapoint_log_weights(lg.model, lg.guide, x, 0)
     with pytest.raises(TypeError, match="data"):
         log_evidence(lg.model, lg.guide, x.tolist(), 4)
+
+
+def test_iwae_bound_scales_with_the_data_plate_scale(lg):
+    from ppgen.infer.svi import DataScale
+
+    x = lg.sample(10, seed=3)
+    elbo = make_elbo("iwae", 4)
+    torch.manual_seed(0)
+    plain = elbo.loss(lg.model, lg.mean_field_guide, x)
+    torch.manual_seed(0)
+    scaled = elbo.loss(DataScale(3.0)(lg.model), DataScale(3.0)(lg.mean_field_guide), x)
+    assert scaled == pytest.approx(3.0 * plain, rel=1e-12)
+
+
+def test_report_writes_exact_numbers_and_figures(lg, tmp_path):
+    import json
+
+    from ppgen.infer.evidence_report import EvidenceConfig, evidence_report, format_report
+
+    x = lg.sample(40, seed=10)
+    report = evidence_report(lg.model, lg.guide, x, EvidenceConfig(samples=50, limit=30), tmp_path)
+    stored = json.loads((tmp_path / "evidence.json").read_text())
+    exact = float(lg.log_evidence(x[:30]).mean())
+    assert stored["n"] == 30 and stored["log_px"] == pytest.approx(exact, abs=1e-10)
+    assert stored["ladder"]["50"] == pytest.approx(exact, abs=1e-10) and stored["gap"] == pytest.approx(0, abs=1e-10)
+    assert stored["khat_share_over_0.7"] == 0.0 and stored["median_ess"] == pytest.approx(50.0)
+    for png in ("iwae_ladder.png", "khat.png"):
+        assert (tmp_path / "figures" / png).read_bytes()[:4] == b"\x89PNG"
+    assert f"{exact:.3f}" in format_report(report)
+    with pytest.raises(ValueError, match="split"):
+        EvidenceConfig(split="train")
+
+
+def test_cli_reports_a_missing_run(tmp_path, capsys):
+    from ppgen.cli import main
+
+    assert main(["evidence", str(tmp_path / "nope"), "--samples", "5"]) == 2
+    assert "ppgen: error" in capsys.readouterr().err
