@@ -82,6 +82,8 @@ def add_train_vae(sub) -> None:
     p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
     p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
     p.add_argument("--particles", type=_positive_int, default=1, help="samples per gradient estimate")
+    p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/Inf loss: stop the run (default) or skip that update")
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_vae)
 
@@ -94,7 +96,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     config = VAERunConfig(
         data=data_config(args),
         model=VAEConfig(args.latent_dim, args.hidden, args.arch),
-        svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed, args.device),
+        svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
+                      args.device, args.on_nonfinite),
     )
     done = train_vae(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
     print(
@@ -465,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``ppgen`` command; user errors print one line and exit with status 2."""
     from ppgen.data import DataNotFoundError
-    from ppgen.runs import CheckpointError
+    from ppgen.runs import CheckpointError, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -474,8 +477,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind = "data not found" if isinstance(err, DataNotFoundError) else "error"
         print(f"ppgen: {kind}: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ppgen: interrupted", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as err:
+        print(f"ppgen: interrupted: {err}", file=sys.stderr)
         return 130
 
 

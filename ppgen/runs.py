@@ -16,6 +16,9 @@ import io
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import types
 import typing
 from pathlib import Path
@@ -29,6 +32,8 @@ __all__ = [
     "Run",
     "RunExistsError",
     "CheckpointError",
+    "Interrupted",
+    "StopSignal",
     "config_to_dict",
     "config_from_dict",
     "resolve_device",
@@ -135,6 +140,38 @@ def set_rng_state(state: dict) -> None:
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
+
+
+class StopSignal:
+    """Context manager for training loops: the first SIGINT or SIGTERM sets :attr:`requested`
+    (the signal's name) so the loop can checkpoint and stop cleanly; a second one raises
+    ``KeyboardInterrupt`` at once. Outside the main thread it does nothing."""
+
+    def __enter__(self) -> "StopSignal":
+        self.requested: Optional[str] = None
+        self._previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: writing a checkpoint after this step "
+              "(send it again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- run directory

@@ -1,5 +1,6 @@
 import json
 
+import pyro
 import pytest
 import torch
 
@@ -82,3 +83,75 @@ def test_config_json_is_type_checked(tmp_path):
         config_from_dict(VAERunConfig, {"svi": {"epoch": 10}})
     with pytest.raises(TypeError, match="model.hidden must be a list"):
         config_from_dict(VAERunConfig, {"model": {"hidden": 400}})
+
+
+def _interrupt_after(calls: int):
+    """A batch transform that sends this process SIGINT on its ``calls``-th call."""
+    import os
+    import signal
+
+    from ppgen.data import binarize
+
+    count = {"n": 0}
+
+    def transform(x):
+        count["n"] += 1
+        if count["n"] == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return binarize(x)
+
+    return transform
+
+
+def test_sigint_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+    import ppgen.train as train_mod
+    from ppgen.runs import Interrupted
+
+    whole = train_vae(_config(3), tmp_path / "whole", progress=False)
+    # Interrupt during epoch 2 (9 batches per epoch; the first call registers parameters).
+    monkeypatch.setattr(train_mod, "binarize", _interrupt_after(1 + 9 + 4))
+    with pytest.raises(Interrupted, match=r"SIGINT: stopped at epoch 2, step 13.*--resume"):
+        train_vae(_config(3), tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    resumed = train_vae(_config(3), tmp_path / "cut", resume=True, progress=False)
+    for a, b in zip(whole.result.history, resumed.result.history, strict=True):
+        assert a["val_elbo"] == pytest.approx(b["val_elbo"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_second_signal_stops_at_once():
+    import os
+    import signal
+
+    from ppgen.runs import StopSignal
+
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_nonfinite_loss_can_skip_the_update():
+    from ppgen.data import load_dataset
+    from ppgen.infer.svi import train_svi
+    from ppgen.models.vae import VAE
+
+    data = load_dataset("digits", "static")
+    vae = VAE(data.dim, 4, (32,))
+    state = {"batch": 0}
+
+    def count_batches(x):
+        state["batch"] += 1
+        return x
+
+    def model(x):  # a model whose log density is -inf on every third training batch
+        vae.model(x)
+        if state["batch"] % 3 == 0:
+            pyro.factor("poison", torch.tensor(float("-inf")))
+
+    res = train_svi(model, vae.guide, data.train, None, SVIConfig(epochs=1, batch_size=128, on_nonfinite="skip"),
+                    transform=count_batches, progress=False)
+    assert res.history[-1]["skipped_steps"] == 3 and res.history[-1]["step"] == 6
+    assert all(torch.isfinite(p).all() for p in vae.parameters())  # no NaN reached the weights

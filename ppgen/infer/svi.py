@@ -21,7 +21,7 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.runs import Run, rng_state, seed_everything, set_rng_state
+from ppgen.runs import Interrupted, Run, StopSignal, rng_state, seed_everything, set_rng_state
 
 __all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "evaluate_elbo"]
 
@@ -37,9 +37,12 @@ class SVIConfig:
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # seeds Python, NumPy, torch and Pyro
     device: str = "cpu"  # "cpu" or "cuda"
+    on_nonfinite: str = "stop"  # NaN/Inf loss: "stop" the run, or "skip" that update
 
     def __post_init__(self) -> None:
         get_estimator(self.estimator)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         for name in ("particles", "epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,9 +103,10 @@ def evaluate_elbo(
     return total / len(data)
 
 
-def _state(optimizer: torch.optim.Optimizer, epoch: int, step: int) -> dict:
+def _state(optimizer: torch.optim.Optimizer, epoch: int, step: int, **partial_epoch) -> dict:
     store = pyro.get_param_store()
     return {
+        **partial_epoch,
         "params": {k: store._params[k].detach().clone() for k in store.keys()},
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -141,8 +145,8 @@ def make_svi_step(
     Clears Pyro's param store, registers every parameter with one trace of model and guide on
     ``example``, and builds a single ``torch.optim.Adam`` over all of them. The returned
     ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
-    scaled by ``scale`` (``N / B``), takes the Adam step and returns the loss (negative ELBO
-    estimate, full-dataset scale).
+    scaled by ``scale`` (``N / B``), takes the Adam step unless the loss is NaN or infinite, and
+    returns the loss (negative ELBO estimate, full-dataset scale).
     """
     pyro.clear_param_store()
     elbo = make_elbo(config.estimator, config.particles, vectorize_particles=config.particles > 1)
@@ -155,7 +159,8 @@ def make_svi_step(
     def step(x: torch.Tensor) -> float:
         with DataScale(scale):
             loss = elbo.loss_and_grads(model, train_guide, x)
-        optimizer.step()
+        if math.isfinite(loss):  # a non-finite loss leaves the parameters untouched
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -207,49 +212,68 @@ def train_svi(
     batches = n // config.batch_size
 
     start_epoch, step, history = 0, 0, []
+    perm, first_batch, total = None, 0, 0.0  # a partly done epoch, when resuming an interrupt
     if run is not None and run.resume:
         ckpt = run.load_checkpoint(map_location=device)
         load_params(ckpt["params"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        if "perm" in ckpt:
+            perm, first_batch, total = ckpt["perm"].to(device), int(ckpt["batch"]), float(ckpt["total"])
         run.truncate_metrics(lambda r: r.get("epoch", 0) <= start_epoch)
-        history = [r for r in run.metrics() if "val_elbo" in r or "train_loss" in r]
+        history = [r for r in run.metrics() if "train_loss" in r]
 
     val_elbo = history[-1].get("val_elbo") if history else None
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, device=device)
-        total = 0.0
-        bar = tqdm(range(batches), desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-        for i in bar:
-            x = train_data[perm[i * config.batch_size : (i + 1) * config.batch_size]]
-            if transform is not None:
-                x = transform(x)
-            loss = step_fn(x)
-            if not math.isfinite(loss):
-                where = run.checkpoint_path if run is not None else "none (no run directory)"
-                raise FloatingPointError(
-                    f"non-finite loss ({loss}) at epoch {epoch}, step {step + 1}; "
-                    f"last good checkpoint: {where}. Lower --lr or check the data."
+    skipped = 0
+    with StopSignal() as stop:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            if perm is None:
+                perm, first_batch, total = torch.randperm(n, device=device), 0, 0.0
+            bar = tqdm(range(first_batch, batches), desc=f"epoch {epoch}/{config.epochs}",
+                       disable=not progress, leave=False)
+            for i in bar:
+                x = train_data[perm[i * config.batch_size : (i + 1) * config.batch_size]]
+                loss = step_fn(transform(x) if transform is not None else x)
+                if not math.isfinite(loss):
+                    if config.on_nonfinite == "skip":
+                        skipped += 1
+                        continue
+                    where = run.checkpoint_path if run is not None else "none (no run directory)"
+                    raise FloatingPointError(
+                        f"non-finite loss ({loss}) at epoch {epoch}, step {step + 1}; the update was "
+                        f"not applied. Last good checkpoint: {where}. Lower --lr, check the data, "
+                        "or pass --on-nonfinite skip."
+                    )
+                step += 1
+                total += loss / n
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{loss / n:.2f}")
+                if stop.requested:
+                    if run is None:
+                        raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, step {step}")
+                    run.save_checkpoint(_state(optimizer, epoch - 1, step, perm=perm, batch=i + 1, total=total))
+                    raise Interrupted(
+                        f"{stop.requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
+                        f"{run.path}. Resume with the same command plus --resume."
+                    )
+            seconds = time.perf_counter() - t0
+            record = {"epoch": epoch, "step": step, "train_loss": total / batches, "seconds": seconds}
+            if skipped:
+                record["skipped_steps"] = skipped
+            perm = None
+            if val_data is not None:
+                val_elbo = evaluate_elbo(model, guide, val_data)
+                record["val_elbo"] = val_elbo
+            history.append(record)
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch:3d}  train loss {record['train_loss']:9.3f}  "
+                    + (f"val ELBO {val_elbo:9.3f}  " if val_data is not None else "")
+                    + f"{seconds:6.1f}s"
                 )
-            step += 1
-            total += loss / n
-            if i % 10 == 0:
-                bar.set_postfix(loss=f"{loss / n:.2f}")
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "step": step, "train_loss": total / batches, "seconds": seconds}
-        if val_data is not None:
-            val_elbo = evaluate_elbo(model, guide, val_data)
-            record["val_elbo"] = val_elbo
-        history.append(record)
-        if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  train loss {record['train_loss']:9.3f}  "
-                + (f"val ELBO {val_elbo:9.3f}  " if val_data is not None else "")
-                + f"{seconds:6.1f}s"
-            )
-        if run is not None:
-            run.log(record)
-            run.save_checkpoint(_state(optimizer, epoch, step))
+            if run is not None:
+                run.log(record)
+                run.save_checkpoint(_state(optimizer, epoch, step))
     return SVIResult(history, val_elbo)
