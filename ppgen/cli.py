@@ -88,17 +88,24 @@ def add_train_vae(sub) -> None:
     p.set_defaults(func=cmd_train_vae)
 
 
-def cmd_train_vae(args: argparse.Namespace) -> int:
+def vae_run_config(args: argparse.Namespace):
+    """The :class:`ppgen.train.VAERunConfig` that ``ppgen train vae`` flags describe."""
     from ppgen.infer.svi import SVIConfig
     from ppgen.models.vae import VAEConfig
-    from ppgen.train import VAERunConfig, train_vae
+    from ppgen.train import VAERunConfig
 
-    config = VAERunConfig(
+    return VAERunConfig(
         data=data_config(args),
         model=VAEConfig(args.latent_dim, args.hidden, args.arch),
         svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
                       args.device, args.on_nonfinite),
     )
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from ppgen.train import train_vae
+
+    config = vae_run_config(args)
     done = train_vae(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
     print(
         f"validation ELBO {done.result.val_elbo:.3f} nats; run written to {done.run.path} "
