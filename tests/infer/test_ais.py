@@ -28,6 +28,7 @@ def test_ais_lands_on_exact_evidence(lg):
     assert 0.5 < float(r.accept.mean()) < 0.95  # adapted toward the 0.65 target
 
 
+@pytest.mark.slow
 def test_bdmc_sandwiches_exact_evidence(lg):
     b = bdmc(lg.model, torch.zeros(32, 4, dtype=torch.float64), num_chains=8, num_steps=60, leapfrog=3, step_size=0.3, seed=1)
     exact = lg.log_evidence(b.data)

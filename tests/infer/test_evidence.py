@@ -171,8 +171,8 @@ def test_iwae_gradient_trains_a_guide(lg):
             pyro.sample("z", dist.Normal(mean, log_scale.exp()).to_event(1))
 
     elbo = make_elbo("iwae", 10)
-    opt = torch.optim.Adam([log_scale], lr=0.05)
-    for _ in range(150):
+    opt = torch.optim.Adam([log_scale], lr=0.1)
+    for _ in range(60):
         opt.zero_grad()
         elbo.loss_and_grads(lg.model, guide, x)
         opt.step()
