@@ -421,6 +421,8 @@ def add_compare_estimators(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="runs/compare-estimators", help="output folder")
+    p.add_argument("--seconds", type=_positive_float, default=None,
+                   help="equal wall-time budget per estimator (trains epoch by epoch up to --epochs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare_estimators)
 
@@ -439,7 +441,8 @@ def cmd_compare_estimators(args: argparse.Namespace) -> int:
         svi=SVIConfig(args.estimators[0] if args.estimators else "reparam", 1, args.epochs, args.batch_size,
                       args.lr, args.seed, args.device),
     )
-    histories = compare_estimators(base, args.estimators, args.out, not args.no_progress, not args.no_download)
+    histories = compare_estimators(base, args.estimators, args.out, not args.no_progress, not args.no_download,
+                                   args.seconds)
     budget, at_budget = elbo_at_equal_time(histories)
     print(f"| estimator | final val ELBO | train s | val ELBO within {budget:.1f} s |")
     print("|---|---|---|---|")

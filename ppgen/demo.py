@@ -175,8 +175,8 @@ def variance_step(ctx: DemoContext) -> list[str]:
     t0 = time.perf_counter()
     for epoch, vae in ((0, fresh), (ctx.epochs, done.vae)):
         pyro.clear_param_store()  # the store then holds exactly this VAE's parameters
-        stats = gradient_stats(vae.model, vae.guide, x, estimators, num_draws=40, reference_draws=150,
-                               warmup=30, seed=ctx.seed)
+        stats = gradient_stats(vae.model, vae.guide, x, estimators, num_draws=30, reference_draws=100,
+                               warmup=20, seed=ctx.seed)
         results.append((Checkpoint(epoch, None), stats))
     seconds = time.perf_counter() - t0
     plot_variance(results, ctx.out / "variance.png", "VAE on 8x8 digits: gradient estimators")
@@ -189,7 +189,7 @@ def variance_step(ctx: DemoContext) -> list[str]:
     return [
         "## Gradient estimators: variance and signal-to-noise",
         "",
-        f"Encoder gradient of one batch of 64 validation digits, 40 draws per estimator at fixed parameters, "
+        f"Encoder gradient of one batch of 64 validation digits, 30 draws per estimator at fixed parameters, "
         f"at initialization (epoch 0) and after training; SNR = mean |E g| / sd(g). {seconds:.0f} s.",
         "",
         "| epoch | estimator | encoder variance | / reparam | encoder SNR | decoder SNR | ms/draw |",

@@ -59,6 +59,11 @@ class NNBaselineGuide:
     :param guide: Pyro guide whose first argument is the batch ``x`` of shape ``(B, ...)``.
     :param lr: learning rate of the baselines' own Adam optimizer.
     :param hidden: hidden width of each baseline MLP ``x -> (B,)``.
+    :param beta: decay of the running-average baseline the network is added to.
+
+    The baseline is ``avg + b(x)``: Pyro's decaying average of the cost (``beta``) plus a network
+    that learns the input-dependent residual, so it needs no learning of the cost's overall scale
+    (hundreds of nats on images, out of reach of a zero-initialised net at lr 1e-3).
 
     Pyro's ``TraceGraph_ELBO`` adds ``sum (cost - b(x))^2`` to the surrogate loss, which puts
     gradients on the baseline networks during ``loss_and_grads``. Those networks are *not* in
@@ -67,10 +72,12 @@ class NNBaselineGuide:
     The baseline input is detached, so ``b`` cannot bias the gradient (Mnih & Gregor 2014).
     """
 
-    def __init__(self, guide: Callable, lr: float = 1e-3, hidden: int = 64):
+    def __init__(self, guide: Callable, lr: float = 1e-3, hidden: int = 64, beta: float = 0.95):
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}")
-        self.guide, self.lr, self.hidden = guide, float(lr), int(hidden)
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+        self.guide, self.lr, self.hidden, self.beta = guide, float(lr), int(hidden), float(beta)
         self.nets: dict[str, nn.Module] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -106,7 +113,9 @@ class NNBaselineGuide:
                 if msg["type"] == "sample" and not msg["is_observed"]:
                     net = outer._net(msg["name"], x)
                     head = _Squeeze(net)
-                    msg["infer"] = {**msg["infer"], "baseline": {"nn_baseline": head, "nn_baseline_input": x}}
+                    msg["infer"] = {**msg["infer"], "baseline": {
+                        "nn_baseline": head, "nn_baseline_input": x,
+                        "use_decaying_avg_baseline": True, "baseline_beta": outer.beta}}
 
         with _Baselines():
             return self.guide(x, *args, **kwargs)
@@ -121,9 +130,9 @@ class _Squeeze(nn.Module):
         return self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
 
 
-def nn_baseline(lr: float = 1e-3, hidden: int = 64) -> Callable[[Callable], Callable]:
+def nn_baseline(lr: float = 1e-3, hidden: int = 64, beta: float = 0.95) -> Callable[[Callable], Callable]:
     """Guide transform factory for ``score-nn-baseline`` with baseline learning rate ``lr``."""
-    return lambda guide: NNBaselineGuide(guide, lr, hidden)
+    return lambda guide: NNBaselineGuide(guide, lr, hidden, beta)
 
 
 def enumerate_guide(guide: Callable) -> Callable:

@@ -137,10 +137,15 @@ def compare_estimators(
     out: Union[str, Path],
     progress: bool = False,
     download: bool = False,
+    seconds: Optional[float] = None,
 ) -> dict[str, list[dict]]:
     """Train the VAE of ``base`` (a :class:`ppgen.train.VAERunConfig`) once per estimator into
     ``out/<estimator>`` and plot validation ELBO against steps and wall time into
-    ``out/compare.png``. Returns ``estimator -> history`` with cumulative ``wall`` seconds."""
+    ``out/compare.png``. Returns ``estimator -> history`` with cumulative ``wall`` seconds.
+
+    :param seconds: optional equal wall-time budget: each estimator trains epoch by epoch (resuming
+        its run) until its training time reaches ``seconds`` or ``base.svi.epochs`` is done; the
+        last epoch may overrun the budget (its time is in the history)."""
     from ppgen.infer.estimators import get_estimator
     from ppgen.train import train_vae
 
@@ -151,12 +156,19 @@ def compare_estimators(
     out = Path(out)
     histories = {}
     for name in estimators:
-        config = dataclasses.replace(base, svi=dataclasses.replace(base.svi, estimator=name))
-        done = train_vae(config, out / name, overwrite=True, progress=progress, download=download)
-        wall, hist = 0.0, []
-        for h in done.result.history:
-            wall += h["seconds"]
-            hist.append({**h, "wall": wall})
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds must be a positive budget, got {seconds!r}")
+        stops = range(1, base.svi.epochs + 1) if seconds is not None else [base.svi.epochs]
+        for epochs in stops:
+            config = dataclasses.replace(base, svi=dataclasses.replace(base.svi, estimator=name, epochs=epochs))
+            done = train_vae(config, out / name, resume=epochs > stops[0], overwrite=epochs == stops[0],
+                             progress=progress, download=download)
+            wall, hist = 0.0, []
+            for h in done.result.history:
+                wall += h["seconds"]
+                hist.append({**h, "wall": wall})
+            if seconds is not None and wall >= seconds:
+                break
         histories[name] = hist
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
     for name, hist in histories.items():

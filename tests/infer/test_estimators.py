@@ -108,9 +108,10 @@ def test_nn_baseline_learns_the_expected_downstream_cost():
             pyro.param(k).unconstrained().grad = None
     wrapped.step()
     with torch.no_grad():
-        b = wrapped.nets["z"](x.reshape(-1, 1)).squeeze(-1)
+        avg = pyro.param("__baseline_avg_downstream_cost_z")
+        b = avg + wrapped.nets["z"](x.reshape(-1, 1)).squeeze(-1)
     target = exact_elbo(x)
-    assert (b - target).abs().max() < 0.2 * target.abs().max()  # measured: 0.07-0.31 over seeds
+    assert (b - target).abs().max() < 0.1 * target.abs().max()  # measured: 0.01-0.11 nats over seeds
     with pytest.raises(ValueError, match="lr must be a positive number"):
         NNBaselineGuide(guide, lr=0.0)
 

@@ -231,3 +231,14 @@ def test_bad_arguments_are_named():
         gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=5, reference={"m": torch.tensor(0.0)})
     assert math.isfinite(gradient_stats(nn_model, nn_guide, x, "reparam", num_draws=3, reference_draws=3,
                                         warmup=0).row("reparam")["variance"])
+
+
+def test_equal_time_budget_is_the_shortest_run():
+    from ppgen.infer.variance_runs import elbo_at_equal_time
+
+    hist = {
+        "fast": [{"wall": 1.0, "val_elbo": -9.0}, {"wall": 2.0, "val_elbo": -8.0}, {"wall": 3.0, "val_elbo": -7.0}],
+        "slow": [{"wall": 2.5, "val_elbo": -8.5}],
+    }
+    budget, at = elbo_at_equal_time(hist)
+    assert budget == 2.5 and at == {"fast": -8.0, "slow": -8.5}
