@@ -12,6 +12,10 @@ from ppgen.models.vae import VAE, VAEConfig
 from ppgen.runs import Run
 from ppgen.train import VAERunConfig, load_vae, train_vae
 
+from ppgen.infer.ais import ais_log_evidence, bdmc
+from ppgen.infer.evidence import EvidenceResult, log_evidence
+from ppgen.models.linear_gaussian import LinearGaussian
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -36,3 +40,4 @@ __all__ = [
     "train_svi",
     "train_vae",
 ]
+__all__ += ["EvidenceResult", "LinearGaussian", "ais_log_evidence", "bdmc", "log_evidence"]
