@@ -84,8 +84,27 @@ def add_train_vae(sub) -> None:
     p.add_argument("--particles", type=_positive_int, default=1, help="samples per gradient estimate")
     p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
                    help="on a NaN/Inf loss: stop the run (default) or skip that update")
+    add_vae_zoo_flags(p)
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_vae)
+
+
+def add_vae_zoo_flags(p: argparse.ArgumentParser) -> None:
+    """Guide family, likelihood and training aids of :class:`ppgen.models.vae.VAEConfig`."""
+    from ppgen.models.likelihoods import LIKELIHOODS
+    from ppgen.models.posteriors import POSTERIORS
+
+    p.add_argument("--posterior", default="diag", choices=list(POSTERIORS),
+                   help="guide family: diag, fullcov (Cholesky) or iaf (default: diag)")
+    p.add_argument("--flows", type=_positive_int, default=2, help="IAF steps (--posterior iaf)")
+    p.add_argument("--likelihood", default="bernoulli", choices=list(LIKELIHOODS),
+                   help="bernoulli (0/1 data) or gaussian / cb (grey levels: add --binarize none)")
+    p.add_argument("--gaussian-scale", type=_positive_float, default=None,
+                   help="fixed sigma of the gaussian likelihood (default: learned per pixel)")
+    p.add_argument("--kl-warmup", type=int, default=0, metavar="E",
+                   help="KL warm-up: beta = min(1, epoch / E) on the latent sites (default 0: off)")
+    p.add_argument("--free-bits", type=float, default=0.0, metavar="L",
+                   help="free bits: nats per latent dimension (diag posterior; default 0: off)")
 
 
 def vae_run_config(args: argparse.Namespace):
@@ -96,7 +115,8 @@ def vae_run_config(args: argparse.Namespace):
 
     return VAERunConfig(
         data=data_config(args),
-        model=VAEConfig(args.latent_dim, args.hidden, args.arch),
+        model=VAEConfig(args.latent_dim, args.hidden, args.arch, args.posterior, args.likelihood, args.flows,
+                        args.gaussian_scale, args.kl_warmup, args.free_bits),
         svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
                       args.device, args.on_nonfinite),
     )
@@ -107,6 +127,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 
     config = vae_run_config(args)
     done = train_vae(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     print(
         f"validation ELBO {done.result.val_elbo:.3f} nats; run written to {done.run.path} "
         f"(figures in {done.run.figures})"
@@ -475,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``ppgen`` command; user errors print one line and exit with status 2."""
     from ppgen.data import DataNotFoundError
@@ -490,6 +519,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (Interrupted, KeyboardInterrupt) as err:
         print(f"ppgen: interrupted: {err}", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
 
 
 if __name__ == "__main__":

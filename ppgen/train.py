@@ -14,7 +14,7 @@ from ppgen.data import DataConfig, Dataset, binarize
 from ppgen.infer.svi import SVIConfig, SVIResult, evaluate_elbo, load_params, train_svi
 from ppgen.models.vae import VAE, VAEConfig
 from ppgen.plots import save_image_grid
-from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, seed_everything
+from ppgen.runs import Run, config_from_dict, config_to_dict, distributed, resolve_device, seed_everything
 
 __all__ = ["VAERunConfig", "VAERun", "train_vae", "load_vae"]
 
@@ -75,14 +75,17 @@ def train_vae(
     Writes config.json, metrics.jsonl (one line per epoch, plus the final test ELBO),
     checkpoint.pt, and figures/samples.png and figures/reconstructions.png.
     """
-    run = Run(out, resume=resume, overwrite=overwrite)
+    job = distributed(resolve_device(config.svi.device))
+    rank, device = job.rank, job.place(resolve_device(config.svi.device))
+    run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
         check_resumable(run.load_config(), config_to_dict(config))
-    run.save_config(config_to_dict(config))
+    if rank == 0:
+        run.save_config(config_to_dict(config))
     data = config.data.load(download)
-    device = resolve_device(config.svi.device)
     seed_everything(config.svi.seed)  # network initialisation is part of the seeded run
     vae = config.model.build(data.dim, data.image_shape).to(device)
+    _check_likelihood_data(config, data)
     if not data.dynamic:
         vae.check_data(data.train)
     vae.check_data(data.val)
@@ -95,11 +98,22 @@ def train_vae(
         run=run,
         transform=binarize if data.dynamic else None,
         progress=progress,
+        step_context=vae.objective if (vae.kl_warmup or vae.free_bits) else None,
     )
-    test_elbo = evaluate_elbo(vae.model, vae.guide, data.test.to(device))
-    run.log({"epoch": config.svi.epochs, "test_elbo": test_elbo})
-    _vae_figures(vae, data, run.figures)
+    if rank == 0:
+        test_elbo = evaluate_elbo(vae.model, vae.guide, data.test.to(device))
+        run.log({"epoch": config.svi.epochs, "test_elbo": test_elbo})
+        _vae_figures(vae, data, run.figures)
     return VAERun(vae, data, config, run, result)
+
+
+def _check_likelihood_data(config: VAERunConfig, data: Dataset) -> None:
+    """Grey-level likelihoods (gaussian, cb) score the pixels as they are: refuse binarized data."""
+    if config.model.likelihood != "bernoulli" and config.data.binarization != "none":
+        raise ValueError(
+            f"likelihood {config.model.likelihood!r} models grey levels in [0, 1] but the data is "
+            f"binarized ({config.data.binarization!r}); use --binarize none (binarization='none')"
+        )
 
 
 def _vae_figures(vae: VAE, data: Dataset, figures: Path, n: int = 64) -> None:
@@ -126,5 +140,8 @@ def load_vae(path: Union[str, Path], device: str = "cpu") -> tuple[VAE, VAERunCo
     pyro.clear_param_store()
     pyro.module("encoder", vae.encoder)
     pyro.module("decoder", vae.decoder)
-    load_params({k: v for k, v in ckpt["params"].items() if k.split("$$$")[0] in ("encoder", "decoder")})
+    pyro.module("posterior", vae.posterior)  # no parameters for the default guide and likelihood
+    pyro.module("likelihood", vae.likelihood)
+    owners = ("encoder", "decoder", "posterior", "likelihood")
+    load_params({k: v for k, v in ckpt["params"].items() if k.split("$$$")[0] in owners})
     return vae, config, shape

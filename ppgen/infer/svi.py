@@ -8,6 +8,7 @@ reports the ELBO per datapoint in nats.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -21,7 +22,16 @@ from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.runs import Interrupted, Run, StopSignal, rng_state, seed_everything, set_rng_state
+from ppgen.runs import (
+    Interrupted,
+    Run,
+    StopSignal,
+    distributed,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 __all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "evaluate_elbo"]
 
@@ -139,6 +149,7 @@ def make_svi_step(
     config: SVIConfig,
     example: torch.Tensor,
     scale: float = 1.0,
+    world: int = 1,
 ) -> tuple[Callable[[torch.Tensor], float], torch.optim.Optimizer]:
     """One SVI update as a function of a batch, and the optimizer it steps.
 
@@ -146,7 +157,8 @@ def make_svi_step(
     ``example``, and builds a single ``torch.optim.Adam`` over all of them. The returned
     ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
     scaled by ``scale`` (``N / B``), takes the Adam step unless the loss is NaN or infinite, and
-    returns the loss (negative ELBO estimate, full-dataset scale).
+    returns the loss (negative ELBO estimate, full-dataset scale). With ``world > 1`` processes
+    (torch.distributed), gradients and loss are averaged over them before the step.
     """
     pyro.clear_param_store()
     elbo = make_elbo(config.estimator, config.particles, vectorize_particles=config.particles > 1)
@@ -159,12 +171,32 @@ def make_svi_step(
     def step(x: torch.Tensor) -> float:
         with DataScale(scale):
             loss = elbo.loss_and_grads(model, train_guide, x)
+        if world > 1:
+            loss = _average_over_processes(params, loss, world)
         if math.isfinite(loss):  # a non-finite loss leaves the parameters untouched
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
     return step, optimizer
+
+
+def _average_over_processes(params: list[torch.Tensor], loss: float, world: int) -> float:
+    """All-reduce every gradient and the loss in one flat buffer, divided by ``world``.
+
+    Each process scales its shard of ``b = B / world`` datapoints by ``N / b``, so the average
+    over processes is the single-process estimate for the whole global batch of ``B``."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
+        offset += g.numel()
+    return float(flat[-1])
 
 
 def train_svi(
@@ -176,6 +208,7 @@ def train_svi(
     run: Optional[Run] = None,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     progress: bool = True,
+    step_context: Optional[Callable[[int], contextlib.AbstractContextManager]] = None,
 ) -> SVIResult:
     """Train ``model``/``guide`` by stochastic variational inference.
 
@@ -188,11 +221,17 @@ def train_svi(
     :param run: run directory for metrics and a checkpoint per epoch; with ``run.resume`` the
         loop continues from the checkpoint, with parameters, optimizer and RNG states restored.
     :param transform: applied to each training batch (e.g. dynamic binarization).
+    :param step_context: ``step_context(epoch)`` is entered around every training step of that
+        epoch (not around validation), e.g. a KL warm-up schedule (``VAE.objective``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its shard of every global batch
+    of ``config.batch_size`` and gradients are averaged (DDP-style, gloo on CPU, NCCL on GPU);
+    only rank 0 validates and writes ``run``.
+
     :returns: :class:`SVIResult`, one metrics dict per epoch (train loss, validation ELBO, seconds).
     """
-    from ppgen.runs import resolve_device
-
-    device = resolve_device(config.device)
+    job = distributed(resolve_device(config.device))
+    rank, world, device = job.rank, job.world, job.place(resolve_device(config.device))
     n = len(train_data)
     if n == 0:
         raise ValueError("train_data is empty")
@@ -201,15 +240,22 @@ def train_svi(
             f"batch_size {config.batch_size} is larger than the training set ({n} datapoints); "
             f"use --batch-size {n} or smaller"
         )
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
+    local = config.batch_size // world  # this process's shard of each global batch
+    if rank != 0:  # only rank 0 validates, writes the run directory and shows progress
+        val_data, progress = None, False
     train_data = train_data.to(device)
     val_data = val_data.to(device) if val_data is not None else None
 
-    seed_everything(config.seed)
-    first = train_data[: config.batch_size]
+    seed_everything(config.seed + rank)  # different sampling noise per process
+    first = train_data[:local]
     step_fn, optimizer = make_svi_step(
-        model, guide, config, transform(first) if transform is not None else first, n / config.batch_size
+        model, guide, config, transform(first) if transform is not None else first, n / local, world
     )
     batches = n // config.batch_size
+    # The order of the data is shared by all processes: a generator seeded by (seed, epoch).
+    order = torch.Generator()
 
     start_epoch, step, history = 0, 0, []
     perm, first_batch, total = None, 0, 0.0  # a partly done epoch, when resuming an interrupt
@@ -230,12 +276,15 @@ def train_svi(
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t0 = time.perf_counter()
             if perm is None:
-                perm, first_batch, total = torch.randperm(n, device=device), 0, 0.0
+                order.manual_seed(config.seed * 100_003 + epoch)
+                perm, first_batch, total = torch.randperm(n, generator=order).to(device), 0, 0.0
             bar = tqdm(range(first_batch, batches), desc=f"epoch {epoch}/{config.epochs}",
                        disable=not progress, leave=False)
             for i in bar:
-                x = train_data[perm[i * config.batch_size : (i + 1) * config.batch_size]]
-                loss = step_fn(transform(x) if transform is not None else x)
+                start = i * config.batch_size + rank * local
+                x = train_data[perm[start : start + local]]
+                with step_context(epoch) if step_context is not None else contextlib.nullcontext():
+                    loss = step_fn(transform(x) if transform is not None else x)
                 if not math.isfinite(loss):
                     if config.on_nonfinite == "skip":
                         skipped += 1
@@ -251,7 +300,7 @@ def train_svi(
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{loss / n:.2f}")
                 if stop.requested:
-                    if run is None:
+                    if run is None or rank != 0:
                         raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, step {step}")
                     run.save_checkpoint(_state(optimizer, epoch - 1, step, perm=perm, batch=i + 1, total=total))
                     raise Interrupted(
@@ -273,7 +322,7 @@ def train_svi(
                     + (f"val ELBO {val_elbo:9.3f}  " if val_data is not None else "")
                     + f"{seconds:6.1f}s"
                 )
-            if run is not None:
+            if run is not None and rank == 0:
                 run.log(record)
                 run.save_checkpoint(_state(optimizer, epoch, step))
     return SVIResult(history, val_elbo)
