@@ -311,11 +311,12 @@ class IWAE_ELBO(pyro.infer.ELBO):
 
         L_K = sum_n [ logsumexp_k (log p(x_n, z_nk) - log q(z_nk | x_n)) - log K ]
 
-    with ``K = num_particles`` vectorized draws. Pyro's ``RenyiELBO(alpha=0)`` takes the
-    logsumexp of the log weights summed over the whole minibatch, which is a different (looser)
-    bound for a model with one latent per datapoint; this class keeps the datapoints apart.
-    Gradients are pathwise, so the guide must be reparameterized. A ``poutine.scale`` on the
-    data plate (the SVI loop's ``N / B``) multiplies the per-datapoint bounds, not the weights.
+    with ``K = num_particles`` vectorized draws. On an unscaled batch this equals Pyro's
+    ``RenyiELBO(alpha=0, vectorize_particles=True)`` (tested). The difference is minibatch
+    scaling: Pyro scales the log weights *inside* the logsumexp, so under the SVI loop's ``N / B``
+    data-plate scale it optimizes a tempered objective; here the scale multiplies the
+    per-datapoint bounds, which keeps the full-data objective unbiased. Gradients are pathwise,
+    so the guide must be reparameterized.
     """
 
     def __init__(self, num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: float = float("inf"), **kwargs):

@@ -246,3 +246,24 @@ def test_cli_reports_a_missing_run(tmp_path, capsys):
 
     assert main(["evidence", str(tmp_path / "nope"), "--samples", "5"]) == 2
     assert "ppgen: error" in capsys.readouterr().err
+
+
+def test_pyro_renyi_alpha0_agrees_unscaled_but_not_under_minibatch_scaling(lg):
+    # Why `iwae` is our own class: Pyro's RenyiELBO(alpha=0) gives the same per-datapoint bound on
+    # an unscaled batch, but it scales the log weights *inside* the logsumexp, so under the SVI
+    # loop's N/B data-plate scale it optimizes a different, tempered objective. Ours scales outside.
+    from ppgen.infer.svi import DataScale
+
+    x = lg.sample(20, seed=11)
+    guide = lambda x: lg.mean_field_guide(x, inflate=1.5)  # noqa: E731
+    k = 8
+    ours = make_elbo("iwae", k, max_plate_nesting=1)
+    renyi = pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    values = {}
+    for name, elbo in (("ours", ours), ("renyi", renyi)):
+        for scale in (1.0, 3.0):
+            torch.manual_seed(0)
+            values[name, scale] = -elbo.loss(DataScale(scale)(lg.model), DataScale(scale)(guide), x)
+    assert values["renyi", 1.0] == pytest.approx(values["ours", 1.0], rel=1e-10)
+    assert values["ours", 3.0] == pytest.approx(3 * values["ours", 1.0], rel=1e-10)
+    assert abs(values["renyi", 3.0] - 3 * values["renyi", 1.0]) > 1.0
