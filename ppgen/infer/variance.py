@@ -9,7 +9,8 @@ and summarises them per parameter, per layer and per group (``encoder``/``decode
   variational bounds are not necessarily better");
 - ``bias2`` and ``mse``: ``sum_i (E g_i - g*_i)^2`` and ``E ||g - g*||^2`` against a reference
   ``g*``: exact when the caller gives it (conjugate models), else the mean of many reparameterized
-  draws, whose own standard error enters ``max_z``, the largest ``|E g_i - g*_i| / SE_i``;
+  draws, whose own standard error enters ``max_z``, the largest ``|E g_i - g*_i| / SE_i``
+  (SE floored at 1e-5 of the group's largest gradient component, float32 rounding);
 - ``seconds``: wall time per draw, and ``work_variance = variance * seconds``, the variance of
   an average over one second of draws ("variance at equal compute", Glynn & Whitt 1992).
 
@@ -216,7 +217,10 @@ def _summarise(est, mean, var, sq_err, ref, ref_se, n, seconds) -> list[dict]:
         sd, diff = v.sqrt(), m - r
         live = (m != 0) | (sd != 0)  # parameters the loss does not touch have no SNR
         snr = (m.abs()[live] / sd[live]).mean().item() if live.any() else float("nan")
-        z = torch.where(se > 0, diff.abs() / se, torch.where(diff.abs() > 1e-9 * (1 + r.abs()), math.inf, 0.0))
+        # float32 gradients carry rounding of ~1e-6 relative: floor the standard error there, so a
+        # deterministic estimator (enum) or a dead unit is not flagged for its last bits
+        floor = 1e-5 * float(r.abs().max() + m.abs().max()) + 1e-30
+        z = diff.abs() / se.clamp(min=floor)
         variance = v.sum().item()
         rows.append({
             "estimator": est, "level": level, "name": name, "numel": m.numel(),
