@@ -181,6 +181,10 @@ def per_datapoint_log_weights(
             size = frame.size if size is None else size
             scale = float(site["scale"]) if scale is None else scale
             log_w = log_w + sign * _site_per_datapoint(site, full, num_particles, frame.size)
+    # Traces sit in reference cycles (freed only by the garbage collector); drop their tensors now
+    # so one particle chunk's activations never outlive it: memory stays flat in K.
+    model_tr.nodes.clear()
+    guide_tr.nodes.clear()
     if size is None:
         raise ValueError(f"the model has no sample site inside a pyro.plate({DATA!r}, ...)")
     return log_w, scale
@@ -211,6 +215,39 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     # Equal weights (an exact proposal) have no tail; a fit to rounding noise would mean nothing.
     spread = (log_w.max(-1).values - log_w.min(-1).values).detach().double().cpu()
     return torch.where(spread < 1e-9, torch.full_like(k, -math.inf), k)
+
+
+def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
+    """ArviZ's ``plot_khat`` of per-datapoint k-hat ``(N,)`` (e.g. :attr:`EvidenceResult.khat`)
+    with the 0.5 / 0.7 / 1 lines and the share of datapoints per band, written to the PNG ``path``.
+    ``-inf`` (equal weights) is drawn at 0. Returns the path."""
+    import warnings
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    k = khat.detach().double().cpu().numpy().reshape(-1)
+    if k.size == 0 or not np.isfinite(np.where(np.isneginf(k), 0.0, k)).any():
+        raise ValueError(f"khat must hold at least one finite value, got {k.size} values")
+    k = np.where(np.isneginf(k), 0.0, k)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz as az
+
+        az.plot_khat(k[np.isfinite(k)], show_hlines=True, show_bins=True, ax=ax, markersize=8)
+    ax.set_xlabel("datapoint")
+    ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def iwae_ladder_sizes(num_samples: int) -> list[int]:
@@ -292,12 +329,13 @@ def log_evidence(
             x = data[i : i + batch_size]
             if nesting is None:
                 nesting = _plate_nesting_from(model, guide, (x[:1], *args), kwargs)  # one row is enough
-            chunks = []
+            log_w = torch.empty(len(x), num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
             for k0 in range(0, num_samples, particle_chunk):
                 kc = min(particle_chunk, num_samples - k0)
                 lw, _ = per_datapoint_log_weights(model, guide, x, kc, *args, max_plate_nesting=nesting, **kwargs)
-                chunks.append(lw.double().cpu())
-            stats = _reduce(torch.cat(chunks, 0).T, ladder)
+                log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
+                del lw
+            stats = _reduce(log_w, ladder)
             for key, value in stats.items():
                 parts.setdefault(key, []).append(value)
     n = len(data)
