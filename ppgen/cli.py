@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_evidence(sub)
     add_variance(sub)
     add_compare_estimators(sub)
+    from ppgen.report import add_report  # the report command lives in its own module
+    add_report(sub)
     return parser
 
 
