@@ -125,6 +125,23 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
+def _discrete_score_guide(guide: Callable) -> Callable:
+    from ppgen.models.m2 import discrete_score_guide
+
+    return discrete_score_guide(guide)
+
+
+# Mixed models (M2): score function on the discrete sites only, pathwise on the continuous ones.
+ESTIMATORS["score-discrete"] = Estimator(
+    "score-discrete",
+    infer.TraceGraph_ELBO,
+    True,
+    None,
+    "score function (decaying-average baseline) on discrete sites, pathwise on the rest",
+    _discrete_score_guide,
+)
+
+
 def get_estimator(name: str) -> Estimator:
     """Look an estimator up by name; unknown names get the list of known ones."""
     try:
