@@ -32,7 +32,7 @@ def runs(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("report-runs")
     vae_cfg = VAERunConfig(DataConfig("digits"), VAEConfig(latent_dim=2, hidden=(32,)),
-                           SVIConfig(epochs=2, batch_size=128, seed=0))
+                           SVIConfig(epochs=1, batch_size=128, seed=0))
     done = train_vae(vae_cfg, root / "vae", progress=False, download=False)
     evidence_report(done.vae.model, done.vae.guide, done.data.test, EvidenceConfig(samples=50, seed=0), root / "vae")
     m = run_metrics(root / "vae", n=300, n_val=100, cache_dir=root / "classifier", download=False)
