@@ -2,7 +2,6 @@
 
 import math
 
-import pyro
 import pytest
 import torch
 from pyro import poutine

@@ -151,3 +151,25 @@ def test_collapse_report_counts_active_units():
     loc, scale = vae.encoder(x)
     assert torch.allclose(rep.activity[:2], loc[:, :2].double().var(0), rtol=1e-6)
     assert torch.allclose(rep.kl, diagonal_normal_kl(loc, scale).double().mean(0), rtol=1e-5)
+
+
+def test_svi_loop_enters_the_objective_once_per_training_step_and_never_for_validation():
+    import contextlib
+
+    from ppgen.infer.svi import SVIConfig, train_svi
+
+    torch.manual_seed(0)
+    vae = VAE(10, 2, (8,), kl_warmup=2)
+    x = (torch.rand(64, 10) > 0.5).float()
+    seen = []
+
+    @contextlib.contextmanager
+    def record(epoch):
+        with vae.objective(epoch):
+            seen.append((epoch, vae._kl_weight))
+            yield
+
+    train_svi(vae.model, vae.guide, x, x[:16], SVIConfig(epochs=3, batch_size=16), progress=False,
+              step_context=record)
+    assert seen == [(1, 0.5)] * 4 + [(2, 1.0)] * 4 + [(3, 1.0)] * 4
+    assert vae._kl_weight == 1.0  # restored after each step (validation saw the plain ELBO)
