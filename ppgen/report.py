@@ -126,11 +126,11 @@ def collect_run(path: PathLike, config: ReportConfig, figures: PathLike) -> dict
     records = run.metrics()
     epochs = [r for r in records if "seconds" in r]
     row = {"run": name, "family": family, "estimator": _estimator(family, cfg), "dataset": _dataset(family, cfg),
-           "train_seconds": sum(float(r["seconds"]) for r in epochs), "epochs": len(epochs)}
+           "train_seconds": sum(float(r["seconds"]) for r in epochs) if epochs else None, "epochs": len(epochs)}
     row["parameters"] = _count_parameters(family, run.load_checkpoint()) if run.checkpoint_path.exists() else None
     tests = [r["test_elbo"] for r in records if "test_elbo" in r]
     row["elbo"], row["elbo_source"] = (tests[-1], "metrics.jsonl test_elbo") if tests else (None, None)
-    notes, out_figs = [], []
+    notes, out_figs = [] if epochs else [f"{name}: no epoch records in metrics.jsonl (training not started?)"], []
     evidence = _read_json(path / "evidence.json")
     if evidence is not None:
         row.update(elbo=evidence["elbo"], elbo_source=f"evidence.json ({evidence['n']} {evidence['config']['split']} points)",
@@ -249,7 +249,7 @@ def write_report(runs: Sequence[PathLike], config: ReportConfig = ReportConfig()
     if curves:
         sections.append(("Training curves", [("progress metric against optimizer steps and against training wall time",
                                               training_curves(curves, figures / "training-curves.png"))]))
-    for c in collected:
+    for c in (c for c in collected if c["figures"]):
         sections.append((f"Run {c['row']['run']} ({c['row']['family']})", c["figures"]))
     if extra_figures:
         sections.append(("More figures", [(cap, _copy(Path(p), figures / f"extra-{i}-{Path(p).name}"))
