@@ -15,7 +15,8 @@ def test_train_then_sample_writes_a_png_grid(tmp_path, capsys):
     assert _train(tmp_path) == 0
     assert "validation ELBO" in capsys.readouterr().out
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["model"] == {"latent_dim": 3, "hidden": [16], "arch": "mlp"}
+    assert {k: config["model"][k] for k in ("latent_dim", "hidden", "arch")} == {
+        "latent_dim": 3, "hidden": [16], "arch": "mlp"}
     assert main(["sample", str(tmp_path / "run"), "--n", "16", "--out", str(tmp_path / "s.png")]) == 0
     img = mpimg.imread(tmp_path / "s.png")
     # 4x4 grid of 8x8 digits drawn at 6 px per pixel, 1 px (x6) borders: (4*9+1)*6 = 222
