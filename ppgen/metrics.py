@@ -242,8 +242,14 @@ def _gan_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tens
     return generator.sample(n, torch.Generator().manual_seed(seed)).cpu(), config.data
 
 
+def _score_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tensor, "DataConfig"]:
+    from ppgen.score_train import run_samples
+
+    return run_samples(path, n, device, seed)  # annealed Langevin draws
+
+
 #: run family -> function(run_path, n, device, seed) -> (samples (n, D) in [0, 1], DataConfig).
-RUN_SAMPLERS = {"vae": _vae_samples, "gan": _gan_samples}
+RUN_SAMPLERS = {"vae": _vae_samples, "gan": _gan_samples, "score": _score_samples}
 
 
 def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
