@@ -204,7 +204,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return "—"
     text = fmt.format(value)
     if key == "is_log_px":
-        text += f" ± {row['is_log_px_se']:.2f}"
+        se = row["is_log_px_se"]
+        text += f" ± {se:.2f}" if se >= 0.01 else f" ± {se:.1g}"  # a tiny SE keeps one significant digit
     elif key == "parzen_log_likelihood":
         text += f" ± {row['parzen_log_likelihood_se']:.1f}"
     return text

@@ -92,7 +92,9 @@ def test_html_is_self_contained_and_shows_the_table(runs):
     assert {base64.b64decode(s.split(",", 1)[1]) for s in srcs} == figures  # every figure, each once
     row = runs["rows"]["vae"]
     cells = re.search(r"<tr><td>vae</td>(.*?)</tr>", text).group(1)
-    assert f"{row['elbo']:.2f}" in cells and f"{row['is_log_px']:.2f} ± {row['is_log_px_se']:.2f}" in cells
+    se = row["is_log_px_se"]
+    se_text = f"{se:.2f}" if se >= 0.01 else f"{se:.1g}"
+    assert f"{row['elbo']:.2f}" in cells and f"{row['is_log_px']:.2f} ± {se_text}" in cells
     assert f"{row['frechet_distance']:.2f}" in cells and f"{row['parameters']:,}" in cells
     names = {p.name for p in (page.parent / "figures").glob("*.png")}
     assert {"vae-latent.png", "vae-khat.png", "vae-interpolation.png", "gan-interpolation.png",
