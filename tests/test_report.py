@@ -34,7 +34,7 @@ def runs(tmp_path_factory) -> dict:
     vae_cfg = VAERunConfig(DataConfig("digits"), VAEConfig(latent_dim=2, hidden=(32,)),
                            SVIConfig(epochs=1, batch_size=128, seed=0))
     done = train_vae(vae_cfg, root / "vae", progress=False, download=False)
-    evidence_report(done.vae.model, done.vae.guide, done.data.test, EvidenceConfig(samples=50, seed=0), root / "vae")
+    evidence_report(done.vae.model, done.vae.guide, done.data.test, EvidenceConfig(samples=50, ais_steps=5, ais_chains=2, ais_limit=10, seed=0), root / "vae")
     m = run_metrics(root / "vae", n=300, n_val=100, cache_dir=root / "classifier", download=False)
     (root / "vae" / "metrics.json").write_text(json.dumps(m))
     train_gan(GANConfig(DataConfig("digits", "none"), latent_dim=4, hidden=(32,), loop=LoopConfig(epochs=2, batch_size=128)),
@@ -58,6 +58,7 @@ def test_table_values_are_the_json_values(runs):
     assert (v["elbo"], v["is_log_px"], v["is_log_px_se"], v["khat_share"]) == (
         ev["elbo"], ev["log_px"], ev["log_px_stderr"], ev["khat_share_over_0.7"])
     assert (v["frechet_distance"], v["parzen_log_likelihood"]) == (m["frechet_distance"], m["parzen_log_likelihood"])
+    assert (v["ais_log_px"], v["ais_n"]) == (ev["ais"]["log_px"], 10)
     for name in ("vae", "gan", "score"):
         seconds = sum(r["seconds"] for r in _jsonl(root / name / "metrics.jsonl") if "seconds" in r)
         assert rows[name]["train_seconds"] == pytest.approx(seconds, rel=1e-12)
