@@ -104,7 +104,10 @@ class IAFPosterior(nn.Module):
         self.z_dim = z_dim
         self.steps = nn.ModuleList(
             ConditionalAffineAutoregressive(
-                ConditionalAutoRegressiveNN(z_dim, feature_dim, [width]), stable=True
+                # A fixed (identity) order: Pyro's default is a random permutation held in a buffer,
+                # which a checkpoint of parameters alone would not restore.
+                ConditionalAutoRegressiveNN(z_dim, feature_dim, [width], permutation=torch.arange(z_dim)),
+                stable=True,
             )
             for _ in range(flows)
         )

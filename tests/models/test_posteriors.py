@@ -136,3 +136,15 @@ def test_fullcov_guide_reaches_exact_evidence_where_diagonal_cannot():
     assert full_gap < 0.07  # nats per datapoint: reaches log p(x) up to optimisation error
     assert diag_gap > best_diag_gap - 1e-6  # can never beat the mean-field optimum
     assert diag_gap - full_gap > 0.25
+
+
+def test_iaf_structure_does_not_depend_on_the_random_state():
+    # A run directory stores parameters only: the autoregressive order must not be random.
+    torch.manual_seed(1)
+    a = IAFPosterior(4, 6, flows=2)
+    torch.manual_seed(2)
+    b = IAFPosterior(4, 6, flows=2)
+    b.load_state_dict({k: v for k, v in a.state_dict().items() if k in dict(a.named_parameters())}, strict=False)
+    loc, scale, h = torch.randn(3, 4), torch.rand(3, 4) + 0.5, torch.randn(3, 6)
+    z = torch.randn(3, 4)
+    assert torch.allclose(a(loc, scale, h).log_prob(z), b(loc, scale, h).log_prob(z.clone()), atol=1e-6)
