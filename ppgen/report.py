@@ -281,7 +281,8 @@ def _footnotes(rows: list) -> list:
              " weak and biased, Theis et al. 2016) from `ppgen metrics`; — marks a number the run does not have."]
     for r in rows:
         if r.get("elbo_source"):
-            notes.append(f"{r['run']}: ELBO from {r['elbo_source']}" + (f"; IS with K={r['is_samples']}" if "is_samples" in r else "")
+            notes.append(f"{r['run']}: ELBO from {r['elbo_source']}"
+                         + (f"; IS with K={r['is_samples']}" if "is_samples" in r else "")
                          + (f"; AIS on the first {r['ais_n']} points" if "ais_n" in r else ""))
     return notes
 

@@ -34,7 +34,8 @@ def runs(tmp_path_factory) -> dict:
     vae_cfg = VAERunConfig(DataConfig("digits"), VAEConfig(latent_dim=2, hidden=(32,)),
                            SVIConfig(epochs=1, batch_size=128, seed=0))
     done = train_vae(vae_cfg, root / "vae", progress=False, download=False)
-    evidence_report(done.vae.model, done.vae.guide, done.data.test, EvidenceConfig(samples=50, ais_steps=5, ais_chains=2, ais_limit=10, seed=0), root / "vae")
+    ev_config = EvidenceConfig(samples=50, ais_steps=5, ais_chains=2, ais_limit=10, seed=0)
+    evidence_report(done.vae.model, done.vae.guide, done.data.test, ev_config, root / "vae")
     m = run_metrics(root / "vae", n=300, n_val=100, cache_dir=root / "classifier", download=False)
     (root / "vae" / "metrics.json").write_text(json.dumps(m))
     train_gan(GANConfig(DataConfig("digits", "none"), latent_dim=4, hidden=(32,), loop=LoopConfig(epochs=2, batch_size=128)),
@@ -43,7 +44,8 @@ def runs(tmp_path_factory) -> dict:
                             epochs=2, batch_size=100, langevin_steps=5), root / "score", progress=False)
     page = write_report([root / "vae", root / "gan", root / "score"],
                         ReportConfig(out=str(root / "report"), khat_samples=30, khat_limit=40, interpolation_steps=5))
-    return {"root": root, "page": page, "rows": {r["run"]: r for r in json.loads((root / "report" / "report.json").read_text())["rows"]}}
+    rows = json.loads((root / "report" / "report.json").read_text())["rows"]
+    return {"root": root, "page": page, "rows": {r["run"]: r for r in rows}}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -77,7 +79,8 @@ def test_parameter_counts_match_the_built_networks(runs):
     assert rows["vae"]["parameters"] == sum(p.numel() for p in vae.parameters())
     generator, config = load_gan(root / "gan")
     disc_state = Run(root / "gan", resume=True).load_checkpoint()["discriminator"]
-    assert rows["gan"]["parameters"] == sum(p.numel() for p in generator.parameters()) + sum(t.numel() for t in disc_state.values())
+    discriminator = sum(t.numel() for t in disc_state.values())
+    assert rows["gan"]["parameters"] == sum(p.numel() for p in generator.parameters()) + discriminator
     # generator 4 -> 32 -> 64 (MLP decoder): weights and biases of its two layers
     g = (4 * 32 + 32) + (32 * 64 + 64)
     assert sum(p.numel() for p in generator.parameters()) == g
