@@ -1,0 +1,239 @@
+"""``ppgen train FAMILY``: one ``add_train_<family>`` / ``cmd_train_<family>`` pair per model family."""
+
+from __future__ import annotations
+
+import argparse
+
+from ppgen.cli.common import (
+    int_list,
+    positive_float,
+    positive_int,
+    add_data_flags,
+    add_loop_flags,
+    data_config,
+)
+
+# --------------------------------------------------------------------------- train vae
+
+
+def add_train_vae(sub) -> None:
+    from ppgen.infer.estimators import ESTIMATORS
+
+    p = sub.add_parser("vae", help="train a VAE by SVI", description="Train a VAE by SVI.")
+    add_data_flags(p)
+    p.add_argument("--latent-dim", type=positive_int, default=20)
+    p.add_argument("--hidden", type=int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
+    p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
+    p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/Inf loss: stop the run (default) or skip that update")
+    add_vae_zoo_flags(p)
+    add_loop_flags(p)
+    p.set_defaults(func=cmd_train_vae)
+
+
+def add_vae_zoo_flags(p: argparse.ArgumentParser) -> None:
+    """Guide family, likelihood and training aids of :class:`ppgen.models.vae.VAEConfig`."""
+    from ppgen.models.likelihoods import LIKELIHOODS
+    from ppgen.models.posteriors import POSTERIORS
+
+    p.add_argument("--posterior", default="diag", choices=list(POSTERIORS),
+                   help="guide family: diag, fullcov (Cholesky) or iaf (default: diag)")
+    p.add_argument("--flows", type=positive_int, default=2, help="IAF steps (--posterior iaf)")
+    p.add_argument("--likelihood", default="bernoulli", choices=list(LIKELIHOODS),
+                   help="bernoulli (0/1 data) or gaussian / cb (grey levels: add --binarize none)")
+    p.add_argument("--gaussian-scale", type=positive_float, default=None,
+                   help="fixed sigma of the gaussian likelihood (default: learned per pixel)")
+    p.add_argument("--kl-warmup", type=int, default=0, metavar="E",
+                   help="KL warm-up: beta = min(1, epoch / E) on the latent sites (default 0: off)")
+    p.add_argument("--free-bits", type=float, default=0.0, metavar="L",
+                   help="free bits: nats per latent dimension (diag posterior; default 0: off)")
+
+
+def vae_run_config(args: argparse.Namespace):
+    """The :class:`ppgen.train.VAERunConfig` that ``ppgen train vae`` flags describe."""
+    from ppgen.infer.svi import SVIConfig
+    from ppgen.models.vae import VAEConfig
+    from ppgen.train import VAERunConfig
+
+    return VAERunConfig(
+        data=data_config(args),
+        model=VAEConfig(args.latent_dim, args.hidden, args.arch, args.posterior, args.likelihood, args.flows,
+                        args.gaussian_scale, args.kl_warmup, args.free_bits),
+        svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
+                      args.device, args.on_nonfinite),
+    )
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    from ppgen.train import train_vae
+
+    config = vae_run_config(args)
+    done = train_vae(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    print(
+        f"validation ELBO {done.result.val_elbo:.3f} nats; run written to {done.run.path} "
+        f"(figures in {done.run.figures})"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- train cvae / m2
+
+
+def add_train_cvae(sub) -> None:
+    p = sub.add_parser("cvae", help="train a conditional VAE for image completion, with its regression baseline",
+                       description="Train a conditional VAE p(y | x) that completes images from some quadrants, "
+                       "and the deterministic regression baseline; report both conditional NLLs (cvae.json).")
+    add_data_flags(p)
+    p.add_argument("--latent-dim", type=positive_int, default=8)
+    p.add_argument("--hidden", type=int_list, default=(256,), help="hidden widths, e.g. 256 or 512,256")
+    p.add_argument("--observed", type=_quadrants, default=(0,),
+                   help="quadrants given as input: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right (e.g. 0,2)")
+    p.add_argument("--eval-samples", type=positive_int, default=1000, help="K importance samples for log p(y | x)")
+    add_loop_flags(p, epochs=30)
+    p.set_defaults(func=cmd_train_cvae, batch_size=64)
+
+
+def _quadrants(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected quadrant numbers 0-3 separated by commas, got {text!r}") from None
+
+
+def cmd_train_cvae(args: argparse.Namespace) -> int:
+    from ppgen.infer.svi import SVIConfig
+    from ppgen.models.cvae import CVAEConfig
+    from ppgen.models.zoo_runs import CVAERunConfig, train_cvae
+
+    if args.resume:
+        raise ValueError("ppgen train cvae does not resume; run it again with --overwrite")
+    config = CVAERunConfig(
+        data=data_config(args),
+        model=CVAEConfig(args.latent_dim, args.hidden, args.observed),
+        svi=SVIConfig("reparam", 1, args.epochs, args.batch_size, args.lr, args.seed, args.device),
+        eval_samples=args.eval_samples,
+    )
+    done = train_cvae(config, args.out, args.overwrite, not args.no_progress, not args.no_download)
+    m = done.metrics
+    print(f"conditional NLL (nats per image, {m['pixels_completed']} pixels completed): "
+          f"CVAE {m['cvae_nll']:.3f} +- {m['cvae_nll_stderr']:.3f} (IS, K={m['eval_samples']}), "
+          f"baseline {m['baseline_nll']:.3f} +- {m['baseline_nll_stderr']:.3f}; run written to {done.run.path}")
+    return 0
+
+
+def add_train_m2(sub) -> None:
+    p = sub.add_parser("m2", help="train the M2 model (class + style latents) by SVI",
+                       description="Train the M2 model of Kingma et al. (2014) unsupervised: a categorical class "
+                       "latent (enumerated or score-function) and a continuous style latent.")
+    add_data_flags(p)
+    p.add_argument("--num-classes", type=positive_int, default=10)
+    p.add_argument("--latent-dim", type=positive_int, default=8, help="style latent width")
+    p.add_argument("--hidden", type=int_list, default=(256,), help="hidden widths, e.g. 256 or 512,256")
+    p.add_argument("--discrete", default="enum", choices=["enum", "score"],
+                   help="class latent: exact enumeration (default) or score function with a baseline")
+    p.add_argument("--eval-samples", type=positive_int, default=1000, help="K importance samples for log p(x)")
+    add_loop_flags(p)
+    p.set_defaults(func=cmd_train_m2)
+
+
+def cmd_train_m2(args: argparse.Namespace) -> int:
+    from ppgen.infer.svi import SVIConfig
+    from ppgen.models.m2 import DISCRETE_ESTIMATORS, M2Config
+    from ppgen.models.zoo_runs import M2RunConfig, train_m2
+
+    if args.resume:
+        raise ValueError("ppgen train m2 does not resume; run it again with --overwrite")
+    config = M2RunConfig(
+        data=data_config(args),
+        model=M2Config(args.num_classes, args.latent_dim, args.hidden),
+        svi=SVIConfig(DISCRETE_ESTIMATORS[args.discrete], 1, args.epochs, args.batch_size, args.lr, args.seed,
+                      args.device),
+        eval_samples=args.eval_samples,
+    )
+    done = train_m2(config, args.out, args.overwrite, not args.no_progress, not args.no_download)
+    m = done.metrics
+    print(f"test log p(x) {m['test_log_px']:.3f} +- {m['test_log_px_stderr']:.3f} nats (IS, K={m['eval_samples']}), "
+          f"cluster accuracy {m['cluster_accuracy']:.3f}; run written to {done.run.path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- train gan
+
+
+def add_train_gan(sub) -> None:
+    from ppgen.adversarial import LOSSES
+
+    p = sub.add_parser("gan", help="train a GAN by the adversarial loop",
+                       description="Train a GAN: decoder-class generator vs encoder-trunk discriminator.")
+    add_data_flags(p)
+    p.set_defaults(binarize="none")  # GANs model grey levels
+    p.add_argument("--latent-dim", type=positive_int, default=20)
+    p.add_argument("--hidden", type=int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    p.add_argument("--loss", default="ns", choices=list(LOSSES), help="GAN objective (default: ns)")
+    p.add_argument("--d-steps", type=positive_int, default=1, help="discriminator steps per generator step")
+    p.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default: --lr)")
+    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both optimizers")
+    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both optimizers")
+    add_loop_flags(p)
+    p.set_defaults(lr=2e-4, func=cmd_train_gan)  # --lr is the generator's learning rate
+
+
+def cmd_train_gan(args: argparse.Namespace) -> int:
+    from ppgen.adversarial import GANConfig, LoopConfig, train_gan
+
+    loop = LoopConfig(args.loss, args.d_steps, args.epochs, args.batch_size, args.lr,
+                      args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device)
+    config = GANConfig(data_config(args), args.latent_dim, args.hidden, args.arch, loop)
+    _, result, run = train_gan(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    last = result.history[-1]
+    print(f"epoch {last['epoch']}: loss_D {last['loss_D']:.3f}, loss_G {last['loss_G']:.3f}, "
+          f"D(x) {last['D_real']:.3f}, D(G(z)) {last['D_fake']:.3f}; run written to {run.path} "
+          f"(figures in {run.figures})")
+    return 0
+
+
+# --------------------------------------------------------------------------- train score
+
+
+def add_train_score(sub) -> None:
+    from ppgen.data import DATASETS, TOYS
+    from ppgen.score import OBJECTIVES
+
+    p = sub.add_parser("score", help="train a score model by score matching",
+                       description="Train a score network s(x) = grad log p(x) by score matching; sample by Langevin.")
+    p.add_argument("--data", default="8gaussians", choices=[*DATASETS, *TOYS], help="image dataset or 2-D toy")
+    p.add_argument("--data-dir", default=None, help="folder holding torchvision's dataset folders")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (toys: of the points)")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--toy-n", type=positive_int, default=20000, help="training points drawn from a 2-D toy")
+    p.add_argument("--objective", default="dsm", choices=list(OBJECTIVES),
+                   help="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items()))
+    p.add_argument("--arch", default="mlp", choices=["mlp", "unet"], help="score network (unet: images, dsm)")
+    p.add_argument("--hidden", type=int_list, default=(128, 128), help="MLP hidden widths, e.g. 128,128")
+    p.add_argument("--width", type=positive_int, default=32, help="U-Net base channels")
+    p.add_argument("--sigma-max", type=positive_float, default=1.0, help="largest noise level (dsm)")
+    p.add_argument("--sigma-min", type=positive_float, default=0.01, help="smallest noise level (dsm)")
+    p.add_argument("--n-sigmas", type=positive_int, default=10, help="levels of the geometric ladder (dsm)")
+    p.add_argument("--projections", type=positive_int, default=1, help="random projections (ssm, ism-hutchinson)")
+    p.add_argument("--langevin-steps", type=positive_int, default=100, help="Langevin steps per noise level")
+    p.add_argument("--eta", type=positive_float, default=0.1, help="Langevin step at the smallest level / sigma_min^2")
+    add_loop_flags(p)
+    p.set_defaults(func=cmd_train_score)
+
+
+def cmd_train_score(args: argparse.Namespace) -> int:
+    from ppgen.score_train import ScoreConfig, train_score
+
+    config = ScoreConfig(args.data, args.data_dir, args.split_seed, args.toy_n, args.objective, args.arch,
+                         args.hidden, args.width, args.sigma_max, args.sigma_min, args.n_sigmas, args.projections,
+                         args.epochs, args.batch_size, args.lr, args.seed, args.device, args.langevin_steps, args.eta)
+    done = train_score(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    last = done.history[-1]
+    print(f"epoch {last['epoch']}: {config.objective} loss train {last['train_loss']:.4f}, "
+          f"validation {last['val_loss']:.4f}; run written to {done.run.path} (figures in {done.run.figures})")
+    return 0
