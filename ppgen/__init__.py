@@ -41,3 +41,7 @@ __all__ = [
     "train_vae",
 ]
 __all__ += ["EvidenceResult", "LinearGaussian", "ais_log_evidence", "bdmc", "log_evidence"]
+
+from ppgen.infer.autoguide import AmortizedGuide  # noqa: E402
+
+__all__ += ["AmortizedGuide"]
