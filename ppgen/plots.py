@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "save_image_grid", "plot_curves"]
+__all__ = ["image_grid", "save_image_grid", "plot_curves", "save_figure"]
 
 PathLike = Union[str, Path]
 
@@ -49,6 +49,16 @@ def save_image_grid(
     return path
 
 
+def save_figure(fig: "plt.Figure", path: PathLike) -> Path:
+    """Lay ``fig`` out tightly, write it to ``path`` as PNG (creating folders) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     path: PathLike,
@@ -66,9 +76,4 @@ def plot_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

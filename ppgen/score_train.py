@@ -19,6 +19,7 @@ from torch import nn
 
 from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
 from ppgen.langevin import annealed_langevin, langevin
+from ppgen.plots import save_figure
 from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, rng_state, seed_everything, set_rng_state
 from ppgen.score import OBJECTIVES, ScoreNet, UNetScore, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
 
@@ -244,11 +245,7 @@ def plot_toy_field(net: nn.Module, config: ScoreConfig, samples: torch.Tensor, d
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_figures(done: ScoreRun, n: int = 64, path: Optional[Path] = None, steps: Optional[int] = None,

@@ -222,12 +222,13 @@ def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
     with the 0.5 / 0.7 / 1 lines and the share of datapoints per band, written to the PNG ``path``.
     ``-inf`` (equal weights) is drawn at 0. Returns the path."""
     import warnings
-    from pathlib import Path
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ppgen.plots import save_figure
     import numpy as np
 
     k = khat.detach().double().cpu().numpy().reshape(-1)
@@ -242,12 +243,7 @@ def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
         az.plot_khat(k[np.isfinite(k)], show_hlines=True, show_bins=True, ax=ax, markersize=8)
     ax.set_xlabel("datapoint")
     ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def iwae_ladder_sizes(num_samples: int) -> list[int]:

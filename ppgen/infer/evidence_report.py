@@ -16,6 +16,7 @@ import torch
 
 from ppgen.infer.ais import ais_log_evidence, bdmc
 from ppgen.infer.evidence import log_evidence
+from ppgen.plots import save_figure
 
 __all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat"]
 
@@ -123,10 +124,7 @@ def plot_ladder(report: dict, path: Path) -> Path:
     ax.set_ylabel("nats per datapoint")
     ax.set_title(f"IWAE bound vs K ({report['n']} datapoints)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_khat(khat: torch.Tensor, path: Path) -> Path:
@@ -142,7 +140,4 @@ def plot_khat(khat: torch.Tensor, path: Path) -> Path:
     ax.set_ylabel("datapoints")
     ax.set_title(f"PSIS k-hat: {float((khat > 0.7).double().mean()):.0%} of datapoints above 0.7")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -24,7 +24,6 @@ import re
 import time
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO

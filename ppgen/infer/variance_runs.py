@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from ppgen.data import binarize  # noqa: E402
 from ppgen.infer.svi import load_params  # noqa: E402
 from ppgen.infer.variance import GradientStats, gradient_stats  # noqa: E402
+from ppgen.plots import save_figure  # noqa: E402
 from ppgen.runs import Run, config_from_dict, load_checkpoint, resolve_device  # noqa: E402
 
 __all__ = ["Checkpoint", "list_checkpoints", "measure_run", "plot_variance", "compare_estimators"]
@@ -123,12 +124,7 @@ def plot_variance(results: list[tuple[Checkpoint, GradientStats]], path: Union[s
     ax2.grid(alpha=0.3, axis="y", which="both")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compare_estimators(
@@ -181,10 +177,7 @@ def compare_estimators(
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
     fig.suptitle(f"{base.data.name}: the same VAE trained with each gradient estimator")
-    fig.tight_layout()
-    out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "compare.png")
-    plt.close(fig)
+    save_figure(fig, out / "compare.png")
     return histories
 
 
