@@ -121,6 +121,7 @@ def _fit_guide(lg: LinearGaussian, posterior: str, x: torch.Tensor, steps: int) 
     return float(gap)
 
 
+@pytest.mark.slow
 def test_fullcov_guide_reaches_exact_evidence_where_diagonal_cannot():
     lg = LinearGaussian.random(6, 3, noise=0.7, seed=3)
     x = lg.sample(128, seed=4)
