@@ -2,7 +2,7 @@
 
 The model has two local latents per datapoint, a real code ``z`` and a positive brightness ``s``:
 
-    z_n ~ N(0, I_2),   s_n ~ LogNormal(0, 0.3),   x_n ~ N(s_n * decoder(z_n), 0.2^2 I_D)
+    z_n ~ N(0, I_2),   s_n ~ LogNormal(0, 0.3),   x_n ~ N(s_n * decoder(z_n), diag sigma^2)
 
 ``AmortizedGuide(model)`` traces it once, finds ``z`` and ``s`` inside ``pyro.plate("data")``,
 and builds one MLP encoder with a head per site (``s`` through ``exp``, so its draws are
@@ -26,14 +26,17 @@ from torch import nn
 D, Z = 8, 2
 
 
-def make_model(decoder: nn.Module, noise: float = 0.2):
-    """The Pyro model above, with the ppgen helpers (plain ``pyro.sample`` works just as well)."""
+def make_model(decoder: nn.Module, noise: Optional[float] = None):
+    """The Pyro model above, with the ppgen helpers (plain ``pyro.sample`` works just as well);
+    ``noise=None`` learns the per-pixel noise scale (initial 0.1) with the decoder."""
     from ppgen.models.helpers import data_plate, likelihood, observe
 
     lik = likelihood("gaussian", D, scale=noise)
 
     def model(x: torch.Tensor) -> None:
         pyro.module("decoder", decoder)
+        if noise is None:
+            pyro.module("likelihood", lik)
         with data_plate(x):
             z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
             s = pyro.sample("s", dist.LogNormal(x.new_zeros(()), 0.3))
@@ -72,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     decoder = nn.Sequential(nn.Linear(Z, 32), nn.Tanh(), nn.Linear(32, D))
     model = make_model(decoder)
     guide = AmortizedGuide(model, family=args.family, hidden=(64,))
-    result = train_svi(model, guide, train, test, SVIConfig(epochs=args.epochs, batch_size=100, lr=3e-3, seed=args.seed),
+    result = train_svi(model, guide, train, test, SVIConfig(epochs=args.epochs, batch_size=100, lr=1e-2, seed=args.seed),
                        progress=False)
     print("guide sites:", ", ".join(f"{s.name} ({'local' if s.local else 'global'}, width {s.width})" for s in guide.sites))
     print("validation ELBO by epoch:", " ".join(f"{h['val_elbo']:.2f}" for h in result.history))

@@ -54,10 +54,10 @@ def test_score_from_python_learns_the_exact_score():
 
 def test_autoguide_example_trains_estimates_evidence_and_compares_estimators():
     r = run("autoguide")
-    assert r["last_val_elbo"] > r["first_val_elbo"] + 1.0  # measured -64.5 -> -59.2 in the smoke run
+    assert r["last_val_elbo"] > r["first_val_elbo"] + 10.0  # measured -215.8 -> -118.5 in the smoke run
     assert r["min_s"] > 0  # the positive latent's guide draws stay in its support
     assert r["log_px"] >= r["elbo"] - 3 * r["stderr"]  # IS estimate above the ELBO (Jensen)
-    assert r["variance"]["score"] > 100 * r["variance"]["reparam"]  # measured 4e4 x
+    assert r["variance"]["score"] > 100 * r["variance"]["reparam"]  # measured 1e6 x
     assert r["variance"]["score-baseline"] < r["variance"]["score"]
 
 
