@@ -2,8 +2,8 @@
 
 Both guides are trained with the same model (784-400-20 Bernoulli VAE by default), the same
 seed, estimator, epochs and batch size: one run uses ``VAE.guide`` (hand-written encoder), the
-other ``AmortizedGuide(vae.model)`` (built by tracing the model; same MLP widths, diagonal
-family). Then the test ELBO and the importance-sampled log p(x) (K samples) of each.
+other ``AmortizedGuide(vae.model)`` (built by tracing the model; same MLP widths and family,
+``--family``). Then the test ELBO and the importance-sampled log p(x) (K samples) of each.
 
     python examples/autoguide_vae.py --data fashion-mnist --epochs 3 --samples 100
     python examples/autoguide_vae.py --smoke        # embedded 8x8 digits, seconds
@@ -27,6 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--latent", type=int, default=20)
     p.add_argument("--hidden", type=int, default=400)
+    p.add_argument("--family", default="diag", choices=["diag", "fullcov", "iaf"], help="guide family of both guides")
     p.add_argument("--samples", type=int, default=100, help="K importance samples per test point")
     p.add_argument("--test", type=int, default=1000, help="test points scored")
     p.add_argument("--seed", type=int, default=0)
@@ -43,8 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for which in ("hand-written", "automatic"):
         pyro.clear_param_store()
         torch.manual_seed(args.seed)
-        vae = VAE(data.train.shape[1], args.latent, (args.hidden,))
-        guide = vae.guide if which == "hand-written" else AmortizedGuide(vae.model, hidden=(args.hidden,))
+        vae = VAE(data.train.shape[1], args.latent, (args.hidden,), posterior=args.family)
+        guide = vae.guide if which == "hand-written" else AmortizedGuide(vae.model, family=args.family, hidden=(args.hidden,))
         t0 = time.perf_counter()
         train_svi(vae.model, guide, data.train, None, config, transform=binarize, progress=False)
         seconds = time.perf_counter() - t0

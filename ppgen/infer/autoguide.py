@@ -202,9 +202,9 @@ class AmortizedGuide(nn.Module):
                     f"the model has no pyro.plate({DATA_PLATE!r}, ...) around a latent site; AmortizedGuide "
                     f"needs the latents of each datapoint inside pyro.plate({DATA_PLATE!r}, len(x))"
                 )
-        self.data_dim = data_dims.pop() if len(data_dims) == 1 else -1
-        if data_dims:
-            raise ValueError("local sites use the 'data' plate at different dims")
+        if len(data_dims) > 1:
+            raise ValueError(f"local sites use the {DATA_PLATE!r} plate at different dims {sorted(data_dims)}")
+        self.data_dim = data_dims.pop() if data_dims else -1
         self._supports = supports
         self._build(flat, sites)
         self.sites, self.x_dim = sites, flat.shape[1]
