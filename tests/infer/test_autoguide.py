@@ -240,6 +240,17 @@ def test_public_name_and_vae_like_model_through_helpers():
     assert [f.name for f in tr.nodes["x"]["cond_indep_stack"]] == ["data"]
 
 
+def test_user_trunk_is_used_and_registered():
+    vae = ppgen.VAE(784, 4, (32,))
+    guide = AmortizedGuide(vae.model, encoder=ConvTrunk(16, width=4))
+    x = (torch.rand(3, 784) < 0.5).float()
+    tr = poutine.trace(guide).get_trace(x)
+    assert tr.nodes["z"]["value"].shape == (3, 4) and guide.heads["0"].loc.in_features == 16
+    names = set(pyro.get_param_store().keys())
+    assert "autoguide$$$trunk.net.0.weight" in names  # the conv trunk's first layer
+    assert not any(n.startswith("autoguide$$$") and "decoder" in n for n in names)  # the model's stay the model's
+
+
 def test_clear_errors():
     def no_plate(x):
         z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(2))
