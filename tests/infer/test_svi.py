@@ -155,3 +155,18 @@ def test_non_finite_loss_stops_with_a_message():
         vae.decoder.net[0].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss.*epoch 1, step 1"):
         train_svi(vae.model, vae.guide, data.train, None, SVIConfig(epochs=1, batch_size=64), progress=False)
+
+
+def test_step_loss_is_pyros_trace_elbo_loss():
+    # Same seed, same model/guide: ppgen's step reports exactly Pyro's Trace_ELBO value, times N/B.
+    from pyro.infer import Trace_ELBO
+
+    from ppgen.infer.svi import make_svi_step
+
+    vae = VAE(64, 4, (16,))
+    x = torch.bernoulli(torch.full((32, 64), 0.3))
+    step, _ = make_svi_step(vae.model, vae.guide, SVIConfig(lr=1e-12), x, scale=10.0)
+    pyro.set_rng_seed(5)
+    reference = Trace_ELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(5)
+    assert step(x) == pytest.approx(10.0 * reference, rel=1e-6)
