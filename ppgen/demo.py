@@ -111,11 +111,6 @@ def gan_step(ctx: DemoContext) -> list[str]:
     ]
 
 
-#: The demo's steps, in order.
-STEPS: list[Callable[[DemoContext], list[str]]] = [vae_step]
-STEPS.append(gan_step)
-
-
 def evidence_step(ctx: DemoContext) -> list[str]:
     """Importance-sampled log p(x) of both VAEs on the test digits (Burda et al. 2016)."""
     from ppgen.infer.evidence_report import EvidenceConfig, evidence_report
@@ -148,9 +143,6 @@ def evidence_step(ctx: DemoContext) -> list[str]:
         "![IWAE bound vs K](vae-reparam/figures/iwae_ladder.png) ![k-hat](vae-reparam/figures/khat.png)",
         "",
     ]
-
-
-STEPS.append(evidence_step)
 
 
 def variance_step(ctx: DemoContext) -> list[str]:
@@ -201,9 +193,6 @@ def variance_step(ctx: DemoContext) -> list[str]:
     ]
 
 
-STEPS.append(variance_step)
-
-
 def score_step(ctx: DemoContext) -> list[str]:
     """Score models: noise-conditional DSM on the 8-Gaussians toy (score field, annealed Langevin
     samples) and a small U-Net on the 8x8 digits (sample grid)."""
@@ -252,9 +241,6 @@ def score_step(ctx: DemoContext) -> list[str]:
     ]
 
 
-STEPS.append(score_step)
-
-
 def report_step(ctx: DemoContext) -> list[str]:
     """The closing step: ``metrics.json`` for the image runs, then ``ppgen report`` over every run
     the demo trained, written to ``ctx.out/report`` (keep this step last)."""
@@ -293,7 +279,10 @@ def report_step(ctx: DemoContext) -> list[str]:
     ]
 
 
-STEPS.append(report_step)  # keep last: it reports on every run the steps above trained
+#: The demo's steps, in order; the report comes last as it reads every run the others trained.
+STEPS: list[Callable[[DemoContext], list[str]]] = [
+    vae_step, gan_step, evidence_step, variance_step, score_step, report_step,
+]
 
 
 def run_demo(
