@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 import ppgen
 from ppgen.infer.autoguide import AmortizedGuide
@@ -110,7 +111,7 @@ def structure(trace) -> dict:
     return {
         name: (tuple(site["value"].shape), tuple(f.name for f in site["cond_indep_stack"] if f.vectorized))
         for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and not name.startswith("data")
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
     }
 
 
@@ -144,6 +145,26 @@ def test_guide_sites_match_the_model_and_their_supports(family):
     # and the model scores the guide's draws: a finite joint log-density
     replayed = poutine.trace(poutine.replay(rich_model, trace=guide_tr)).get_trace(x)
     assert math.isfinite(replayed.log_prob_sum().item()) and math.isfinite(guide_tr.log_prob_sum().item())
+
+
+def test_data_plate_at_an_outer_dim():
+    """Per-pixel plate inside the data plate: the data axis is dim -2 and the guide follows it."""
+    w = torch.randn(2, 6)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(1, 2), 1.0).to_event(1))
+            with pyro.plate("pixels", 6, dim=-1):
+                pyro.sample("x", dist.Normal((z @ w).squeeze(-2), 1.0), obs=x)
+
+    x = torch.randn(5, 6)
+    for family in ("diag", "fullcov", "iaf"):
+        pyro.clear_param_store()
+        guide = AmortizedGuide(model, family=family, hidden=(8,))
+        assert structure(poutine.trace(guide).get_trace(x)) == structure(poutine.trace(model).get_trace(x))
+        assert guide.data_dim == -2 and poutine.trace(guide).get_trace(x).nodes["z"]["value"].shape == (5, 1, 2)
+        ev = log_evidence(model, guide, x, 20)  # the evidence tools read the data axis from the plate
+        assert ev.log_px.shape == (5,) and bool((ev.log_px >= ev.elbo - 1e-6).all())
 
 
 def mixture_model(x):
