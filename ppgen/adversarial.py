@@ -21,7 +21,18 @@ from torch.nn import functional as F
 from ppgen.data import DataConfig, binarize, toy_sample
 from ppgen.nets import Decoder, make_decoder, make_encoder
 from ppgen.plots import save_image_grid
-from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, rng_state, seed_everything, set_rng_state
+from ppgen.runs import (
+    Interrupted,
+    Run,
+    StopSignal,
+    check_resumable,
+    config_from_dict,
+    config_to_dict,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 __all__ = [
     "LOSSES", "GANLoss", "get_loss", "Generator", "Discriminator", "make_generator", "make_discriminator",
@@ -164,7 +175,9 @@ def adversarial_loop(
     Goodfellow et al. 2014 with ``config.d_steps`` discriminator steps per generator step.
 
     With a ``run``: logs one metrics line per epoch, checkpoints after each epoch, and resumes from
-    the checkpoint when ``run.resume``. ``on_epoch(epoch, G(fixed_noise))`` is called after each
+    the checkpoint when ``run.resume``. SIGINT/SIGTERM checkpoints before the next batch and raises
+    :class:`ppgen.runs.Interrupted`; resuming continues that epoch with the same data order (the
+    weights follow the uninterrupted run; that epoch's logged averages cover the resumed part). ``on_epoch(epoch, G(fixed_noise))`` is called after each
     epoch (the fixed-noise sample grid). A non-finite loss stops the run with a
     ``FloatingPointError`` naming the last good checkpoint.
     """
@@ -181,65 +194,81 @@ def adversarial_loop(
     opt_g = torch.optim.Adam(generator.parameters(), config.lr_g, betas=(config.beta1, config.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), config.lr_d, betas=(config.beta1, config.beta2))
     fixed = torch.randn(64, generator.z_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
-    start, history = 0, []
+    start, history, order, first = 0, [], None, 0
     if run is not None and run.resume and run.checkpoint_path.exists():
         ckpt = run.load_checkpoint(map_location=device)
         generator.load_state_dict(ckpt["generator"]), discriminator.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["epoch"])
+        if "order" in ckpt:  # stopped by a signal mid-epoch: continue that epoch where it stopped
+            order, first = ckpt["order"], int(ckpt["batch"])
         run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
         history = run.metrics()
     n, bs, step = train.shape[0], config.batch_size, 0
-    for epoch in range(start + 1, config.epochs + 1):
-        t0, sums = time.perf_counter(), {"loss_D": 0.0, "loss_G": 0.0, "D_real": 0.0, "D_fake": 0.0}
-        counts = {"d": 0, "g": 0}
-        order = torch.randperm(n)
-        batches = range(0, n - bs + 1 if n >= bs else 1, bs)
-        for i, b in enumerate(batches):
-            x = train[order[b : b + bs]].to(device)
-            x = transform(x) if transform is not None else x
-            # Discriminator step: descend loss_D on a real batch and a detached fake batch.
-            z = torch.randn(x.shape[0], generator.z_dim, device=device)
-            real, fake = discriminator(x), discriminator(generator(z).detach())
-            loss_d = loss.d_loss(real, fake)
-            _check_finite(loss_d, "loss_D", epoch, run)
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            sums["loss_D"] += loss_d.item()
-            sums["D_real"] += torch.sigmoid(real).mean().item()
-            sums["D_fake"] += torch.sigmoid(fake).mean().item()
-            counts["d"] += 1
-            if (i + 1) % config.d_steps:
-                continue
-            # Generator step after every k discriminator steps: descend loss_G through D.
-            z = torch.randn(bs, generator.z_dim, device=device)
-            loss_g = loss.g_loss(discriminator(generator(z)))
-            _check_finite(loss_g, "loss_G", epoch, run)
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            sums["loss_G"] += loss_g.item()
-            counts["g"] += 1
-            step += 1
-        record = {"epoch": epoch, "loss_D": sums["loss_D"] / max(counts["d"], 1),
-                  "loss_G": sums["loss_G"] / max(counts["g"], 1), "D_real": sums["D_real"] / max(counts["d"], 1),
-                  "D_fake": sums["D_fake"] / max(counts["d"], 1), "g_steps": counts["g"],
-                  "seconds": time.perf_counter() - t0}
-        history.append(record)
-        if run is not None:
-            run.log(record)
-            run.save_checkpoint({
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+
+    def state(epoch: int, **partial) -> dict:
+        return {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch, "rng": rng_state(),
-            })
-        if on_epoch is not None:
-            with torch.no_grad():
-                on_epoch(epoch, generator(fixed))
-        if progress:
-            print(f"epoch {epoch}: loss_D {record['loss_D']:.3f} loss_G {record['loss_G']:.3f} "
-                  f"D(x) {record['D_real']:.3f} D(G(z)) {record['D_fake']:.3f} ({record['seconds']:.1f} s)")
+                **partial}
+
+    with StopSignal() as stop:
+        for epoch in range(start + 1, config.epochs + 1):
+            t0, sums = time.perf_counter(), {"loss_D": 0.0, "loss_G": 0.0, "D_real": 0.0, "D_fake": 0.0}
+            counts = {"d": 0, "g": 0}
+            if order is None:
+                order, first = torch.randperm(n), 0
+            batches = range(0, n - bs + 1 if n >= bs else 1, bs)
+            for i, b in enumerate(batches):
+                if i < first:
+                    continue
+                if stop.requested:
+                    if run is None:
+                        raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}")
+                    run.save_checkpoint(state(epoch - 1, order=order, batch=i))
+                    raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, batch {i}; checkpoint saved "
+                                      f"in {run.path}. Resume with the same command plus --resume.")
+                x = train[order[b : b + bs]].to(device)
+                x = transform(x) if transform is not None else x
+                # Discriminator step: descend loss_D on a real batch and a detached fake batch.
+                z = torch.randn(x.shape[0], generator.z_dim, device=device)
+                real, fake = discriminator(x), discriminator(generator(z).detach())
+                loss_d = loss.d_loss(real, fake)
+                _check_finite(loss_d, "loss_D", epoch, run)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                sums["loss_D"] += loss_d.item()
+                sums["D_real"] += torch.sigmoid(real).mean().item()
+                sums["D_fake"] += torch.sigmoid(fake).mean().item()
+                counts["d"] += 1
+                if (i + 1) % config.d_steps:
+                    continue
+                # Generator step after every k discriminator steps: descend loss_G through D.
+                z = torch.randn(bs, generator.z_dim, device=device)
+                loss_g = loss.g_loss(discriminator(generator(z)))
+                _check_finite(loss_g, "loss_G", epoch, run)
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                sums["loss_G"] += loss_g.item()
+                counts["g"] += 1
+                step += 1
+            order = None
+            record = {"epoch": epoch, "loss_D": sums["loss_D"] / max(counts["d"], 1),
+                      "loss_G": sums["loss_G"] / max(counts["g"], 1), "D_real": sums["D_real"] / max(counts["d"], 1),
+                      "D_fake": sums["D_fake"] / max(counts["d"], 1), "g_steps": counts["g"],
+                      "seconds": time.perf_counter() - t0}
+            history.append(record)
+            if run is not None:
+                run.log(record)
+                run.save_checkpoint(state(epoch))
+            if on_epoch is not None:
+                with torch.no_grad():
+                    on_epoch(epoch, generator(fixed))
+            if progress:
+                print(f"epoch {epoch}: loss_D {record['loss_D']:.3f} loss_G {record['loss_G']:.3f} "
+                      f"D(x) {record['D_real']:.3f} D(G(z)) {record['D_fake']:.3f} ({record['seconds']:.1f} s)")
     return GANResult(history)
 
 
@@ -279,15 +308,9 @@ def train_gan(config: GANConfig, out: Union[str, Path], resume: bool = False, ov
               progress: bool = True, download: bool = True) -> tuple[Generator, GANResult, Run]:
     """Train an image GAN as ``config`` says into run directory ``out``; writes
     figures/epoch-NNN.png (fixed noise) and figures/samples.png."""
-    from ppgen.train import check_resumable
-
     run = Run(out, resume=resume, overwrite=overwrite)
-    new = config_to_dict(config)
     if resume:
-        stored = run.load_config()
-        if isinstance(stored.get("loop"), dict):  # epochs and device may change on resume
-            stored["loop"].update(epochs=new["loop"]["epochs"], device=new["loop"]["device"])
-        check_resumable(stored, new)
+        check_resumable(run.load_config(), config_to_dict(config), may_change={"loop.epochs", "loop.device"})
     run.save_config(config_to_dict(config))
     data = config.data.load(download)
     seed_everything(config.loop.seed)

@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "Interrupted",
     "StopSignal",
+    "check_resumable",
     "config_to_dict",
     "distributed",
     "config_from_dict",
@@ -94,6 +95,27 @@ def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
         raise ValueError(f"{where} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(stored: dict, new: dict, may_change: "typing.Collection[str]" = ()) -> None:
+    """Refuse to resume a run whose stored config differs from ``new`` in any setting outside
+    ``may_change`` (dotted names, e.g. ``"svi.epochs"``)."""
+    a, b = _flat(stored), _flat(json.loads(json.dumps(new)))  # tuples compare as JSON lists
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in may_change)
+    if diff:
+        changes = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff)
+        allowed = ", ".join(sorted(may_change)) or "nothing"
+        raise ValueError(
+            f"cannot resume: the run was made with other settings ({changes}); only {allowed} may "
+            "change on --resume (use --overwrite to start afresh)"
+        )
 
 
 # --------------------------------------------------------------------------- device and seeds

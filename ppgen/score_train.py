@@ -8,7 +8,6 @@ Adam; once per epoch log the validation loss and write an atomic checkpoint thro
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,18 @@ from torch import nn
 from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
 from ppgen.langevin import annealed_langevin, langevin
 from ppgen.plots import save_figure
-from ppgen.runs import Run, config_from_dict, config_to_dict, resolve_device, rng_state, seed_everything, set_rng_state
+from ppgen.runs import (
+    Interrupted,
+    Run,
+    StopSignal,
+    check_resumable,
+    config_from_dict,
+    config_to_dict,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 from ppgen.score import OBJECTIVES, ScoreNet, UNetScore, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
 
 __all__ = ["ScoreConfig", "ScoreRun", "train_score", "load_score", "sample_score", "sample_run", "run_samples",
@@ -126,54 +136,67 @@ def train_score(
     figures: bool = True,
 ) -> ScoreRun:
     """Train ``config.build()`` on ``config.objective``, writing run directory ``out``
-    (config.json, metrics.jsonl with one line per epoch, checkpoint.pt, figures/samples.png)."""
+    (config.json, metrics.jsonl with one line per epoch, checkpoint.pt, figures/samples.png).
+    SIGINT/SIGTERM checkpoints before the next batch and raises :class:`ppgen.runs.Interrupted`;
+    ``resume`` continues that epoch with the same data order."""
     run = Run(out, resume=resume, overwrite=overwrite)
     if resume:
-        stored, new = run.load_config(), json.loads(json.dumps(config_to_dict(config)))
-        diff = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k) and k not in _RESUMABLE)
-        if diff:
-            raise ValueError(f"cannot resume: the run was made with other settings ({', '.join(diff)}); use --overwrite")
+        check_resumable(run.load_config(), config_to_dict(config), may_change=_RESUMABLE)
     run.save_config(config_to_dict(config))
     device = resolve_device(config.device)
     train, val = load_data(config, download)
     seed_everything(config.seed)
     net = config.build().to(device)
     opt = torch.optim.Adam(net.parameters(), config.lr)
-    start, history = 0, []
+    start, history, order, first = 0, [], None, 0
     if resume and run.checkpoint_path.exists():
         ckpt = run.load_checkpoint(map_location=device)
         net.load_state_dict(ckpt["net"])
         opt.load_state_dict(ckpt["optim"])
         set_rng_state(ckpt["rng"])
         start = int(ckpt["epoch"])
+        if "order" in ckpt:  # stopped by a signal mid-epoch: continue that epoch where it stopped
+            order, first = ckpt["order"], int(ckpt["batch"])
         run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
         history = run.metrics()
     x_val = val[:512].to(device)
-    for epoch in range(start, config.epochs):
-        t0, total, order = time.perf_counter(), 0.0, torch.randperm(len(train))
-        batches = range(0, len(train), config.batch_size)
-        if progress:
-            from tqdm import tqdm
+    def state(epoch: int, **partial) -> dict:
+        return {"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "rng": rng_state(),
+                "lo": train.min(0).values, "hi": train.max(0).values, **partial}
 
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-        for b in batches:
-            loss = config.loss(net, train[order[b : b + config.batch_size]].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"score loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * min(config.batch_size, len(train) - b)
-        g = torch.random.get_rng_state()
-        torch.manual_seed(12345)  # the same validation noise every epoch
-        val_loss = float(config.loss(net, x_val).detach())
-        torch.random.set_rng_state(g)
-        record = {"epoch": epoch + 1, "train_loss": total / len(train), "val_loss": val_loss,
-                  "seconds": time.perf_counter() - t0}
-        run.log(record)
-        history.append(record)
-        run.save_checkpoint({"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch + 1,
-                             "rng": rng_state(), "lo": train.min(0).values, "hi": train.max(0).values})
+    with StopSignal() as stop:
+        for epoch in range(start, config.epochs):
+            t0, total, seen = time.perf_counter(), 0.0, 0
+            if order is None:
+                order, first = torch.randperm(len(train)), 0
+            batches = range(first * config.batch_size, len(train), config.batch_size)
+            if progress:
+                from tqdm import tqdm
+
+                batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            for b in batches:
+                if stop.requested:
+                    run.save_checkpoint(state(epoch, order=order, batch=b // config.batch_size))
+                    raise Interrupted(f"{stop.requested}: stopped in epoch {epoch + 1}; checkpoint saved in "
+                                      f"{run.path}. Resume with the same command plus --resume.")
+                loss = config.loss(net, train[order[b : b + config.batch_size]].to(device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"score loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                size = min(config.batch_size, len(train) - b)
+                total, seen = total + float(loss.detach()) * size, seen + size
+            g = torch.random.get_rng_state()
+            torch.manual_seed(12345)  # the same validation noise every epoch
+            val_loss = float(config.loss(net, x_val).detach())
+            torch.random.set_rng_state(g)
+            record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
+                      "seconds": time.perf_counter() - t0}
+            run.log(record)
+            history.append(record)
+            order = None
+            run.save_checkpoint(state(epoch + 1))
     result = ScoreRun(net, config, run, train, history)
     if figures:
         write_figures(result)

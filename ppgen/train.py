@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import NamedTuple, Union
@@ -14,7 +13,15 @@ from ppgen.data import DataConfig, Dataset, binarize
 from ppgen.infer.svi import SVIConfig, SVIResult, evaluate_elbo, load_params, train_svi
 from ppgen.models.vae import VAE, VAEConfig
 from ppgen.plots import save_image_grid
-from ppgen.runs import Run, config_from_dict, config_to_dict, distributed, resolve_device, seed_everything
+from ppgen.runs import (
+    Run,
+    check_resumable,
+    config_from_dict,
+    config_to_dict,
+    distributed,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = ["VAERunConfig", "VAERun", "train_vae", "load_vae"]
 
@@ -39,29 +46,6 @@ class VAERun(NamedTuple):
     result: SVIResult
 
 
-# Settings that may differ between a run and its resumption.
-_RESUMABLE = {"svi.epochs", "svi.device"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resumable(stored: dict, new: dict) -> None:
-    """Refuse to resume a run whose stored config differs from ``new`` beyond epochs/device."""
-    a, b = _flat(stored), _flat(json.loads(json.dumps(new)))  # tuples compare as JSON lists
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _RESUMABLE)
-    if diff:
-        changes = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff)
-        raise ValueError(
-            f"cannot resume: the run was made with other settings ({changes}); only epochs and "
-            "device may change on --resume (use --overwrite to start afresh)"
-        )
-
-
 def train_vae(
     config: VAERunConfig,
     out: Union[str, Path],
@@ -79,7 +63,7 @@ def train_vae(
     rank, device = job.rank, job.place(resolve_device(config.svi.device))
     run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
-        check_resumable(run.load_config(), config_to_dict(config))
+        check_resumable(run.load_config(), config_to_dict(config), may_change={"svi.epochs", "svi.device"})
     if rank == 0:
         run.save_config(config_to_dict(config))
     data = config.data.load(download)

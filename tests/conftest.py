@@ -14,3 +14,20 @@ def _fresh_pyro():
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def sigint_on_call(fn, k: int):
+    """``fn`` wrapped so that its ``k``-th call first sends this process SIGINT (a user's Ctrl-C
+    at a known point of a training loop)."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return fn(*args, **kwargs)
+
+    return wrapped

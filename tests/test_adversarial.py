@@ -145,6 +145,24 @@ def test_resume_gives_the_same_generator_as_an_uninterrupted_run(tmp_path):
         train_gan(bad, tmp_path / "half", resume=True, progress=False, download=False)
 
 
+def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
+    import ppgen.adversarial as adv
+    from conftest import sigint_on_call
+    from ppgen.runs import Interrupted
+
+    full, _, _ = train_gan(_digits_config(2), tmp_path / "full", progress=False, download=False)
+    ns = adv.get_loss("ns")
+    cut = ns._replace(d_loss=sigint_on_call(ns.d_loss, 19 + 5))  # 19 batches per epoch: stop in epoch 2
+    monkeypatch.setattr(adv, "get_loss", lambda name: cut)
+    with pytest.raises(Interrupted, match="stopped at epoch 2, batch 5.*--resume"):
+        train_gan(_digits_config(2), tmp_path / "cut", progress=False, download=False)
+    monkeypatch.undo()
+    resumed, _, run = train_gan(_digits_config(2), tmp_path / "cut", resume=True, progress=False, download=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [r["epoch"] for r in run.metrics()] == [1, 2]
+
+
 def test_cli_train_sample_and_metrics(tmp_path, capsys):
     import json
 

@@ -187,6 +187,22 @@ def test_resume_continues_the_same_run(tmp_path):
         train_score(_toy_config(lr=1e-2), tmp_path / "part", resume=True, progress=False, figures=False)
 
 
+def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
+    from conftest import sigint_on_call
+    from ppgen.runs import Interrupted
+    from ppgen.score_train import ScoreConfig, train_score
+
+    full = train_score(_toy_config(), tmp_path / "full", progress=False, figures=False)
+    monkeypatch.setattr(ScoreConfig, "loss", sigint_on_call(ScoreConfig.loss, 4 + 1 + 2))  # 4 batches + val
+    with pytest.raises(Interrupted, match="stopped in epoch 2.*--resume"):
+        train_score(_toy_config(), tmp_path / "cut", progress=False, figures=False)
+    monkeypatch.undo()
+    resumed = train_score(_toy_config(), tmp_path / "cut", resume=True, progress=False, figures=False)
+    x, s = torch.randn(5, 2), torch.full((5,), 0.1)
+    assert torch.equal(resumed.net(x, s), full.net(x, s))
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
 def test_cli_trains_and_samples_a_toy_and_rejects_bad_flags(tmp_path, capsys):
     from ppgen.cli import main
 

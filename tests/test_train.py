@@ -85,31 +85,14 @@ def test_config_json_is_type_checked(tmp_path):
         config_from_dict(VAERunConfig, {"model": {"hidden": 400}})
 
 
-def _interrupt_after(calls: int):
-    """A batch transform that sends this process SIGINT on its ``calls``-th call."""
-    import os
-    import signal
-
-    from ppgen.data import binarize
-
-    count = {"n": 0}
-
-    def transform(x):
-        count["n"] += 1
-        if count["n"] == calls:
-            os.kill(os.getpid(), signal.SIGINT)
-        return binarize(x)
-
-    return transform
-
-
 def test_sigint_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     import ppgen.train as train_mod
+    from conftest import sigint_on_call
     from ppgen.runs import Interrupted
 
     whole = train_vae(_config(3), tmp_path / "whole", progress=False)
     # Interrupt during epoch 2 (9 batches per epoch; the first call registers parameters).
-    monkeypatch.setattr(train_mod, "binarize", _interrupt_after(1 + 9 + 4))
+    monkeypatch.setattr(train_mod, "binarize", sigint_on_call(train_mod.binarize, 1 + 9 + 4))
     with pytest.raises(Interrupted, match=r"SIGINT: stopped at epoch 2, step 13.*--resume"):
         train_vae(_config(3), tmp_path / "cut", progress=False)
     monkeypatch.undo()

@@ -286,7 +286,7 @@ class AmortizedGuide(nn.Module):
         u_event = len(s.event_shape) if transform is None else len(transform.inverse_shape(s.event_shape))
         loc, scale = self.global_loc[g], F.softplus(self.global_scale[g]) + 1e-6
         base = dist.Normal(loc, scale).to_event(u_event)
-        return _settable(base if transform is None else dist.TransformedDistribution(base, [transform]))
+        return base if transform is None else dist.TransformedDistribution(base, [transform])
 
     def _local_dist(self, s: SiteInfo, key: str, h: torch.Tensor) -> tuple[dist.TorchDistribution, dict]:
         lead = (-1,) + (1,) * (-self.data_dim - 1)  # (B, 1, ..., 1): the data axis at data_dim
@@ -299,7 +299,7 @@ class AmortizedGuide(nn.Module):
             steps = [] if u_shape == (s.width,) else [ReshapeTransform((s.width,), u_shape)]
             if transform is not None:
                 steps.append(transform)
-            return _settable(dist.TransformedDistribution(base, steps) if steps else base), {}
+            return (dist.TransformedDistribution(base, steps) if steps else base), {}
         logits = self.heads[key](h).reshape(*lead, s.width)
         if s.kind == "bernoulli":
             fn = dist.Bernoulli(logits=logits.reshape(*lead, *s.event_shape) if s.event_shape else logits.squeeze(-1))
@@ -311,44 +311,6 @@ class AmortizedGuide(nn.Module):
         if self.discrete == "enumerate":
             return fn, {"enumerate": "parallel"}
         return fn, {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.95}}
-
-
-class _Transformed(dist.TransformedDistribution):
-    """A TransformedDistribution whose ``has_rsample`` can be set (it forwards to the base)."""
-
-    @property
-    def has_rsample(self) -> bool:
-        return self.base_dist.has_rsample
-
-    @has_rsample.setter
-    def has_rsample(self, value: bool) -> None:
-        self.base_dist.has_rsample = value
-
-
-class _Independent(dist.Independent):
-    """An Independent whose ``has_rsample`` can be set (it forwards to the base)."""
-
-    @property
-    def has_rsample(self) -> bool:
-        return self.base_dist.has_rsample
-
-    @has_rsample.setter
-    def has_rsample(self, value: bool) -> None:
-        self.base_dist.has_rsample = value
-
-
-def _settable(fn: dist.TorchDistribution) -> dist.TorchDistribution:
-    """``fn`` rebuilt so that ``fn.has_rsample = False`` works through its wrappers.
-
-    Score-function estimators mark the innermost base distribution non-reparameterized; when a
-    particle plate then expands the site, Pyro's broadcasting copies that mark onto the expanded
-    wrapper by assignment, which torch's ``Independent``/``TransformedDistribution`` properties
-    refuse. The subclasses keep every KL registration (type dispatch goes through the MRO)."""
-    if isinstance(fn, torch.distributions.TransformedDistribution):
-        return _Transformed(_settable(fn.base_dist), fn.transforms)
-    if isinstance(fn, torch.distributions.Independent):
-        return _Independent(_settable(fn.base_dist), fn.reinterpreted_batch_ndims)
-    return fn
 
 
 class _plates:

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import pyro.distributions as dist
+import torch
 from pyro import infer
 from pyro.poutine.messenger import Messenger
 
@@ -173,14 +175,54 @@ def make_elbo(
     return est.elbo_class(**kwargs)
 
 
-def _detach_sampling(fn) -> None:
-    # Wrappers such as Independent read has_rsample from their base distribution.
+class _Transformed(dist.TransformedDistribution):
+    """A TransformedDistribution whose ``has_rsample`` can be set (it forwards to the base)."""
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @has_rsample.setter
+    def has_rsample(self, value: bool) -> None:
+        self.base_dist.has_rsample = value
+
+
+class _Independent(dist.Independent):
+    """An Independent whose ``has_rsample`` can be set (it forwards to the base)."""
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @has_rsample.setter
+    def has_rsample(self, value: bool) -> None:
+        self.base_dist.has_rsample = value
+
+
+def _settable(fn):
+    """``fn`` rebuilt so that ``fn.has_rsample = False`` works through its wrappers.
+
+    Marking only the innermost distribution is not enough: when a plate later expands the site
+    (vectorized particles), Pyro's broadcasting copies the mark onto the expanded wrapper by
+    assignment, which torch's ``Independent``/``TransformedDistribution`` properties refuse.
+    The subclasses keep every KL registration (type dispatch goes through the MRO)."""
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        return _Transformed(_settable(fn.base_dist), fn.transforms)
+    if isinstance(fn, torch.distributions.Independent):
+        return _Independent(_settable(fn.base_dist), fn.reinterpreted_batch_ndims)
+    return fn
+
+
+def _detach_sampling(fn):
+    """``fn`` with score-function (non-reparameterized) sampling, through its wrappers."""
+    fn = _settable(fn)
     try:
-        fn.has_rsample_(False)
-    except AttributeError:
+        fn.has_rsample = False
+    except AttributeError:  # another wrapper (e.g. masked) that forwards to its base
         if not hasattr(fn, "base_dist"):
             raise
         _detach_sampling(fn.base_dist)
+    return fn
 
 
 class ScoreFunctionMessenger(Messenger):
@@ -194,7 +236,7 @@ class ScoreFunctionMessenger(Messenger):
         if msg["type"] != "sample" or msg["is_observed"]:
             return
         if msg["fn"].has_rsample:
-            _detach_sampling(msg["fn"])
+            msg["fn"] = _detach_sampling(msg["fn"])
         if self.baseline is not None:
             msg["infer"] = {**msg["infer"], "baseline": dict(self.baseline)}
 

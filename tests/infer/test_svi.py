@@ -133,9 +133,11 @@ def test_reparam_beats_score_function_on_digits():
 def test_vectorized_particles_and_bad_sizes():
     data = load_dataset("digits")
     vae = VAE(data.dim, 4, (32,))
-    res = train_svi(vae.model, vae.guide, data.train[:256], data.val, SVIConfig(particles=4, epochs=2, batch_size=64),
-                    transform=binarize, progress=False)
-    assert res.history[-1]["step"] == 8 and math.isfinite(res.val_elbo)
+    for name in ("reparam", "score"):  # score: the particle plate expands a non-reparameterized site
+        res = train_svi(vae.model, vae.guide, data.train[:256], data.val,
+                        SVIConfig(estimator=name, particles=4, epochs=2, batch_size=64), transform=binarize,
+                        progress=False)
+        assert res.history[-1]["step"] == 8 and math.isfinite(res.val_elbo)
     with pytest.raises(ValueError, match="larger than the training set"):
         train_svi(vae.model, vae.guide, data.train[:10], None, SVIConfig(batch_size=64), progress=False)
     with pytest.raises(ValueError, match="empty"):
