@@ -12,6 +12,15 @@ def _fresh_pyro():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny networks: thread hand-offs dominate on a loaded machine, so use one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -24,13 +24,7 @@ from ppgen.metrics import mode_coverage
 from ppgen.runs import Run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks: thread hand-offs dominate on a loaded machine, one thread is much faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_losses_known_values_at_indifferent_discriminator():

@@ -18,12 +18,7 @@ from ppgen.metrics import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mode_coverage_of_true_samples_and_of_a_collapsed_model():

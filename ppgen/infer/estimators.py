@@ -175,8 +175,8 @@ def make_elbo(
     return est.elbo_class(**kwargs)
 
 
-class _Transformed(dist.TransformedDistribution):
-    """A TransformedDistribution whose ``has_rsample`` can be set (it forwards to the base)."""
+class _SettableRsample:
+    """Mixin: ``has_rsample`` reads and writes the wrapped base distribution's."""
 
     @property
     def has_rsample(self) -> bool:
@@ -187,16 +187,12 @@ class _Transformed(dist.TransformedDistribution):
         self.base_dist.has_rsample = value
 
 
-class _Independent(dist.Independent):
-    """An Independent whose ``has_rsample`` can be set (it forwards to the base)."""
+class _Transformed(_SettableRsample, dist.TransformedDistribution):
+    pass
 
-    @property
-    def has_rsample(self) -> bool:
-        return self.base_dist.has_rsample
 
-    @has_rsample.setter
-    def has_rsample(self, value: bool) -> None:
-        self.base_dist.has_rsample = value
+class _Independent(_SettableRsample, dist.Independent):
+    pass
 
 
 def _settable(fn):

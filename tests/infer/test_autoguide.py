@@ -24,13 +24,7 @@ from ppgen.models.linear_gaussian import LinearGaussian
 from ppgen.nets import ConvTrunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small networks: one thread is ~10x faster than two on a loaded machine (measured)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
