@@ -20,6 +20,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from ppgen.models.helpers import check_batch
 from ppgen.nets import mlp
 
 __all__ = ["DiscreteVAE", "DiscreteVAEConfig"]
@@ -56,16 +57,11 @@ class DiscreteVAE(nn.Module):
         self.encoder = mlp([x_dim, *hidden, num_classes])
         self.decoder = mlp([num_classes, *reversed(tuple(hidden)), x_dim])
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"x must have shape (batch, {self.x_dim}), got {tuple(x.shape)}")
 
     def model(self, x: torch.Tensor) -> None:
         """``p(z) p(x | z)`` for a batch ``x`` of shape ``(B, D)``; works under parallel
         enumeration of ``z`` (the decoder broadcasts over a leading enumeration dim)."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             probs = x.new_full((self.num_classes,), 1.0 / self.num_classes)
@@ -75,14 +71,14 @@ class DiscreteVAE(nn.Module):
 
     def guide(self, x: torch.Tensor) -> None:
         """``q(z | x) = Categorical(softmax(encoder(x)))`` for ``x`` of shape ``(B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.OneHotCategorical(logits=self.encoder(x)))
 
     def joint_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log p(x, z=k)`` for every datapoint and class: shape ``(B, K)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         codes = torch.eye(self.num_classes, device=x.device, dtype=x.dtype)
         logits = self.decoder(codes)  # (K, D)
         loglik = dist.Bernoulli(logits=logits[None], validate_args=False).log_prob(x[:, None]).sum(-1)

@@ -23,9 +23,20 @@ from torch import nn
 
 from ppgen.models.likelihoods import LIKELIHOODS, make_likelihood
 
-__all__ = ["DATA_PLATE", "data_plate", "in_data_plate", "likelihood", "observe"]
+__all__ = ["DATA_PLATE", "check_batch", "data_plate", "in_data_plate", "likelihood", "observe"]
 
 DATA_PLATE = "data"
+
+
+def check_batch(x: torch.Tensor, width: int) -> None:
+    """Raise a clear error unless ``x`` is a tensor of shape ``(batch, width)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(
+            f"x must have shape (batch, {width}), got {tuple(x.shape)}; "
+            "flatten images and check the dataset matches the model's x_dim"
+        )
 
 
 def data_plate(x: torch.Tensor, dim: Optional[int] = None) -> pyro.plate:

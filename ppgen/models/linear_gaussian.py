@@ -17,6 +17,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ppgen.models.helpers import check_batch
+
 __all__ = ["LinearGaussian"]
 
 
@@ -47,15 +49,10 @@ class LinearGaussian:
         g = torch.Generator().manual_seed(seed)
         return cls(torch.randn(x_dim, z_dim, generator=g, dtype=dtype), torch.randn(x_dim, generator=g, dtype=dtype), noise)
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"x must have shape (batch, {self.x_dim}), got {tuple(x.shape)}")
 
     def model(self, x: torch.Tensor) -> None:
         """``p(x, z)`` for ``x`` of shape ``(B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), x.new_ones(self.z_dim)).to_event(1))
             loc = z @ self.weight.T + self.bias
@@ -63,7 +60,7 @@ class LinearGaussian:
 
     def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """The exact ``p(z | x)``, batch shape ``(B,)``, event shape ``(d,)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         mean = (x - self.bias) @ self.weight @ self.post_cov.T / self.noise**2
         return dist.MultivariateNormal(mean, scale_tril=self.post_scale_tril)
 
@@ -83,7 +80,7 @@ class LinearGaussian:
 
     def log_evidence(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x_n) = log N(x_n; b, W W^T + s^2 I)``, shape ``(B,)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         eye = torch.eye(self.x_dim, dtype=self.weight.dtype, device=self.weight.device)
         cov = self.weight @ self.weight.T + self.noise**2 * eye
         return dist.MultivariateNormal(self.bias, covariance_matrix=cov).log_prob(x)

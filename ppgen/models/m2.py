@@ -28,6 +28,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.nn import functional as F
 
+from ppgen.models.helpers import check_batch
 from ppgen.nets import mlp
 
 __all__ = ["M2", "M2Config", "DISCRETE_ESTIMATORS", "discrete_score_guide", "cluster_accuracy"]
@@ -91,11 +92,6 @@ class M2(nn.Module):
         self.encoder = mlp([x_dim + num_classes, *hidden, 2 * z_dim])
         self.decoder = mlp([num_classes + z_dim, *reversed(tuple(hidden)), x_dim])
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"x must have shape (batch, {self.x_dim}), got {tuple(x.shape)}")
 
     @staticmethod
     def _join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,7 +101,7 @@ class M2(nn.Module):
 
     def model(self, x: torch.Tensor) -> None:
         """``p(y) p(z) p(x | y, z)`` for ``x (B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         pyro.module("m2_decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             y = pyro.sample("y", dist.OneHotCategorical(x.new_full((self.num_classes,), 1.0 / self.num_classes)))
@@ -115,7 +111,7 @@ class M2(nn.Module):
 
     def guide(self, x: torch.Tensor) -> None:
         """``q(y | x) q(z | x, y)`` for ``x (B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         pyro.module("m2_classifier", self.classifier)
         pyro.module("m2_encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
@@ -126,13 +122,13 @@ class M2(nn.Module):
     def check_data(self, x: torch.Tensor) -> None:
         from ppgen.data import check_binary
 
-        self._check(x)
+        check_batch(x, self.x_dim)
         check_binary(x)
 
     @torch.no_grad()
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """``argmax_k q(y = k | x)``: shape ``(B,)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         return self.classifier(x).argmax(-1)
 
     @torch.no_grad()

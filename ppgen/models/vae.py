@@ -36,6 +36,7 @@ import torch
 from pyro import poutine
 from torch import nn
 
+from ppgen.models.helpers import check_batch
 from ppgen.models.likelihoods import LIKELIHOODS, make_likelihood
 from ppgen.models.posteriors import POSTERIORS, encoder_features, make_posterior
 from ppgen.nets import make_decoder, make_encoder
@@ -183,18 +184,10 @@ class VAE(nn.Module):
         """``q(z | x)`` for ``x (B, D)``: batch shape ``(B,)``, event shape ``(z_dim,)``."""
         return self.posterior(*encoder_features(self.encoder, x))
 
-    def _check(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(
-                f"x must have shape (batch, {self.x_dim}), got {tuple(x.shape)}; "
-                "flatten images and check the dataset matches the model's x_dim"
-            )
 
     def model(self, x: torch.Tensor) -> None:
         """Generative model ``p(x, z)`` for a batch ``x`` of shape ``(B, D)`` with 0/1 values."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         pyro.module("decoder", self.decoder)
         if any(True for _ in self.likelihood.parameters()):
             pyro.module("likelihood", self.likelihood)
@@ -213,7 +206,7 @@ class VAE(nn.Module):
 
     def guide(self, x: torch.Tensor) -> None:
         """Amortized guide ``q(z | x)`` (default ``N(loc(x), diag scale(x)^2)``) for ``x`` of shape ``(B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         self._register_guide()
         with pyro.plate("data", x.shape[0]):
             with self._latent_scale():
@@ -221,7 +214,7 @@ class VAE(nn.Module):
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise a clear ``ValueError`` if ``x`` cannot be scored by this model."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         self.likelihood.check_data(x)
 
     @torch.no_grad()
@@ -235,6 +228,6 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean decoded from the encoder's ``loc`` (the posterior mean for the
         Gaussian guides): shape ``(B, D)``."""
-        self._check(x)
+        check_batch(x, self.x_dim)
         loc, _ = self.encoder(x)
         return self.likelihood.mean(self.decoder(loc))
