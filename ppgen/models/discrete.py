@@ -57,7 +57,6 @@ class DiscreteVAE(nn.Module):
         self.encoder = mlp([x_dim, *hidden, num_classes])
         self.decoder = mlp([num_classes, *reversed(tuple(hidden)), x_dim])
 
-
     def model(self, x: torch.Tensor) -> None:
         """``p(z) p(x | z)`` for a batch ``x`` of shape ``(B, D)``; works under parallel
         enumeration of ``z`` (the decoder broadcasts over a leading enumeration dim)."""

@@ -49,7 +49,6 @@ class LinearGaussian:
         g = torch.Generator().manual_seed(seed)
         return cls(torch.randn(x_dim, z_dim, generator=g, dtype=dtype), torch.randn(x_dim, generator=g, dtype=dtype), noise)
 
-
     def model(self, x: torch.Tensor) -> None:
         """``p(x, z)`` for ``x`` of shape ``(B, D)``."""
         check_batch(x, self.x_dim)

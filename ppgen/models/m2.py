@@ -92,7 +92,6 @@ class M2(nn.Module):
         self.encoder = mlp([x_dim + num_classes, *hidden, 2 * z_dim])
         self.decoder = mlp([num_classes + z_dim, *reversed(tuple(hidden)), x_dim])
 
-
     @staticmethod
     def _join(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # Enumeration gives y a leading (K, 1) shape and particles give z a leading dim: broadcast.

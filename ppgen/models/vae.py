@@ -184,7 +184,6 @@ class VAE(nn.Module):
         """``q(z | x)`` for ``x (B, D)``: batch shape ``(B,)``, event shape ``(z_dim,)``."""
         return self.posterior(*encoder_features(self.encoder, x))
 
-
     def model(self, x: torch.Tensor) -> None:
         """Generative model ``p(x, z)`` for a batch ``x`` of shape ``(B, D)`` with 0/1 values."""
         check_batch(x, self.x_dim)
