@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -251,6 +252,7 @@ class Run:
             for name in (self.CONFIG, self.CHECKPOINT, self.METRICS, "checkpoint.prev.pt",
                          "checkpoint.pt.sha256", "checkpoint.prev.pt.sha256"):
                 (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
         self.figures.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -316,6 +318,15 @@ class Run:
                 os.replace(_digest_path(current), _digest_path(previous))
         _atomic_write_text(_digest_path(current), hashlib.sha256(data).hexdigest() + "\n")
         os.replace(tmp, current)
+
+    def keep_checkpoint(self, epoch: int) -> Path:
+        """Copy the latest checkpoint (and its digest) to ``checkpoints/epoch-NNN.pt``."""
+        folder = self.path / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        kept = folder / f"epoch-{epoch:03d}.pt"
+        shutil.copyfile(self.checkpoint_path, kept)
+        shutil.copyfile(_digest_path(self.checkpoint_path), _digest_path(kept))
+        return kept
 
     def load_checkpoint(self, map_location: Optional[Union[str, torch.device]] = "cpu") -> dict:
         """Load the latest checkpoint; if it is damaged, the error names the last good one."""

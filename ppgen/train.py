@@ -63,7 +63,7 @@ def train_vae(
     rank, device = job.rank, job.place(resolve_device(config.svi.device))
     run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
-        check_resumable(run.load_config(), config_to_dict(config), may_change={"svi.epochs", "svi.device"})
+        check_resumable(run.load_config(), config_to_dict(config), may_change={"svi.epochs", "svi.device", "svi.keep_checkpoints"})
     if rank == 0:
         run.save_config(config_to_dict(config))
     data = config.data.load(download)

@@ -138,3 +138,15 @@ def test_nonfinite_loss_can_skip_the_update():
                     transform=count_batches, progress=False)
     assert res.history[-1]["skipped_steps"] == 3 and res.history[-1]["step"] == 6
     assert all(torch.isfinite(p).all() for p in vae.parameters())  # no NaN reached the weights
+
+
+def test_kept_epoch_checkpoints_reproduce_their_epochs(tmp_path):
+    from ppgen.infer.svi import load_params
+    from ppgen.infer.variance_runs import list_checkpoints
+
+    done = train_vae(_config(3, keep_checkpoints=True), tmp_path / "r", progress=False)
+    points = list_checkpoints(tmp_path / "r", "all")
+    assert [p.epoch for p in points] == [0, 1, 2, 3]
+    load_params(load_checkpoint(points[2].path)["params"])  # epoch 2's weights into the live VAE
+    logged = done.result.history[1]["val_elbo"]
+    assert evaluate_elbo(done.vae.model, done.vae.guide, done.data.val) == pytest.approx(logged, abs=1e-4)

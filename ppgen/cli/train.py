@@ -26,6 +26,8 @@ def add_train_vae(sub) -> None:
     p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
     p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
     p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoints/epoch-NNN.pt for every epoch (for ppgen variance --checkpoints all)")
     p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
                    help="on a NaN/Inf loss: stop the run (default) or skip that update")
     add_vae_zoo_flags(p)
@@ -62,7 +64,7 @@ def vae_run_config(args: argparse.Namespace):
         model=VAEConfig(args.latent_dim, args.hidden, args.arch, args.posterior, args.likelihood, args.flows,
                         args.gaussian_scale, args.kl_warmup, args.free_bits),
         svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
-                      args.device, args.on_nonfinite),
+                      args.device, args.on_nonfinite, args.keep_checkpoints),
     )
 
 

@@ -48,6 +48,7 @@ class SVIConfig:
     seed: int = 0  # seeds Python, NumPy, torch and Pyro
     device: str = "cpu"  # "cpu" or "cuda"
     on_nonfinite: str = "stop"  # NaN/Inf loss: "stop" the run, or "skip" that update
+    keep_checkpoints: bool = False  # also keep checkpoints/epoch-NNN.pt for every epoch
 
     def __post_init__(self) -> None:
         get_estimator(self.estimator)
@@ -327,4 +328,6 @@ def train_svi(
             if run is not None and rank == 0:
                 run.log(record)
                 run.save_checkpoint(_state(optimizer, epoch, step))
+                if config.keep_checkpoints:
+                    run.keep_checkpoint(epoch)
     return SVIResult(history, val_elbo)
