@@ -33,7 +33,7 @@ from ppgen.runs import (
     set_rng_state,
 )
 
-__all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "evaluate_elbo"]
+__all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "make_svi_step", "evaluate_elbo", "load_params"]
 
 
 @dataclasses.dataclass(frozen=True)
