@@ -10,6 +10,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -41,6 +42,7 @@ __all__ = [
     "config_from_dict",
     "resolve_device",
     "seed_everything",
+    "seeded",
     "rng_state",
     "set_rng_state",
 ]
@@ -159,6 +161,18 @@ def distributed(device: Optional[torch.device] = None) -> Distributed:
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int], device: torch.device) -> "typing.Iterator[None]":
+    """Run the block under ``torch.manual_seed(seed)`` and give the caller back its own CPU (and
+    ``device``'s CUDA) random stream afterwards. With ``seed`` None the block simply draws from
+    the caller's stream."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def seed_everything(seed: int) -> None:

@@ -29,6 +29,7 @@ from ppgen.runs import (
     resolve_device,
     rng_state,
     seed_everything,
+    seeded,
     set_rng_state,
 )
 from ppgen.score import OBJECTIVES, ScoreNet, UNetScore, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
@@ -187,10 +188,8 @@ def train_score(
                 opt.step()
                 size = min(config.batch_size, len(train) - b)
                 total, seen = total + float(loss.detach()) * size, seen + size
-            g = torch.random.get_rng_state()
-            torch.manual_seed(12345)  # the same validation noise every epoch
-            val_loss = float(config.loss(net, x_val).detach())
-            torch.random.set_rng_state(g)
+            with seeded(12345, device):  # the same validation noise every epoch
+                val_loss = float(config.loss(net, x_val).detach())
             record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
                       "seconds": time.perf_counter() - t0}
             run.log(record)

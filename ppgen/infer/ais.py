@@ -30,6 +30,7 @@ from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.evidence import _PARTICLES, _check_positive_int, _data_frame, _plate_nesting
+from ppgen.runs import seeded
 
 __all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "ais_log_evidence", "bdmc"]
 
@@ -212,10 +213,7 @@ def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, 
         raise ValueError(f"need 0 < target_accept < 1 and step_size > 0, got {target_accept}, {step_size}")
     betas = sigmoid_schedule(t)
     out = {"log_px": [], "stderr": [], "accept": [], "step_size": [], "sims": [], "upper": []}
-    devices = [data.device] if data.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, data.device):
         for i in range(0, len(data), batch_size):
             x = data[i : i + batch_size]
             if reverse:

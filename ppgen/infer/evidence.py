@@ -32,6 +32,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ppgen.runs import seeded
+
 __all__ = [
     "EvidenceResult",
     "log_evidence",
@@ -310,10 +312,7 @@ def log_evidence(
     ladder = iwae_ladder_sizes(num_samples) if ladder is None else sorted(set(ladder))
     if not ladder or any(isinstance(j, bool) or not isinstance(j, int) or not 1 <= j <= num_samples for j in ladder):
         raise ValueError(f"ladder must hold integers in [1, num_samples={num_samples}], got {ladder!r}")
-    devices = [data.device] if data.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with seeded(seed, data.device):
         parts: dict = {}
         nesting = None
         starts = range(0, len(data), batch_size)

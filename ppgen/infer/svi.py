@@ -30,6 +30,7 @@ from ppgen.runs import (
     resolve_device,
     rng_state,
     seed_everything,
+    seeded,
     set_rng_state,
 )
 
@@ -87,10 +88,6 @@ class DataScale(Messenger):
                 return
 
 
-def _eval_rng(device: torch.device):
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
 @torch.no_grad()
 def evaluate_elbo(
     model: Callable,
@@ -107,8 +104,7 @@ def evaluate_elbo(
         raise ValueError("cannot evaluate the ELBO of an empty dataset")
     elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
-    with _eval_rng(data.device):
-        torch.manual_seed(seed)
+    with seeded(seed, data.device):
         for i in range(0, len(data), batch_size):
             total += -elbo.loss(model, guide, data[i : i + batch_size])
     return total / len(data)
