@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from ppgen.data import DataConfig, binarize, toy_sample
 from ppgen.nets import Decoder, make_decoder, make_encoder
 from ppgen.plots import save_image_grid
+from ppgen.devices import resolve_device
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -28,7 +29,6 @@ from ppgen.runs import (
     check_resumable,
     config_from_dict,
     config_to_dict,
-    resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,

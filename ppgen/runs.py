@@ -24,7 +24,7 @@ import threading
 import types
 import typing
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import pyro
@@ -38,9 +38,7 @@ __all__ = [
     "StopSignal",
     "check_resumable",
     "config_to_dict",
-    "distributed",
     "config_from_dict",
-    "resolve_device",
     "seed_everything",
     "seeded",
     "rng_state",
@@ -121,46 +119,7 @@ def check_resumable(stored: dict, new: dict, may_change: "typing.Collection[str]
         )
 
 
-# --------------------------------------------------------------------------- device and seeds
-
-
-def resolve_device(name: str = "cpu") -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a ``torch.device``, refusing CUDA when absent."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use 'cpu' or 'cuda'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use 'cpu' or 'cuda'")
-    return device
-
-
-class Distributed(NamedTuple):
-    """This process's place in a data-parallel job (rank 0 of 1 when run alone)."""
-
-    rank: int
-    world: int
-    local_rank: int
-
-    def place(self, device: torch.device) -> torch.device:
-        """The device this process uses: its own GPU (``LOCAL_RANK``) in a multi-GPU job."""
-        return torch.device("cuda", self.local_rank) if self.world > 1 and device.type == "cuda" else device
-
-
-def distributed(device: Optional[torch.device] = None) -> Distributed:
-    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1),
-    with NCCL for CUDA devices and gloo otherwise; idempotent. Alone, returns rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Distributed(0, 1, 0)
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+# --------------------------------------------------------------------------- seeds
 
 
 @contextlib.contextmanager

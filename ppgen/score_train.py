@@ -19,6 +19,7 @@ from torch import nn
 from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
 from ppgen.langevin import annealed_langevin, langevin
 from ppgen.plots import save_figure
+from ppgen.devices import resolve_device
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -26,7 +27,6 @@ from ppgen.runs import (
     check_resumable,
     config_from_dict,
     config_to_dict,
-    resolve_device,
     rng_state,
     seed_everything,
     seeded,

@@ -13,13 +13,12 @@ from ppgen.data import DataConfig, Dataset, binarize
 from ppgen.infer.svi import SVIConfig, SVIResult, evaluate_elbo, load_params, train_svi
 from ppgen.models.vae import VAE, VAEConfig
 from ppgen.plots import save_image_grid
+from ppgen.devices import distributed, resolve_device
 from ppgen.runs import (
     Run,
     check_resumable,
     config_from_dict,
     config_to_dict,
-    distributed,
-    resolve_device,
     seed_everything,
 )
 

@@ -155,7 +155,7 @@ def add_evidence(sub) -> None:
 
 def cmd_evidence(args: argparse.Namespace) -> int:
     from ppgen.infer.evidence_report import EvidenceConfig, evidence_report, format_report
-    from ppgen.runs import resolve_device
+    from ppgen.devices import resolve_device
     from ppgen.train import load_vae
 
     config = EvidenceConfig(

@@ -21,13 +21,12 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
+from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
 from ppgen.runs import (
     Interrupted,
     Run,
     StopSignal,
-    distributed,
-    resolve_device,
     rng_state,
     seed_everything,
     seeded,
@@ -146,16 +145,16 @@ def make_svi_step(
     config: SVIConfig,
     example: torch.Tensor,
     scale: float = 1.0,
-    world: int = 1,
+    job: Distributed = Distributed(0, 1, 0),
 ) -> tuple[Callable[[torch.Tensor], float], torch.optim.Optimizer]:
     """One SVI update as a function of a batch, and the optimizer it steps.
 
     Clears Pyro's param store, registers every parameter with one trace of model and guide on
-    ``example``, and builds a single ``torch.optim.Adam`` over all of them. The returned
+    ``example``, and builds a single fused ``torch.optim.Adam`` over all of them. The returned
     ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
     scaled by ``scale`` (``N / B``), takes the Adam step unless the loss is NaN or infinite, and
-    returns the loss (negative ELBO estimate, full-dataset scale). With ``world > 1`` processes
-    (torch.distributed), gradients and loss are averaged over them before the step.
+    returns the loss (negative ELBO estimate, full-dataset scale). In a data-parallel ``job``
+    (torch.distributed), gradients and loss are averaged over its processes before the step.
     """
     pyro.clear_param_store()
     elbo = make_elbo(config.estimator, config.particles, vectorize_particles=config.particles > 1)
@@ -163,39 +162,22 @@ def make_svi_step(
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         Trace_ELBO().loss(model, guide, example)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-    optimizer = torch.optim.Adam(params, lr=config.lr, foreach=True)
+    optimizer = adam(params, config.lr)
 
     def step(x: torch.Tensor) -> float:
         # Model, guide and data were validated by the registration pass above; re-checking every
         # distribution's arguments each step costs about 5% of a VAE step (bench/svi_step.py).
         with DataScale(scale), pyro.validation_enabled(False):
             loss = elbo.loss_and_grads(model, train_guide, x)
-        if world > 1:
-            loss = _average_over_processes(params, loss, world)
+        if job.world > 1:
+            (loss,) = job.average(params, loss)
+            loss = float(loss)
         if math.isfinite(loss):  # a non-finite loss leaves the parameters untouched
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
     return step, optimizer
-
-
-def _average_over_processes(params: list[torch.Tensor], loss: float, world: int) -> float:
-    """All-reduce every gradient and the loss in one flat buffer, divided by ``world``.
-
-    Each process scales its shard of ``b = B / world`` datapoints by ``N / b``, so the average
-    over processes is the single-process estimate for the whole global batch of ``B``."""
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g)
-        offset += g.numel()
-    return float(flat[-1])
 
 
 def train_svi(
@@ -230,7 +212,7 @@ def train_svi(
     :returns: :class:`SVIResult`, one metrics dict per epoch (train loss, validation ELBO, seconds).
     """
     job = distributed(resolve_device(config.device))
-    rank, world, device = job.rank, job.world, job.place(resolve_device(config.device))
+    rank, device = job.rank, job.place(resolve_device(config.device))
     n = len(train_data)
     if n == 0:
         raise ValueError("train_data is empty")
@@ -239,9 +221,7 @@ def train_svi(
             f"batch_size {config.batch_size} is larger than the training set ({n} datapoints); "
             f"use --batch-size {n} or smaller"
         )
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
-    local = config.batch_size // world  # this process's shard of each global batch
+    local = job.shard(config.batch_size)  # this process's shard of each global batch
     if rank != 0:  # only rank 0 validates, writes the run directory and shows progress
         val_data, progress = None, False
     train_data = train_data.to(device)
@@ -250,7 +230,7 @@ def train_svi(
     seed_everything(config.seed + rank)  # different sampling noise per process
     first = train_data[:local]
     step_fn, optimizer = make_svi_step(
-        model, guide, config, transform(first) if transform is not None else first, n / local, world
+        model, guide, config, transform(first) if transform is not None else first, n / local, job
     )
     batches = n // config.batch_size
     # The order of the data is shared by all processes: a generator seeded by (seed, epoch).

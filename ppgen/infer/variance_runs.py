@@ -27,7 +27,8 @@ from ppgen.data import binarize  # noqa: E402
 from ppgen.infer.svi import load_params  # noqa: E402
 from ppgen.infer.variance import GradientStats, gradient_stats  # noqa: E402
 from ppgen.plots import save_figure  # noqa: E402
-from ppgen.runs import Run, config_from_dict, load_checkpoint, resolve_device  # noqa: E402
+from ppgen.devices import resolve_device  # noqa: E402
+from ppgen.runs import Run, config_from_dict, load_checkpoint  # noqa: E402
 
 __all__ = ["Checkpoint", "list_checkpoints", "measure_run", "plot_variance", "compare_estimators"]
 

@@ -17,7 +17,8 @@ from ppgen.infer.svi import SVIConfig, SVIResult, train_svi
 from ppgen.models.cvae import CVAE, CVAEConfig, RegressionBaseline, baseline_nll
 from ppgen.models.m2 import DISCRETE_ESTIMATORS, M2, M2Config, cluster_accuracy
 from ppgen.plots import save_image_grid
-from ppgen.runs import Run, config_to_dict, resolve_device, seed_everything
+from ppgen.devices import resolve_device
+from ppgen.runs import Run, config_to_dict, seed_everything
 
 __all__ = ["CVAERunConfig", "CVAERun", "train_cvae", "train_baseline", "M2RunConfig", "M2Run", "train_m2"]
 

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import pyro, pyro.distributions as dist, torch
     from torch import nn
     from ppgen.infer.svi import SVIConfig, train_svi
-    from ppgen.runs import distributed
+    from ppgen.devices import distributed
 
     torch.manual_seed(0)
     x = torch.randn(96, 3) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 2.0], [0.3, 0.0, 1.0]])
