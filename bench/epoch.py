@@ -72,7 +72,10 @@ def main(argv=None) -> list[dict]:
     data = load_dataset(args.data, download=False)
     train, val = data.train.to(device), data.val.to(device)
     names = ("hand-written", "plain-pyro", "ppgen")
-    runs = {k: [run_one(k, data, train, val, args.epochs, seed, device) for seed in range(args.seeds)] for k in names}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
+    for seed in range(args.seeds):  # seed-major, so a change of load on the machine hits all three alike
+        for k in names:
+            runs[k].append(run_one(k, data, train, val, args.epochs, seed, device))
     rows = {k: (statistics.median(s for s, _ in v), statistics.mean(e for _, e in v),
                 statistics.stdev(e for _, e in v) if len(v) > 1 else float("nan")) for k, v in runs.items()}
     print(f"{'loop':<14}{'s/epoch':>10}{'val ELBO':>12}{'sd':>8}   ({args.data}, {args.epochs} epochs, "
