@@ -8,7 +8,8 @@ the user's guide stay unchanged.
   (Roeder, Wu & Duvenaud 2017, "Sticking the landing").
 - :class:`NNBaselineGuide`: score-function guide whose latent sites get a learned,
   input-dependent baseline ``b(x)`` (Mnih & Gregor 2014), trained by its own Adam optimizer with
-  its own learning rate on the squared error to the downstream cost.
+  its own learning rate on the squared error to the downstream cost; per datapoint inside the
+  ``"data"`` plate, one scalar per particle for a global site.
 - :func:`enumerate_guide`: marks discrete guide sites for parallel enumeration (TraceEnum_ELBO).
 """
 
@@ -20,7 +21,10 @@ from typing import Callable, Optional
 import torch
 from pyro.infer import config_enumerate
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
+
+from ppgen.runs import seeded
 
 __all__ = ["sticking_the_landing", "NNBaselineGuide", "enumerate_guide", "detach_distribution"]
 
@@ -58,18 +62,27 @@ class NNBaselineGuide:
 
     :param guide: Pyro guide whose first argument is the batch ``x`` of shape ``(B, ...)``.
     :param lr: learning rate of the baselines' own Adam optimizer.
-    :param hidden: hidden width of each baseline MLP ``x -> (B,)``.
+    :param hidden: hidden width of each baseline MLP ``x_i -> h(x_i)``, one MLP per site.
     :param beta: decay of the running-average baseline the network is added to.
 
     The baseline is ``avg + b(x)``: Pyro's decaying average of the cost (``beta``) plus a network
     that learns the input-dependent residual, so it needs no learning of the cost's overall scale
     (hundreds of nats on images, out of reach of a zero-initialised net at lr 1e-3).
 
-    Pyro's ``TraceGraph_ELBO`` adds ``sum (cost - b(x))^2`` to the surrogate loss, which puts
-    gradients on the baseline networks during ``loss_and_grads``. Those networks are *not* in
-    Pyro's param store, so the SVI optimizer never sees them: this object steps their optimizer at
-    the start of the next call (one call late, which only delays learning by a step).
-    The baseline input is detached, so ``b`` cannot bias the gradient (Mnih & Gregor 2014).
+    A baseline must not depend on the site's own sample, and it must have the shape of the site's
+    downstream cost (Mnih & Gregor 2014). A site inside ``pyro.plate("data", B)`` has one cost per
+    datapoint, and gets ``b(x)_i = h(x_i)`` placed at the data plate's dim. A *global* site (outside
+    the data plate) has one cost per particle, the sum over the whole batch; it gets the scalar
+    ``b(x) = sum_i h(x_i)``, a function of the observed batch only and therefore unbiased, which
+    can follow the batch-to-batch changes of the cost that the running average lags behind.
+
+    Pyro's ``TraceGraph_ELBO`` adds ``sum (cost - b(x))^2`` to the surrogate loss. The networks
+    are *not* in Pyro's param store (the SVI optimizer and gradient tools never see them): each
+    parameter is stepped by its own Adam in a post-accumulate-grad hook, during that backward
+    pass. The baseline input is detached, so ``b`` cannot bias the gradient.
+
+    :meth:`training_state` / :meth:`load_training_state` hold the networks and their Adam states;
+    :func:`ppgen.infer.svi.train_svi` checkpoints them next to the param store.
     """
 
     def __init__(self, guide: Callable, lr: float = 1e-3, hidden: int = 64, beta: float = 0.95):
@@ -79,40 +92,63 @@ class NNBaselineGuide:
             raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         self.guide, self.lr, self.hidden, self.beta = guide, float(lr), int(hidden), float(beta)
         self.nets: dict[str, nn.Module] = {}
-        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.optimizers: dict[str, list[torch.optim.Adam]] = {}  # one Adam per parameter
 
-    def _net(self, site: str, x: torch.Tensor) -> nn.Module:
-        if site not in self.nets:
-            width = x[0].numel()
-            net = nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1))
-            nn.init.zeros_(net[-1].weight)
-            nn.init.zeros_(net[-1].bias)
-            self.nets[site] = net.to(x.device)
-            params = [p for n in self.nets.values() for p in n.parameters()]
-            self.optimizer = torch.optim.Adam(params, lr=self.lr)
-        return self.nets[site]
+    def _add(self, site: str, width: int, device: torch.device) -> nn.Module:
+        # Initialised from a fixed seed off the caller's random stream: the estimator draws the same
+        # samples as "score" under the same seed, and a resumed run the same as an uninterrupted one.
+        with seeded(0, device):
+            net = nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device)
+        nn.init.zeros_(net[-1].weight)  # b(x) = 0 until it has learned something
+        nn.init.zeros_(net[-1].bias)
+        self.nets[site] = net
+        self.optimizers[site] = []
+        for p in net.parameters():
+            opt = torch.optim.Adam([p], lr=self.lr)
+            self.optimizers[site].append(opt)
+            p.register_post_accumulate_grad_hook(_step_hook(opt))
+        return net
 
-    def step(self) -> None:
-        """Apply (and clear) the baseline gradients left by the last ``loss_and_grads``."""
-        if self.optimizer is not None:
-            if any(p.grad is not None for p in self.optimizer.param_groups[0]["params"]):
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+    def training_state(self) -> dict:
+        """Every baseline network's weights and Adam state, as tensors and numbers."""
+        return {site: {"net": net.state_dict(), "adam": [o.state_dict() for o in self.optimizers[site]]}
+                for site, net in self.nets.items()}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore :meth:`training_state` (networks are rebuilt without touching the RNG)."""
+        for site, saved in state.items():
+            first = saved["net"]["0.weight"]
+            if first.shape[0] != self.hidden:
+                raise ValueError(f"saved baseline of site {site!r} has hidden width {first.shape[0]}, "
+                                 f"this estimator has {self.hidden}: resume with the same settings")
+            net = self._add(site, first.shape[1], first.device)
+            net.load_state_dict(saved["net"])
+            for opt, opt_state in zip(self.optimizers[site], saved["adam"], strict=True):
+                opt.load_state_dict(opt_state)
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"score-nn-baseline needs the batch tensor as the guide's first argument, got {type(x).__name__}")
         from ppgen.infer.estimators import ScoreFunctionMessenger
 
-        self.step()
         outer = self
 
         class _Baselines(ScoreFunctionMessenger):
             def _process_message(self, msg: dict) -> None:
                 super()._process_message(msg)
-                if msg["type"] == "sample" and not msg["is_observed"]:
-                    net = outer._net(msg["name"], x)
-                    head = _Squeeze(net)
+                if msg["type"] == "sample" and not msg["is_observed"] and not isinstance(msg["fn"], _Subsample):
+                    site = msg["name"]
+                    net = outer.nets[site] if site in outer.nets else outer._add(site, x[0].numel(), x.device)
+                    if net[0].in_features != x[0].numel():
+                        raise ValueError(f"the baseline of site {site!r} takes {net[0].in_features} features per "
+                                         f"datapoint, the batch has {x[0].numel()}: the state comes from other data")
+                    data = next((f for f in msg["cond_indep_stack"] if f.name == "data"), None)
+                    if data is not None and data.size != x.shape[0]:
+                        raise ValueError(
+                            f"score-nn-baseline gives each datapoint of the 'data' plate its own baseline "
+                            f"b(x_i), so site {site!r} needs a data plate of size x.shape[0] = {x.shape[0]}, "
+                            f"got {data.size}: declare pyro.plate('data', x.shape[0]) over the batch")
+                    head = _Baseline(net, None if data is None else data.dim)
                     msg["infer"] = {**msg["infer"], "baseline": {
                         "nn_baseline": head, "nn_baseline_input": x,
                         "use_decaying_avg_baseline": True, "baseline_beta": outer.beta}}
@@ -121,13 +157,25 @@ class NNBaselineGuide:
             return self.guide(x, *args, **kwargs)
 
 
-class _Squeeze(nn.Module):
-    def __init__(self, net: nn.Module):
+def _step_hook(opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return hook
+
+
+class _Baseline(nn.Module):
+    """``b(x)`` of one site from the per-datapoint net ``h``: shape ``(B, 1, ..)`` with ``B`` at
+    the data plate's ``dim``, or the scalar ``sum_i h(x_i)`` for a site outside the plate."""
+
+    def __init__(self, net: nn.Module, dim: Optional[int]):
         super().__init__()
-        self.net = net
+        self.net, self.dim = net, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
+        h = self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
+        return h.sum() if self.dim is None else h.reshape(h.shape + (1,) * (-1 - self.dim))
 
 
 def nn_baseline(lr: float = 1e-3, hidden: int = 64, beta: float = 0.95) -> Callable[[Callable], Callable]:
