@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
+from ppgen.infer.evidence import _plate_nesting_from
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -109,9 +110,9 @@ def evaluate_elbo(
     return total / len(data)
 
 
-def _state(optimizer: torch.optim.Optimizer, epoch: int, step: int, **partial_epoch) -> dict:
+def _state(optimizer: torch.optim.Optimizer, guide: Callable, epoch: int, step: int, **partial_epoch) -> dict:
     store = pyro.get_param_store()
-    return {
+    state = {
         **partial_epoch,
         "params": {k: store._params[k].detach().clone() for k in store.keys()},
         "optimizer": optimizer.state_dict(),
@@ -119,6 +120,9 @@ def _state(optimizer: torch.optim.Optimizer, epoch: int, step: int, **partial_ep
         "step": step,
         "rng": rng_state(),
     }
+    if hasattr(guide, "training_state"):  # state a guide transform keeps outside the param store
+        state["guide"] = guide.training_state()
+    return state
 
 
 def load_params(params: dict) -> None:
@@ -155,9 +159,15 @@ def make_svi_step(
     scaled by ``scale`` (``N / B``), takes the Adam step unless the loss is NaN or infinite, and
     returns the loss (negative ELBO estimate, full-dataset scale). In a data-parallel ``job``
     (torch.distributed), gradients and loss are averaged over its processes before the step.
+    ``step.guide`` is the guide as the estimator sees it (:func:`prepare_guide`); if it has
+    ``training_state()``/``load_training_state(state)`` (e.g. a learned baseline), :func:`train_svi`
+    checkpoints that state too.
     """
     pyro.clear_param_store()
-    elbo = make_elbo(config.estimator, config.particles, vectorize_particles=config.particles > 1)
+    # Vectorized particles need the plate nesting. Pyro would guess it on the first step by running
+    # guide and model once on the training RNG stream, so a resumed run would draw other numbers.
+    nesting = _plate_nesting_from(model, guide, (example,), {}) if config.particles > 1 else None
+    elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         Trace_ELBO().loss(model, guide, example)
@@ -177,6 +187,7 @@ def make_svi_step(
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    step.guide = train_guide  # type: ignore[attr-defined]
     return step, optimizer
 
 
@@ -242,6 +253,8 @@ def train_svi(
         ckpt = run.load_checkpoint(map_location=device)
         load_params(ckpt["params"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if "guide" in ckpt:
+            step_fn.guide.load_training_state(ckpt["guide"])
         set_rng_state(ckpt["rng"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         if "perm" in ckpt:
@@ -281,7 +294,7 @@ def train_svi(
                 if stop.requested:
                     if run is None or rank != 0:
                         raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, step {step}")
-                    run.save_checkpoint(_state(optimizer, epoch - 1, step, perm=perm, batch=i + 1, total=total))
+                    run.save_checkpoint(_state(optimizer, step_fn.guide, epoch - 1, step, perm=perm, batch=i + 1, total=total))
                     raise Interrupted(
                         f"{stop.requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
                         f"{run.path}. Resume with the same command plus --resume."
@@ -303,7 +316,7 @@ def train_svi(
                 )
             if run is not None and rank == 0:
                 run.log(record)
-                run.save_checkpoint(_state(optimizer, epoch, step))
+                run.save_checkpoint(_state(optimizer, step_fn.guide, epoch, step))
                 if config.keep_checkpoints:
                     run.keep_checkpoint(epoch)
     return SVIResult(history, val_elbo)

@@ -172,3 +172,50 @@ def test_step_loss_is_pyros_trace_elbo_loss():
     reference = Trace_ELBO().loss(vae.model, vae.guide, x)
     pyro.set_rng_seed(5)
     assert step(x) == pytest.approx(10.0 * reference, rel=1e-6)
+
+
+def _assert_same_state(a, b, where="state"):
+    """Nested dicts/lists of tensors and numbers, equal bitwise."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same_state(u, v, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_nn_baseline_network_and_its_adam_survive_resume(tmp_path, one_thread):
+    """score-nn-baseline keeps its baseline networks outside Pyro's param store, so they travel in
+    the checkpoint's "guide" entry (weights and Adam state): 1 epoch + resume 1 epoch ends on the
+    same parameters, baseline and Adam moments as 2 epochs straight (measured: bitwise)."""
+    from ppgen.runs import Run, load_checkpoint
+
+    data = load_dataset("digits")
+
+    def train(epochs, path, resume=False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        vae = VAE(data.dim, 4, (32,))
+        run = Run(path, resume=resume)
+        if not resume:
+            run.save_config({})
+        config = SVIConfig(estimator="score-nn-baseline", particles=2, epochs=epochs, batch_size=32, seed=0)
+        res = train_svi(vae.model, vae.guide, data.train[:256], None, config, run=run, transform=binarize,
+                        progress=False)
+        return res, load_checkpoint(run.checkpoint_path)
+
+    whole, straight = train(2, tmp_path / "whole")
+    train(1, tmp_path / "split")
+    resumed, split = train(2, tmp_path / "split", resume=True)
+    assert set(straight["guide"]) == {"z"}  # one baseline network, for the VAE's one latent site
+    assert straight["guide"]["z"]["net"]["2.weight"].abs().max() > 0  # it has learned (zero-initialised)
+    _assert_same_state(straight["params"], split["params"], "params")
+    _assert_same_state(straight["guide"], split["guide"], "guide")
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
