@@ -1,4 +1,5 @@
-"""Generative adversarial networks: losses by name and one explicit training loop.
+"""Generative adversarial networks: the networks and one explicit training loop (the losses by
+name are in :mod:`ppgen.gan_losses`).
 
 The generator is the VAE's decoder class (:class:`ppgen.nets.Decoder`) followed by a sigmoid for
 images, the discriminator is the encoder's trunk with a scalar head, so the GAN and the VAE can
@@ -19,9 +20,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppgen.data import DataConfig, binarize, toy_sample
+from ppgen.gan_losses import LOSSES, GANLoss, get_loss, optimal_discriminator, optimal_discriminator_gap
 from ppgen.nets import Decoder, make_decoder, make_encoder
 from ppgen.plots import save_image_grid
-from ppgen.devices import resolve_device
+from ppgen.devices import adam, distributed, resolve_device
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -39,44 +41,6 @@ __all__ = [
     "LoopConfig", "GANConfig", "GANResult", "adversarial_loop", "train_gan", "load_gan", "train_toy_gan",
     "optimal_discriminator", "optimal_discriminator_gap",
 ]
-
-
-# --------------------------------------------------------------------------- losses
-
-
-class GANLoss(NamedTuple):
-    """A named GAN objective on discriminator logits: both losses are minimized.
-
-    ``d_loss(real (B,), fake (B,)) -> scalar`` and ``g_loss(fake (B,)) -> scalar``.
-    """
-
-    d_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    g_loss: Callable[[torch.Tensor], torch.Tensor]
-    doc: str
-
-
-def _d_bce(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    # -log D(x) - log(1 - D(G(z))) with D = sigmoid(d): softplus(-d) = -log sigmoid(d).
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
-
-
-#: name -> GANLoss. minimax and ns: Goodfellow et al. 2014 (eq. 1 and the "maximize log D(G(z))"
-#: remark of section 3); hinge: Lim & Ye 2017, Miyato et al. 2018.
-LOSSES: dict[str, GANLoss] = {
-    "minimax": GANLoss(_d_bce, lambda fake: -F.softplus(fake).mean(),  # G minimizes log(1 - D(G(z)))
-                       "original minimax game: G minimizes log(1 - D(G(z)))"),
-    "ns": GANLoss(_d_bce, lambda fake: F.softplus(-fake).mean(),  # G minimizes -log D(G(z))
-                  "non-saturating: G maximizes log D(G(z))"),
-    "hinge": GANLoss(lambda real, fake: F.relu(1 - real).mean() + F.relu(1 + fake).mean(),
-                     lambda fake: -fake.mean(), "hinge loss (Lim & Ye 2017)"),
-}
-
-
-def get_loss(name: str) -> GANLoss:
-    """The :class:`GANLoss` registered as ``name`` in :data:`LOSSES`."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown GAN loss {name!r}; choose one of {', '.join(LOSSES)}")
-    return LOSSES[name]
 
 
 # --------------------------------------------------------------------------- networks
@@ -174,12 +138,24 @@ def adversarial_loop(
     """Train ``generator`` against ``discriminator`` on ``train`` (N, D): Algorithm 1 of
     Goodfellow et al. 2014 with ``config.d_steps`` discriminator steps per generator step.
 
+    Each epoch visits ``train`` in a permutation seeded by ``(seed, epoch)``, in batches of
+    ``config.batch_size`` (the last partial batch is dropped); the noise ``z`` of every step is
+    drawn for the whole batch from a generator of its own (seeded by ``seed``, checkpointed).
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its rows of every batch and of its
+    ``z`` (``transform``, e.g. dynamic binarization, is applied to the whole batch first), and
+    gradients and logged values are averaged over processes before both the discriminator and
+    the generator step, so N processes follow the single process up to float rounding. Every
+    process must build the networks from the same seed (:func:`train_gan` does); only rank 0
+    writes ``run``, calls ``on_epoch`` and prints progress.
+
     With a ``run``: logs one metrics line per epoch, checkpoints after each epoch, and resumes from
     the checkpoint when ``run.resume``. SIGINT/SIGTERM checkpoints before the next batch and raises
-    :class:`ppgen.runs.Interrupted`; resuming continues that epoch with the same data order (the
-    weights follow the uninterrupted run; that epoch's logged averages cover the resumed part). ``on_epoch(epoch, G(fixed_noise))`` is called after each
-    epoch (the fixed-noise sample grid). A non-finite loss stops the run with a
-    ``FloatingPointError`` naming the last good checkpoint.
+    :class:`ppgen.runs.Interrupted`; resuming continues that epoch with the same data order and
+    noise (the weights follow the uninterrupted run; that epoch's logged averages cover the
+    resumed part). ``on_epoch(epoch, G(fixed_noise))`` is called after each epoch (the
+    fixed-noise sample grid). Losses are summed on the device and read at the end of each epoch
+    (no host sync per step): a non-finite loss stops the run there (or at an interrupt) with a
+    ``FloatingPointError`` naming the last good checkpoint, and is never checkpointed.
     """
     if train.ndim != 2 or train.shape[1] != generator.x_dim or discriminator.x_dim != generator.x_dim:
         raise ValueError(
@@ -188,99 +164,120 @@ def adversarial_loop(
         )
     if not torch.isfinite(train).all():
         raise ValueError("training data contains NaN or Inf values")
+    n, bs = train.shape[0], config.batch_size
+    if bs > n:
+        raise ValueError(f"batch_size {bs} is larger than the training set ({n} datapoints); "
+                         f"use --batch-size {n} or smaller")
     loss = get_loss(config.loss)
-    device = resolve_device(config.device)
+    job = distributed(resolve_device(config.device))
+    device, local = job.place(resolve_device(config.device)), job.shard(bs)
+    lo, writer = job.rank * local, run if job.rank == 0 else None  # our rows of each batch; who writes
     generator.to(device), discriminator.to(device)
-    opt_g = torch.optim.Adam(generator.parameters(), config.lr_g, betas=(config.beta1, config.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), config.lr_d, betas=(config.beta1, config.beta2))
+    g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
+    opt_g = adam(g_params, config.lr_g, betas=(config.beta1, config.beta2))
+    opt_d = adam(d_params, config.lr_d, betas=(config.beta1, config.beta2))
     fixed = torch.randn(64, generator.z_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
-    start, history, order, first = 0, [], None, 0
+    noise = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED)
+    order = torch.Generator()
+    start, history, first = 0, [], 0
     if run is not None and run.resume and run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(map_location=device)
+        ckpt = run.load_checkpoint(map_location="cpu")
         generator.load_state_dict(ckpt["generator"]), discriminator.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
         set_rng_state(ckpt["rng"])
-        start = int(ckpt["epoch"])
-        if "order" in ckpt:  # stopped by a signal mid-epoch: continue that epoch where it stopped
-            order, first = ckpt["order"], int(ckpt["batch"])
-        run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
-        history = run.metrics()
-    n, bs, step = train.shape[0], config.batch_size, 0
+        if "noise" in ckpt:
+            noise.set_state(ckpt["noise"])
+        start, first = int(ckpt["epoch"]), int(ckpt.get("batch", 0))  # batch: stopped mid-epoch by a signal
+        if writer is not None:
+            writer.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
+        history = [r for r in run.metrics() if r.get("epoch", 0) <= start]
+    train = train.to(device)
 
     def state(epoch: int, **partial) -> dict:
         return {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch, "rng": rng_state(),
-                **partial}
+                "noise": noise.get_state(), **partial}
+
+    def z() -> torch.Tensor:  # the whole batch's noise, then our rows
+        return torch.randn(bs, generator.z_dim, generator=noise, device=device)[lo : lo + local]
 
     with StopSignal() as stop:
         for epoch in range(start + 1, config.epochs + 1):
-            t0, sums = time.perf_counter(), {"loss_D": 0.0, "loss_G": 0.0, "D_real": 0.0, "D_fake": 0.0}
-            counts = {"d": 0, "g": 0}
-            if order is None:
-                order, first = torch.randperm(n), 0
-            batches = range(0, n - bs + 1 if n >= bs else 1, bs)
-            for i, b in enumerate(batches):
-                if i < first:
-                    continue
+            # sums: loss_D, D_real, D_fake over discriminator steps, loss_G over generator steps
+            t0, sums, counts = time.perf_counter(), torch.zeros(4, device=device), {"d": 0, "g": 0}
+            order.manual_seed(config.seed * 100_003 + epoch)
+            perm = torch.randperm(n, generator=order).to(device)
+            for i in range(first, n // bs):
                 if stop.requested:
-                    if run is None:
+                    _check_finite(sums, epoch, run, job.rank)
+                    if writer is None:
                         raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}")
-                    run.save_checkpoint(state(epoch - 1, order=order, batch=i))
+                    writer.save_checkpoint(state(epoch - 1, batch=i))
                     raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, batch {i}; checkpoint saved "
                                       f"in {run.path}. Resume with the same command plus --resume.")
-                x = train[order[b : b + bs]].to(device)
-                x = transform(x) if transform is not None else x
+                rows = perm[i * bs : (i + 1) * bs]
+                x = transform(train[rows])[lo : lo + local] if transform is not None else train[rows[lo : lo + local]]
                 # Discriminator step: descend loss_D on a real batch and a detached fake batch.
-                z = torch.randn(x.shape[0], generator.z_dim, device=device)
-                real, fake = discriminator(x), discriminator(generator(z).detach())
+                real, fake = discriminator(x), discriminator(generator(z()).detach())
                 loss_d = loss.d_loss(real, fake)
-                _check_finite(loss_d, "loss_D", epoch, run)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
+                stats = job.average(d_params, loss_d.detach(), torch.sigmoid(real.detach()).mean(),
+                                    torch.sigmoid(fake.detach()).mean())  # whole-batch means
                 opt_d.step()
-                sums["loss_D"] += loss_d.item()
-                sums["D_real"] += torch.sigmoid(real).mean().item()
-                sums["D_fake"] += torch.sigmoid(fake).mean().item()
+                sums[:3] += torch.stack(stats)
                 counts["d"] += 1
                 if (i + 1) % config.d_steps:
                     continue
-                # Generator step after every k discriminator steps: descend loss_G through D.
-                z = torch.randn(bs, generator.z_dim, device=device)
-                loss_g = loss.g_loss(discriminator(generator(z)))
-                _check_finite(loss_g, "loss_G", epoch, run)
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
+                # Generator step after every k discriminator steps: descend loss_G through D (whose
+                # own gradients would be thrown away, so they are not computed).
+                try:
+                    loss_g = loss.g_loss(discriminator.requires_grad_(False)(generator(z())))
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                finally:
+                    discriminator.requires_grad_(True)
+                (loss_g,) = job.average(g_params, loss_g.detach())
                 opt_g.step()
-                sums["loss_G"] += loss_g.item()
+                sums[3:] += loss_g
                 counts["g"] += 1
-                step += 1
-            order = None
-            record = {"epoch": epoch, "loss_D": sums["loss_D"] / max(counts["d"], 1),
-                      "loss_G": sums["loss_G"] / max(counts["g"], 1), "D_real": sums["D_real"] / max(counts["d"], 1),
-                      "D_fake": sums["D_fake"] / max(counts["d"], 1), "g_steps": counts["g"],
-                      "seconds": time.perf_counter() - t0}
+            first = 0
+            d, real, fake, g = _check_finite(sums, epoch, run, job.rank)  # the one host sync of an epoch
+            nd, ng = max(counts["d"], 1), max(counts["g"], 1)
+            record = {"epoch": epoch, "loss_D": d / nd, "loss_G": g / ng, "D_real": real / nd, "D_fake": fake / nd,
+                      "g_steps": counts["g"], "seconds": time.perf_counter() - t0}
             history.append(record)
-            if run is not None:
-                run.log(record)
-                run.save_checkpoint(state(epoch))
-            if on_epoch is not None:
+            if writer is not None:
+                writer.log(record)
+                writer.save_checkpoint(state(epoch))
+            if on_epoch is not None and job.rank == 0:
                 with torch.no_grad():
                     on_epoch(epoch, generator(fixed))
-            if progress:
+            if progress and job.rank == 0:
                 print(f"epoch {epoch}: loss_D {record['loss_D']:.3f} loss_G {record['loss_G']:.3f} "
                       f"D(x) {record['D_real']:.3f} D(G(z)) {record['D_fake']:.3f} ({record['seconds']:.1f} s)")
     return GANResult(history)
 
 
-def _check_finite(value: torch.Tensor, name: str, epoch: int, run: Optional[Run]) -> None:
-    if torch.isfinite(value):
-        return
-    if run is not None and run.checkpoint_path.exists():
+_NOISE_SEED = 1 << 32  # offset of the noise stream z from the seed of the weights and the fixed grid
+
+
+def _check_finite(sums: torch.Tensor, epoch: int, run: Optional[Run], rank: int) -> list[float]:
+    """The epoch's running sums (loss_D, D_real, D_fake, loss_G) as floats, or a
+    ``FloatingPointError`` if one is NaN or infinite."""
+    values = sums.tolist()
+    bad = [(name, v) for name, v in zip(("loss_D", "D_real", "D_fake", "loss_G"), values) if not math.isfinite(v)]
+    if not bad:
+        return values
+    name, value = bad[0]
+    if rank != 0:
+        where = "rank 0 names the last good checkpoint"
+    elif run is not None and run.checkpoint_path.exists():
         where = f"the last good checkpoint is {run.checkpoint_path} (end of epoch {epoch - 1})"
     else:
         where = "no checkpoint was written yet"
     raise FloatingPointError(
-        f"{name} became {value.item()} in epoch {epoch}; training stopped and {where}. "
+        f"{name} became {value} in epoch {epoch}; training stopped and {where}. "
         "Lower the learning rates or try --loss ns or hinge."
     )
 
@@ -305,15 +302,18 @@ class GANConfig:
 
 
 def train_gan(config: GANConfig, out: Union[str, Path], resume: bool = False, overwrite: bool = False,
-              progress: bool = True, download: bool = True) -> tuple[Generator, GANResult, Run]:
+              progress: bool = True, download: bool = True) -> tuple[Generator, GANResult, Optional[Run]]:
     """Train an image GAN as ``config`` says into run directory ``out``; writes
-    figures/epoch-NNN.png (fixed noise) and figures/samples.png."""
-    run = Run(out, resume=resume, overwrite=overwrite)
+    figures/epoch-NNN.png (fixed noise) and figures/samples.png. Under ``torchrun`` only rank 0
+    writes ``out``; the other processes get ``None`` for the run."""
+    rank = distributed(resolve_device(config.loop.device)).rank
+    run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
         check_resumable(run.load_config(), config_to_dict(config), may_change={"loop.epochs", "loop.device"})
-    run.save_config(config_to_dict(config))
+    if rank == 0:
+        run.save_config(config_to_dict(config))
     data = config.data.load(download)
-    seed_everything(config.loop.seed)
+    seed_everything(config.loop.seed)  # the same initial weights in every process
     generator, discriminator = config.build(data.dim, data.image_shape)
     shape = data.image_shape
 
@@ -323,7 +323,7 @@ def train_gan(config: GANConfig, out: Union[str, Path], resume: bool = False, ov
 
     result = adversarial_loop(generator, discriminator, data.train, config.loop, run,
                               binarize if data.dynamic else None, grid, progress)
-    return generator, result, run
+    return generator, result, run if rank == 0 else None
 
 
 def load_gan(path: Union[str, Path], device: str = "cpu") -> tuple[Generator, GANConfig]:
@@ -347,25 +347,3 @@ def train_toy_gan(toy: str = "8gaussians", n: int = 10_000, config: LoopConfig =
     generator = make_generator(latent_dim, 2, hidden, sigmoid=False)
     discriminator = make_discriminator(2, hidden)
     return generator, discriminator, adversarial_loop(generator, discriminator, data, config)
-
-
-# --------------------------------------------------------------------------- theory check
-
-
-def optimal_discriminator(log_p_data: torch.Tensor, log_p_g: torch.Tensor) -> torch.Tensor:
-    """``D*(x) = p_data(x) / (p_data(x) + p_g(x)) = sigmoid(log p_data - log p_g)``
-    (Goodfellow et al. 2014, Proposition 1), from log densities of shape ``(B,)``."""
-    if log_p_data.shape != log_p_g.shape:
-        raise ValueError(f"log densities must match in shape, got {tuple(log_p_data.shape)} and {tuple(log_p_g.shape)}")
-    return torch.sigmoid(log_p_data - log_p_g)
-
-
-@torch.no_grad()
-def optimal_discriminator_gap(discriminator: nn.Module, x: torch.Tensor, log_p_data: torch.Tensor,
-                              log_p_g: torch.Tensor) -> float:
-    """Mean ``|D(x) - D*(x)|`` over points ``x`` (B, D), with ``D = sigmoid(logits)`` and the known
-    log densities ``log_p_data``, ``log_p_g`` (B,) of the data and the (fixed) generator."""
-    d = torch.sigmoid(discriminator(x))
-    if d.shape != log_p_data.shape:
-        raise ValueError(f"discriminator gives shape {tuple(d.shape)} but densities have {tuple(log_p_data.shape)}")
-    return float((d - optimal_discriminator(log_p_data, log_p_g)).abs().mean())

@@ -1,7 +1,9 @@
 """Score matching: objectives that learn ``s(x) = grad_x log p(x)`` without a normalizing constant.
 
 Every objective is a plain function ``loss(score_net, x, ...) -> scalar`` on a batch ``x`` of
-shape ``(B, D)``; the samplers that use a trained score live in :mod:`ppgen.langevin` (the
+shape ``(B, D)``. The noise an objective draws (projections, noise levels, ``eps``) may instead be
+passed in, batch first, so a data-parallel loop can draw it once for the global batch and give
+each process its rows (:mod:`ppgen.score_train`); the samplers that use a trained score live in :mod:`ppgen.langevin` (the
 losses / sampling split of score_sde). Score networks are called as ``score_net(x)`` (noise-free
 objectives) or ``score_net(x, sigma)`` with ``sigma`` of shape ``(B,)`` (noise-conditional
 objectives); :class:`ScoreNet` and :class:`UNetScore` accept both.
@@ -55,6 +57,12 @@ def _check_sigma(sigma: float, name: str = "sigma") -> float:
     return float(sigma)
 
 
+def _check_noise(noise: Optional[torch.Tensor], shape: tuple, name: str) -> None:
+    if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape):
+        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"{name} must be a tensor of shape {shape} (batch first), got {got}")
+
+
 def geometric_sigmas(sigma_max: float, sigma_min: float, n: int) -> torch.Tensor:
     """The noise ladder of Song & Ermon (2019): ``n`` levels from ``sigma_max`` down to
     ``sigma_min`` in constant ratio. Returns a float tensor of shape ``(n,)``, descending."""
@@ -79,7 +87,8 @@ def _score_with_input(score_net: Callable, x: torch.Tensor) -> tuple[torch.Tenso
     return x, s
 
 
-def ism_loss(score_net: Callable, x: torch.Tensor, trace: str = "exact", n_probes: int = 1) -> torch.Tensor:
+def ism_loss(score_net: Callable, x: torch.Tensor, trace: str = "exact", n_probes: int = 1,
+             probes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Implicit score matching (Hyvarinen 2005):
     ``E_x[ 0.5 ||s(x)||^2 + tr(d s(x) / d x) ]``, equal to the Fisher divergence
     ``0.5 E||s - grad log p||^2`` up to a constant.
@@ -89,13 +98,15 @@ def ism_loss(score_net: Callable, x: torch.Tensor, trace: str = "exact", n_probe
     :param trace: ``"exact"`` (one backward pass per dimension: cost grows with ``D``) or
         ``"hutchinson"`` (unbiased estimate ``v^T J v`` with Rademacher probes ``v``).
     :param n_probes: Hutchinson probes per datapoint.
+    :param probes: optional Rademacher probes ``(B, n_probes, D)`` (entries +-1) to use instead
+        of drawing them.
     :returns: scalar loss (mean over the batch), differentiable in the network's parameters.
     """
     _check_batch(x)
     if trace not in ("exact", "hutchinson"):
         raise ValueError(f"trace must be 'exact' or 'hutchinson', got {trace!r}")
     if trace == "hutchinson":
-        return _projected_loss(score_net, x, n_probes, "rademacher", variance_reduced=True)
+        return _projected_loss(score_net, x, n_probes, "rademacher", True, probes)
     x, s = _score_with_input(score_net, x)
     tr = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for i in range(x.shape[1]):  # d s_i / d x_i, one backward pass each
@@ -105,7 +116,8 @@ def ism_loss(score_net: Callable, x: torch.Tensor, trace: str = "exact", n_probe
 
 
 def ssm_loss(
-    score_net: Callable, x: torch.Tensor, n_projections: int = 1, variance_reduced: bool = True
+    score_net: Callable, x: torch.Tensor, n_projections: int = 1, variance_reduced: bool = True,
+    projections: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sliced score matching (Song et al. 2019): ``E_{x,v}[ v^T J(x) v + 0.5 (v^T s(x))^2 ]``
     with Gaussian projections ``v``; ``variance_reduced=True`` (SSM-VR) replaces the second term
@@ -114,21 +126,28 @@ def ssm_loss(
     :param score_net: ``(B, D) -> (B, D)``.
     :param x: data batch ``(B, D)``.
     :param n_projections: random directions per datapoint.
+    :param projections: optional standard normal directions ``(B, n_projections, D)`` to use
+        instead of drawing them.
     :returns: scalar loss; one backward pass per projection, whatever ``D`` is.
     """
     _check_batch(x)
-    return _projected_loss(score_net, x, n_projections, "gaussian", variance_reduced)
+    return _projected_loss(score_net, x, n_projections, "gaussian", variance_reduced, projections)
 
 
-def _projected_loss(score_net: Callable, x: torch.Tensor, n: int, dist: str, variance_reduced: bool) -> torch.Tensor:
+def _projected_loss(score_net: Callable, x: torch.Tensor, n: int, dist: str, variance_reduced: bool,
+                    directions: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of projections must be a positive integer, got {n!r}")
+    _check_noise(directions, (x.shape[0], n, x.shape[1]), "projections" if dist == "gaussian" else "probes")
     x, s = _score_with_input(score_net, x)
     total = 0.5 * s.pow(2).sum(-1) if variance_reduced else torch.zeros_like(s[:, 0])
-    for _ in range(n):
-        v = torch.randn_like(x)
-        if dist == "rademacher":
-            v = v.sign()
+    for j in range(n):
+        if directions is not None:
+            v = directions[:, j].to(x)
+        else:
+            v = torch.randn_like(x)
+            if dist == "rademacher":
+                v = v.sign()
         sv = (s * v).sum(-1)
         (jv,) = torch.autograd.grad(sv.sum(), x, create_graph=True)  # J^T v per row
         total = total + (jv * v).sum(-1) / n
@@ -140,7 +159,7 @@ def _projected_loss(score_net: Callable, x: torch.Tensor, n: int, dist: str, var
 # --------------------------------------------------------------------------- denoising SM
 
 
-def dsm_loss(score_net: Callable, x: torch.Tensor, sigma: float) -> torch.Tensor:
+def dsm_loss(score_net: Callable, x: torch.Tensor, sigma: float, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Denoising score matching at one noise level (Vincent 2011):
     ``0.5 sigma^2 E||s(x + sigma eps) + eps / sigma||^2``. Its minimizer is the score of the
     noised data ``p_sigma = p * N(0, sigma^2 I)`` (the ``sigma^2`` weight only rescales it).
@@ -148,15 +167,18 @@ def dsm_loss(score_net: Callable, x: torch.Tensor, sigma: float) -> torch.Tensor
     :param score_net: ``(B, D) -> (B, D)``, unconditional.
     :param x: clean batch ``(B, D)``.
     :param sigma: noise standard deviation.
+    :param eps: optional standard normal noise ``(B, D)`` to use instead of drawing it.
     """
     _check_batch(x)
     sigma = _check_sigma(sigma)
-    eps = torch.randn_like(x)
+    _check_noise(eps, tuple(x.shape), "eps")
+    eps = torch.randn_like(x) if eps is None else eps.to(x)
     s = score_net(x + sigma * eps)
     return 0.5 * (sigma * s + eps).pow(2).sum(-1).mean()
 
 
-def ncsn_loss(score_net: Callable, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def ncsn_loss(score_net: Callable, x: torch.Tensor, sigmas: torch.Tensor, levels: Optional[torch.Tensor] = None,
+              eps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Noise-conditional DSM over a ladder (Song & Ermon 2019, eq. 6 with ``lambda = sigma^2``):
     each datapoint draws a level ``sigma`` uniformly from ``sigmas`` and contributes
     ``0.5 ||sigma s(x~, sigma) + eps||^2`` with ``x~ = x + sigma eps``.
@@ -164,12 +186,18 @@ def ncsn_loss(score_net: Callable, x: torch.Tensor, sigmas: torch.Tensor) -> tor
     :param score_net: ``(x (B, D), sigma (B,)) -> (B, D)``.
     :param x: clean batch ``(B, D)``.
     :param sigmas: noise levels ``(L,)``, e.g. :func:`geometric_sigmas`.
+    :param levels: optional indices into ``sigmas`` ``(B,)`` to use instead of drawing them.
+    :param eps: optional standard normal noise ``(B, D)`` to use instead of drawing it.
     """
     _check_batch(x)
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or not (sigmas > 0).all():
         raise ValueError(f"sigmas must be a 1-d tensor of positive noise levels, got {sigmas!r}")
-    sigma = sigmas.to(x)[torch.randint(len(sigmas), (x.shape[0],), device=x.device)]
-    eps = torch.randn_like(x)
+    _check_noise(levels, (x.shape[0],), "levels")
+    _check_noise(eps, tuple(x.shape), "eps")
+    if levels is None:
+        levels = torch.randint(len(sigmas), (x.shape[0],), device=x.device)
+    sigma = sigmas.to(x)[levels.to(x.device)]
+    eps = torch.randn_like(x) if eps is None else eps.to(x)
     s = score_net(x + sigma[:, None] * eps, sigma)
     return 0.5 * (sigma[:, None] * s + eps).pow(2).sum(-1).mean()
 

@@ -2,7 +2,8 @@
 
 The loop is plain PyTorch: draw a batch, evaluate one objective of :mod:`ppgen.score`, step
 Adam; once per epoch log the validation loss and write an atomic checkpoint through
-:class:`ppgen.runs.Run` so ``--resume`` continues where the run stopped.
+:class:`ppgen.runs.Run` so ``--resume`` continues where the run stopped. Under ``torchrun`` it is
+data-parallel (:mod:`ppgen.devices`): each process trains on its shard of every global batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
 from ppgen.langevin import annealed_langevin, langevin
 from ppgen.plots import save_figure
-from ppgen.devices import resolve_device
+from ppgen.devices import adam, distributed, resolve_device
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -96,14 +97,31 @@ class ScoreConfig:
             return UNetScore(self.image_shape, self.width)
         return ScoreNet(dim, self.hidden, conditional=self.conditional)
 
-    def loss(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def loss(self, net: nn.Module, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
+        """The objective on batch ``x`` (B, D), with the ``noise`` of :meth:`draw_noise` (rows of
+        this batch) or, when None, noise drawn from torch's global stream."""
+        noise = noise or {}
         if self.objective == "ism":
             return ism_loss(net, x)
         if self.objective == "ism-hutchinson":
-            return ism_loss(net, x, "hutchinson", self.projections)
+            return ism_loss(net, x, "hutchinson", self.projections, noise.get("directions"))
         if self.objective == "ssm":
-            return ssm_loss(net, x, self.projections)
-        return ncsn_loss(net, x, self.sigmas.to(x.device))
+            return ssm_loss(net, x, self.projections, projections=noise.get("directions"))
+        return ncsn_loss(net, x, self.sigmas.to(x.device), noise.get("levels"), noise.get("eps"))
+
+    def draw_noise(self, n: int, dim: int, generator: torch.Generator) -> dict:
+        """The noise :meth:`loss` needs for ``n`` datapoints of dimension ``dim``, drawn from
+        ``generator`` (on the training device), batch first: ``{"directions": (n, P, dim)}``
+        (Gaussian for ssm, Rademacher for ism-hutchinson), ``{"levels": (n,), "eps": (n, dim)}``
+        for dsm, nothing for exact ism."""
+        device = generator.device
+        if self.objective == "ism":
+            return {}
+        if self.objective in ("ssm", "ism-hutchinson"):
+            v = torch.randn(n, self.projections, dim, generator=generator, device=device)
+            return {"directions": v.sign() if self.objective == "ism-hutchinson" else v}
+        return {"levels": torch.randint(self.n_sigmas, (n,), generator=generator, device=device),
+                "eps": torch.randn(n, dim, generator=generator, device=device)}
 
 
 class ScoreRun(NamedTuple):
@@ -111,7 +129,7 @@ class ScoreRun(NamedTuple):
 
     net: nn.Module
     config: ScoreConfig
-    run: Run
+    run: Optional[Run]  # None in a torchrun process other than rank 0
     train: torch.Tensor  # (N, D) training data
     history: list
 
@@ -125,6 +143,7 @@ def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor,
 
 
 _RESUMABLE = {"epochs", "device", "langevin_steps", "eta"}
+_NOISE_SEED = 1 << 32  # offset of the objective's noise stream from the seed of the weights
 
 
 def train_score(
@@ -138,66 +157,109 @@ def train_score(
 ) -> ScoreRun:
     """Train ``config.build()`` on ``config.objective``, writing run directory ``out``
     (config.json, metrics.jsonl with one line per epoch, checkpoint.pt, figures/samples.png).
-    SIGINT/SIGTERM checkpoints before the next batch and raises :class:`ppgen.runs.Interrupted`;
-    ``resume`` continues that epoch with the same data order."""
-    run = Run(out, resume=resume, overwrite=overwrite)
+
+    Each epoch visits the training set in a permutation seeded by ``(seed, epoch)`` in batches of
+    ``config.batch_size`` (the last partial batch is dropped). The objective's noise comes from
+    a generator of its own, drawn for the whole batch, so the weights do not depend on how many
+    processes share it: under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its rows of
+    every batch and its noise, gradients and losses are averaged before each Adam step, and only
+    rank 0 validates, writes ``out`` and shows progress (other ranks' ``ScoreRun.run`` is None).
+
+    The training loss is summed on the device and read once per epoch: a NaN or infinite loss
+    stops the run at the end of that epoch (or at an interrupt) with a ``FloatingPointError``
+    naming the last good checkpoint, and is never checkpointed. SIGINT/SIGTERM checkpoints
+    before the next batch and raises :class:`ppgen.runs.Interrupted`; ``resume`` continues that
+    epoch with the same data order and noise."""
+    job = distributed(resolve_device(config.device))
+    rank, device = job.rank, job.place(resolve_device(config.device))
+    run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
         check_resumable(run.load_config(), config_to_dict(config), may_change=_RESUMABLE)
-    run.save_config(config_to_dict(config))
-    device = resolve_device(config.device)
+    if rank == 0:
+        run.save_config(config_to_dict(config))
     train, val = load_data(config, download)
-    seed_everything(config.seed)
+    n, bs = len(train), config.batch_size
+    if bs > n:
+        raise ValueError(f"batch_size {bs} is larger than the training set ({n} points); use --batch-size {n} or smaller")
+    steps, lo_hi = n // bs, {"lo": train.min(0).values, "hi": train.max(0).values}  # lo_hi: the data's box
+    local = job.shard(bs)  # this process's rows of every batch: [lo, lo + local)
+    lo = rank * local
+    seed_everything(config.seed)  # the same initial weights in every process
     net = config.build().to(device)
-    opt = torch.optim.Adam(net.parameters(), config.lr)
-    start, history, order, first = 0, [], None, 0
+    params = list(net.parameters())
+    opt = adam(params, config.lr)
+    noise = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED)
+    order = torch.Generator()
+    start, history, first = 0, [], 0
     if resume and run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(map_location=device)
+        ckpt = run.load_checkpoint(map_location="cpu")
         net.load_state_dict(ckpt["net"])
         opt.load_state_dict(ckpt["optim"])
         set_rng_state(ckpt["rng"])
-        start = int(ckpt["epoch"])
-        if "order" in ckpt:  # stopped by a signal mid-epoch: continue that epoch where it stopped
-            order, first = ckpt["order"], int(ckpt["batch"])
-        run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
-        history = run.metrics()
-    x_val = val[:512].to(device)
+        if "noise" in ckpt:
+            noise.set_state(ckpt["noise"])
+        start, first = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
+        if rank == 0:
+            run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
+        history = [r for r in run.metrics() if r.get("epoch", 0) <= start]
+    data, x_val = train.to(device), val[:512].to(device)
+
     def state(epoch: int, **partial) -> dict:
         return {"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "lo": train.min(0).values, "hi": train.max(0).values, **partial}
+                "noise": noise.get_state(), **lo_hi, **partial}
+
+    def check(total: torch.Tensor, epoch: int) -> float:
+        value = float(total)  # the one host sync of an epoch
+        if not math.isfinite(value):
+            if rank != 0:
+                where = "rank 0 names the last good checkpoint"
+            elif run.checkpoint_path.exists():
+                where = f"the last good checkpoint is {run.checkpoint_path} (end of epoch {epoch - 1})"
+            else:
+                where = "no checkpoint was written yet"
+            raise FloatingPointError(f"score loss became {value} in epoch {epoch}; training stopped and {where}. "
+                                     "Lower --lr.")
+        return value
 
     with StopSignal() as stop:
         for epoch in range(start, config.epochs):
-            t0, total, seen = time.perf_counter(), 0.0, 0
-            if order is None:
-                order, first = torch.randperm(len(train)), 0
-            batches = range(first * config.batch_size, len(train), config.batch_size)
-            if progress:
+            t0, total = time.perf_counter(), torch.zeros((), device=device)
+            order.manual_seed(config.seed * 100_003 + epoch + 1)
+            perm = torch.randperm(n, generator=order).to(device)
+            batches = range(first, steps)
+            if progress and rank == 0:
                 from tqdm import tqdm
 
                 batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-            for b in batches:
+            for i in batches:
                 if stop.requested:
-                    run.save_checkpoint(state(epoch, order=order, batch=b // config.batch_size))
+                    check(total, epoch + 1)
+                    if rank != 0:
+                        raise Interrupted(f"{stop.requested}: stopped in epoch {epoch + 1}")
+                    run.save_checkpoint(state(epoch, batch=i))
                     raise Interrupted(f"{stop.requested}: stopped in epoch {epoch + 1}; checkpoint saved in "
                                       f"{run.path}. Resume with the same command plus --resume.")
-                loss = config.loss(net, train[order[b : b + config.batch_size]].to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"score loss became {float(loss)} at epoch {epoch + 1}; lower --lr")
+                x = data[perm[i * bs + lo : i * bs + lo + local]]
+                drawn = config.draw_noise(bs, x.shape[1], noise)  # the whole batch's noise, then our rows
+                loss = config.loss(net, x, {k: v[lo : lo + local] for k, v in drawn.items()})
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                (loss,) = job.average(params, loss.detach())  # the mean over the whole batch
                 opt.step()
-                size = min(config.batch_size, len(train) - b)
-                total, seen = total + float(loss.detach()) * size, seen + size
-            with seeded(12345, device):  # the same validation noise every epoch
-                val_loss = float(config.loss(net, x_val).detach())
-            record = {"epoch": epoch + 1, "train_loss": total / max(seen, 1), "val_loss": val_loss,
-                      "seconds": time.perf_counter() - t0}
-            run.log(record)
+                total += loss
+            train_loss = check(total, epoch + 1) / (steps - first)
+            first = 0
+            record = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": train_loss}
+            if rank == 0:
+                with seeded(12345, device):  # the same validation noise every epoch
+                    record["val_loss"] = float(config.loss(net, x_val).detach())
+            record["seconds"] = time.perf_counter() - t0
             history.append(record)
-            order = None
-            run.save_checkpoint(state(epoch + 1))
-    result = ScoreRun(net, config, run, train, history)
-    if figures:
+            if rank == 0:
+                run.log(record)
+                run.save_checkpoint(state(epoch + 1))
+    result = ScoreRun(net, config, run if rank == 0 else None, train, history)
+    if figures and rank == 0:
         write_figures(result)
     return result
 

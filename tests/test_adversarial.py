@@ -117,6 +117,28 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
 
 
+def test_weights_follow_the_seed_not_the_global_random_stream():
+    # Data order and noise come from streams seeded by config.seed (so every torchrun process draws
+    # the same numbers whatever else it did); d_steps=2: one generator step per two D steps.
+    data = torch.randn(96, 2)
+    config = LoopConfig(epochs=2, batch_size=16, d_steps=2, lr_g=1e-2, lr_d=1e-2, seed=5)
+    states = []
+    for global_seed in (0, 1):
+        torch.manual_seed(7)
+        gen, disc = make_generator(2, 2, (8,), sigmoid=False), make_discriminator(2, (8,))
+        before = [p.detach().clone() for p in gen.parameters()]
+        torch.manual_seed(global_seed)
+        result = adversarial_loop(gen, disc, data, config)
+        assert [r["g_steps"] for r in result.history] == [3, 3]
+        assert all(p.requires_grad for p in disc.parameters())  # unfrozen after each generator step
+        assert all(not torch.equal(a, b) for a, b in zip(before, gen.parameters()))  # training moved G
+        states.append({**gen.state_dict(), **{f"d.{k}": v for k, v in disc.state_dict().items()}})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+    with pytest.raises(ValueError, match=r"batch_size 128 is larger than the training set \(96 datapoints\)"):
+        adversarial_loop(gen, disc, data, LoopConfig(batch_size=128))
+
+
 def _digits_config(epochs):
     return GANConfig(DataConfig("digits", "none"), latent_dim=8, hidden=(64,),
                      loop=LoopConfig(epochs=epochs, batch_size=64, seed=3))

@@ -160,6 +160,39 @@ def test_bad_inputs_are_named():
         langevin(GM.score, torch.zeros(3, 2), 0.0, 5)
 
 
+@pytest.mark.parametrize("objective", ["ism", "ism-hutchinson", "ssm", "dsm"])
+def test_given_noise_splits_a_batch_exactly(objective):
+    # What data-parallel training rests on: the loss of a batch is the mean of the losses of its
+    # halves when each half gets its rows of the batch's noise; and drawing that noise in the loop
+    # (ScoreConfig.draw_noise) gives the numbers the objective draws itself from the same seed.
+    from ppgen.score_train import ScoreConfig
+
+    config = ScoreConfig(objective=objective, hidden=(16,), projections=3, n_sigmas=4)
+    torch.manual_seed(0)
+    net, x = config.build(), torch.randn(8, 2)
+    noise = config.draw_noise(8, 2, torch.Generator().manual_seed(1))
+    halves = [config.loss(net, x[i : i + 4], {k: v[i : i + 4] for k, v in noise.items()}) for i in (0, 4)]
+    whole = config.loss(net, x, noise)
+    assert torch.allclose(whole, (halves[0] + halves[1]) / 2, atol=1e-6)
+    if objective != "ism":
+        assert not torch.allclose(whole, config.loss(net, x, config.draw_noise(8, 2, torch.Generator())))
+    if objective == "dsm":
+        torch.manual_seed(2)
+        levels, eps = torch.randint(4, (8,)), torch.randn(8, 2)
+        torch.manual_seed(2)
+        assert torch.equal(ncsn_loss(net, x, config.sigmas), ncsn_loss(net, x, config.sigmas, levels, eps))
+
+
+def test_noise_of_the_wrong_shape_is_named():
+    net = ScoreNet(2)
+    with pytest.raises(ValueError, match=r"eps must be a tensor of shape \(3, 2\) \(batch first\), got \(2, 3\)"):
+        dsm_loss(net, torch.zeros(3, 2), 0.5, eps=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"projections must be a tensor of shape \(3, 1, 2\)"):
+        ssm_loss(net, torch.zeros(3, 2), projections=torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match=r"levels must be a tensor of shape \(3,\)"):
+        ncsn_loss(ScoreNet(2, conditional=True), torch.zeros(3, 2), geometric_sigmas(1.0, 0.1, 3), levels=[0, 1, 2])
+
+
 # --------------------------------------------------------------------------- run directory, CLI
 
 
@@ -201,6 +234,34 @@ def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
     x, s = torch.randn(5, 2), torch.full((5,), 0.1)
     assert torch.equal(resumed.net(x, s), full.net(x, s))
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def test_non_finite_loss_stops_at_the_end_of_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from ppgen.runs import Run
+    from ppgen.score_train import ScoreConfig, train_score
+
+    calls = {"n": 0}
+    loss = ScoreConfig.loss
+
+    def poisoned(self, net, x, noise=None):
+        calls["n"] += 1
+        value = loss(self, net, x, noise)
+        return value * float("nan") if calls["n"] == 4 + 1 + 2 else value  # epoch 2, batch 2
+
+    monkeypatch.setattr(ScoreConfig, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"score loss became nan in epoch 2.*checkpoint.pt \(end of epoch 1\)"):
+        train_score(_toy_config(), tmp_path / "run", progress=False, figures=False)
+    run = Run(tmp_path / "run", resume=True)
+    assert run.load_checkpoint()["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in run.load_checkpoint()["net"].values())
+    assert [r["epoch"] for r in run.metrics()] == [1]
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    from ppgen.score_train import train_score
+
+    with pytest.raises(ValueError, match="batch_size 2000 is larger than the training set \\(1000 points\\)"):
+        train_score(_toy_config(batch_size=2000), tmp_path / "run", progress=False, figures=False)
 
 
 def test_cli_trains_and_samples_a_toy_and_rejects_bad_flags(tmp_path, capsys):

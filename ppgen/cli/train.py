@@ -192,6 +192,8 @@ def cmd_train_gan(args: argparse.Namespace) -> int:
                       args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device)
     config = GANConfig(data_config(args), args.latent_dim, args.hidden, args.arch, loop)
     _, result, run = train_gan(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    if run is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     last = result.history[-1]
     print(f"epoch {last['epoch']}: loss_D {last['loss_D']:.3f}, loss_G {last['loss_G']:.3f}, "
           f"D(x) {last['D_real']:.3f}, D(G(z)) {last['D_fake']:.3f}; run written to {run.path} "
@@ -235,6 +237,8 @@ def cmd_train_score(args: argparse.Namespace) -> int:
                          args.hidden, args.width, args.sigma_max, args.sigma_min, args.n_sigmas, args.projections,
                          args.epochs, args.batch_size, args.lr, args.seed, args.device, args.langevin_steps, args.eta)
     done = train_score(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
+    if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     last = done.history[-1]
     print(f"epoch {last['epoch']}: {config.objective} loss train {last['train_loss']:.4f}, "
           f"validation {last['val_loss']:.4f}; run written to {done.run.path} (figures in {done.run.figures})")
