@@ -7,7 +7,6 @@ Each subcommand is an ``add_<name>(subparsers)`` function that registers its par
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -57,35 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group(wait: bool = False) -> None:
-    """Leave the torchrun process group, if any; with ``wait``, once every process is done.
-
-    gloo's worker threads free each finished collective, and the Python tensors it holds, a
-    moment after the caller saw it finish; one still doing so when the interpreter shuts down
-    aborts the process ("terminate called without an active exception", about 1 run in 30 with
-    two CPU processes). Waiting for the others and then sleeping briefly, without the GIL, lets
-    them finish (0 aborts in 100 runs)."""
-    import time
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if wait:  # NCCL's barrier runs on this process's own GPU
-            nccl = dist.get_backend() == "nccl"
-            dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))] if nccl else None)
-        time.sleep(0.05)
-        dist.destroy_process_group()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``ppgen`` command; user errors print one line and exit with status 2."""
     from ppgen.data import DataNotFoundError
+    from ppgen.devices import leave_process_group
     from ppgen.runs import CheckpointError, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
         status = args.func(args)
-        _leave_process_group(wait=True)  # after an error only leave: the others may never arrive
+        leave_process_group(wait=True)  # after an error only leave: the others may never arrive
         return status
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError, FloatingPointError) as err:
         kind = "data not found" if isinstance(err, DataNotFoundError) else "error"
@@ -95,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ppgen: interrupted: {err}", file=sys.stderr)
         return 130
     finally:
-        _leave_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":

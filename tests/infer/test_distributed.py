@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent(
     import pyro, pyro.distributions as dist, torch
     from torch import nn
     from ppgen.infer.svi import SVIConfig, train_svi
-    from ppgen.devices import distributed
+    from ppgen.devices import distributed, leave_process_group
 
     torch.manual_seed(0)
     x = torch.randn(96, 3) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 2.0], [0.3, 0.0, 1.0]])
@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent(
         state = {k: v.detach() for k, v in pyro.get_param_store().named_parameters()}
         state["loss"] = torch.tensor([h["train_loss"] for h in res.history])
         torch.save(state, sys.argv[1])
+    leave_process_group(wait=True)
     """
 )
 
