@@ -259,8 +259,9 @@ def train_svi(
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
         if "perm" in ckpt:
             perm, first_batch, total = ckpt["perm"].to(device), int(ckpt["batch"]), float(ckpt["total"])
-        run.truncate_metrics(lambda r: r.get("epoch", 0) <= start_epoch)
-        history = [r for r in run.metrics() if "train_loss" in r]
+        if rank == 0:  # the other processes read the run directory but never write it
+            run.truncate_metrics(lambda r: r.get("epoch", 0) <= start_epoch)
+        history = [r for r in run.metrics() if "train_loss" in r and r.get("epoch", 0) <= start_epoch]
 
     val_elbo = history[-1].get("val_elbo") if history else None
     skipped = 0
