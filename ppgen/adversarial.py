@@ -208,12 +208,13 @@ def adversarial_loop(
             order.manual_seed(config.seed * 100_003 + epoch)
             perm = torch.randperm(n, generator=order).to(device)
             for i in range(first, n // bs):
-                if stop.requested:
+                requested = job.agree_stop(stop.requested, device)
+                if requested:
                     _check_finite(sums, epoch, run, job.rank)
                     if writer is None:
-                        raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}")
+                        raise Interrupted(f"{requested}: stopped at epoch {epoch}")
                     writer.save_checkpoint(state(epoch - 1, batch=i))
-                    raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, batch {i}; checkpoint saved "
+                    raise Interrupted(f"{requested}: stopped at epoch {epoch}, batch {i}; checkpoint saved "
                                       f"in {run.path}. Resume with the same command plus --resume.")
                 rows = perm[i * bs : (i + 1) * bs]
                 x = transform(train[rows])[lo : lo + local] if transform is not None else train[rows[lo : lo + local]]

@@ -71,6 +71,20 @@ class Distributed(NamedTuple):
             offset += g.numel()
         return [flat[offset + i] for i in range(len(values))]
 
+    def agree_stop(self, requested: Optional[str], device: torch.device) -> Optional[str]:
+        """Whether any process was asked to stop (``requested``: this process's signal name, from
+        :class:`ppgen.runs.StopSignal`), agreed by all of them at the same step, so they stop
+        together and rank 0's checkpoint is taken where every process is. A signal reaches the
+        processes a moment apart; deciding alone, one would leave while another waits in the
+        next all-reduce. Alone, returns ``requested``; in a job, one tiny all-reduce per call."""
+        if self.world == 1:
+            return requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(requested is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return requested or ("a signal to another process" if flag.item() else None)
+
 
 def distributed(device: Optional[torch.device] = None) -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1),

@@ -232,12 +232,13 @@ def train_score(
 
                 batches = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
             for i in batches:
-                if stop.requested:
+                requested = job.agree_stop(stop.requested, device)
+                if requested:
                     check(total, epoch + 1)
                     if rank != 0:
-                        raise Interrupted(f"{stop.requested}: stopped in epoch {epoch + 1}")
+                        raise Interrupted(f"{requested}: stopped in epoch {epoch + 1}")
                     run.save_checkpoint(state(epoch, batch=i))
-                    raise Interrupted(f"{stop.requested}: stopped in epoch {epoch + 1}; checkpoint saved in "
+                    raise Interrupted(f"{requested}: stopped in epoch {epoch + 1}; checkpoint saved in "
                                       f"{run.path}. Resume with the same command plus --resume.")
                 x = data[perm[i * bs + lo : i * bs + lo + local]]
                 drawn = config.draw_noise(bs, x.shape[1], noise)  # the whole batch's noise, then our rows

@@ -87,7 +87,7 @@ def train_vae(
         test_elbo = evaluate_elbo(vae.model, vae.guide, data.test.to(device))
         run.log({"epoch": config.svi.epochs, "test_elbo": test_elbo})
         _vae_figures(vae, data, run.figures)
-    return VAERun(vae, data, config, run, result)
+    return VAERun(vae, data, config, run if rank == 0 else None, result)  # rank 0 reports
 
 
 def _check_likelihood_data(config: VAERunConfig, data: Dataset) -> None:

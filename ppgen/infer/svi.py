@@ -218,7 +218,9 @@ def train_svi(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its shard of every global batch
     of ``config.batch_size`` and gradients are averaged (DDP-style, gloo on CPU, NCCL on GPU);
-    only rank 0 validates and writes ``run``.
+    only rank 0 validates and writes ``run``. A resumed multi-process run continues rank 0's
+    random stream; the other ranks draw fresh noise (seeded by seed, rank and step), so its
+    numbers follow the uninterrupted run in distribution, not bit for bit.
 
     :returns: :class:`SVIResult`, one metrics dict per epoch (train loss, validation ELBO, seconds).
     """
@@ -257,6 +259,8 @@ def train_svi(
             step_fn.guide.load_training_state(ckpt["guide"])
         set_rng_state(ckpt["rng"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        if rank:  # the checkpoint holds rank 0's random state: give the others their own noise again
+            seed_everything(hash((config.seed, rank, step)) % 2**32)
         if "perm" in ckpt:
             perm, first_batch, total = ckpt["perm"].to(device), int(ckpt["batch"]), float(ckpt["total"])
         if rank == 0:  # the other processes read the run directory but never write it
@@ -292,12 +296,13 @@ def train_svi(
                 total += loss / n
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{loss / n:.2f}")
-                if stop.requested:
+                requested = job.agree_stop(stop.requested, device)
+                if requested:
                     if run is None or rank != 0:
-                        raise Interrupted(f"{stop.requested}: stopped at epoch {epoch}, step {step}")
+                        raise Interrupted(f"{requested}: stopped at epoch {epoch}, step {step}")
                     run.save_checkpoint(_state(optimizer, step_fn.guide, epoch - 1, step, perm=perm, batch=i + 1, total=total))
                     raise Interrupted(
-                        f"{stop.requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
+                        f"{requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
                         f"{run.path}. Resume with the same command plus --resume."
                     )
             seconds = time.perf_counter() - t0
