@@ -29,7 +29,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
-from ppgen.infer.evidence import _PARTICLES, _check_positive_int, _data_frame, _plate_nesting
+from ppgen.infer.traces import _PARTICLES, _data_frame, _plate_nesting, check_positive_int
 from ppgen.runs import seeded
 
 __all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "ais_log_evidence", "bdmc"]
@@ -70,7 +70,7 @@ class BDMCResult(NamedTuple):
 
 def sigmoid_schedule(num_steps: int, delta: float = 4.0) -> torch.Tensor:
     """``num_steps + 1`` inverse temperatures from 0 to 1, dense at both ends (Grosse et al. 2015)."""
-    _check_positive_int("num_steps", num_steps)
+    check_positive_int("num_steps", num_steps)
     s = torch.sigmoid(delta * torch.linspace(-1.0, 1.0, num_steps + 1, dtype=torch.float64))
     return (s - s[0]) / (s[-1] - s[0])
 
@@ -208,7 +208,7 @@ def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, 
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
         raise ValueError(f"data must be a non-empty tensor of shape (N, ...), got {getattr(data, 'shape', data)!r}")
     for name, value in (("num_chains", k), ("leapfrog", leapfrog), ("batch_size", batch_size)):
-        _check_positive_int(name, value)
+        check_positive_int(name, value)
     if not 0 < target_accept < 1 or not step_size > 0:
         raise ValueError(f"need 0 < target_accept < 1 and step_size > 0, got {target_accept}, {step_size}")
     betas = sigmoid_schedule(t)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.evidence import _plate_nesting_from
+from ppgen.infer.traces import plate_nesting_from
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -166,7 +166,7 @@ def make_svi_step(
     pyro.clear_param_store()
     # Vectorized particles need the plate nesting. Pyro would guess it on the first step by running
     # guide and model once on the training RNG stream, so a resumed run would draw other numbers.
-    nesting = _plate_nesting_from(model, guide, (example,), {}) if config.particles > 1 else None
+    nesting = plate_nesting_from(model, guide, (example,), {}) if config.particles > 1 else None
     elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():

@@ -9,7 +9,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ppgen.infer.estimators import ESTIMATORS, Estimator, get_estimator, make_elbo, prepare_guide
-from ppgen.infer.guide_transforms import NNBaselineGuide
+from ppgen.infer.estimators.score_function import NNBaselineGuide
 from ppgen.infer.variance import gradient_stats
 
 

@@ -1,60 +1,124 @@
-"""Guide transforms behind the estimators that need more than an ELBO class.
+"""Score-function estimators: the guide marked non-reparameterized, plain REINFORCE, and a
+learned baseline.
 
-Each function takes a Pyro guide and returns the guide as one estimator must see it; the model and
-the user's guide stay unchanged.
-
-- :func:`sticking_the_landing`: the guide's log-density is scored with its parameters detached,
-  so the pathwise gradient drops the score term ``d log q / d phi`` whose expectation is zero
-  (Roeder, Wu & Duvenaud 2017, "Sticking the landing").
+- :class:`ScoreFunctionMessenger`: marks every latent guide site non-reparameterized
+  (``has_rsample = False``) and attaches Pyro baseline options, so ``Trace_ELBO`` /
+  ``TraceGraph_ELBO`` build the score-function surrogate for a guide written reparameterized.
+- :class:`Reinforce_ELBO`: the score-function ELBO gradient without any Rao-Blackwellization.
+  Pyro's ``Trace_ELBO`` already weights each non-reparameterized site's score by the log-ratio
+  summed only to that site's plates, and ``TraceGraph_ELBO`` further drops terms outside the
+  site's downstream graph. Here *every* score is weighted by the whole particle's
+  ``log p(x, z) - log q(z)`` (Williams 1992): the textbook estimator, kept as the baseline that
+  Rao-Blackwellization (Ranganath et al. 2014, Schulman et al. 2015) improves on.
 - :class:`NNBaselineGuide`: score-function guide whose latent sites get a learned,
   input-dependent baseline ``b(x)`` (Mnih & Gregor 2014), trained by its own Adam optimizer with
   its own learning rate on the squared error to the downstream cost; per datapoint inside the
   ``"data"`` plate, one scalar per particle for a global site.
-- :func:`enumerate_guide`: marks discrete guide sites for parallel enumeration (TraceEnum_ELBO).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
+import pyro.distributions as dist
 import torch
-from pyro.infer import config_enumerate
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_identically_zero, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
 from ppgen.runs import seeded
 
-__all__ = ["sticking_the_landing", "NNBaselineGuide", "enumerate_guide", "detach_distribution"]
+__all__ = ["ScoreFunctionMessenger", "Reinforce_ELBO", "NNBaselineGuide", "nn_baseline"]
 
 
-def detach_distribution(fn):
-    """A shallow copy of distribution ``fn`` whose tensor attributes (and those of wrapped base
-    distributions) are detached from the autograd graph."""
-    out = copy.copy(fn)
-    for key, value in list(vars(out).items()):
-        if isinstance(value, torch.Tensor):
-            setattr(out, key, value.detach())
-        elif isinstance(value, torch.distributions.Distribution):
-            setattr(out, key, detach_distribution(value))
-    return out
+class _SettableRsample:
+    """Mixin: ``has_rsample`` reads and writes the wrapped base distribution's."""
+
+    @property
+    def has_rsample(self) -> bool:
+        return self.base_dist.has_rsample
+
+    @has_rsample.setter
+    def has_rsample(self, value: bool) -> None:
+        self.base_dist.has_rsample = value
 
 
-class _StickingTheLanding(Messenger):
+class _Transformed(_SettableRsample, dist.TransformedDistribution):
+    pass
+
+
+class _Independent(_SettableRsample, dist.Independent):
+    pass
+
+
+def _settable(fn):
+    """``fn`` rebuilt so that ``fn.has_rsample = False`` works through its wrappers.
+
+    Marking only the innermost distribution is not enough: when a plate later expands the site
+    (vectorized particles), Pyro's broadcasting copies the mark onto the expanded wrapper by
+    assignment, which torch's ``Independent``/``TransformedDistribution`` properties refuse.
+    The subclasses keep every KL registration (type dispatch goes through the MRO)."""
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        return _Transformed(_settable(fn.base_dist), fn.transforms)
+    if isinstance(fn, torch.distributions.Independent):
+        return _Independent(_settable(fn.base_dist), fn.reinterpreted_batch_ndims)
+    return fn
+
+
+def _detach_sampling(fn):
+    """``fn`` with score-function (non-reparameterized) sampling, through its wrappers."""
+    fn = _settable(fn)
+    try:
+        fn.has_rsample = False
+    except AttributeError:  # another wrapper (e.g. masked) that forwards to its base
+        if not hasattr(fn, "base_dist"):
+            raise
+        _detach_sampling(fn.base_dist)
+    return fn
+
+
+class ScoreFunctionMessenger(Messenger):
+    """Marks every latent sample site non-reparameterized and attaches baseline options."""
+
+    def __init__(self, baseline: Optional[dict] = None):
+        super().__init__()
+        self.baseline = baseline
+
     def _process_message(self, msg: dict) -> None:
-        # Draw through the live parameters (pathwise), score log q(z; stop_grad(phi)).
-        if msg["type"] == "sample" and not msg["is_observed"] and msg["fn"].has_rsample:
-            fn = msg["fn"]
-            stl = detach_distribution(fn)
-            stl.rsample = fn.rsample  # instance attribute: sampling keeps its gradient path
-            msg["fn"] = stl
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return
+        if msg["fn"].has_rsample:
+            msg["fn"] = _detach_sampling(msg["fn"])
+        if self.baseline is not None:
+            msg["infer"] = {**msg["infer"], "baseline": dict(self.baseline)}
 
 
-def sticking_the_landing(guide: Callable) -> Callable:
-    """``guide`` with every reparameterized latent site scored under detached parameters, for
-    the STL gradient of Roeder et al. (2017) when trained with ``Trace_ELBO``."""
-    return _StickingTheLanding()(guide)
+class Reinforce_ELBO(Trace_ELBO):
+    """``Trace_ELBO`` whose score-function terms use the whole-trace log-ratio as their cost."""
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo, surrogate = 0.0, 0.0
+        log_r: torch.Tensor = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo += torch_item(site["log_prob_sum"])
+                surrogate = surrogate + site["log_prob_sum"]
+                log_r = log_r + site["log_prob_sum"].detach()
+        scores = []
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                _, score_function, entropy_term = site["score_parts"]
+                elbo -= torch_item(site["log_prob_sum"])
+                log_r = log_r - site["log_prob_sum"].detach()
+                if not is_identically_zero(entropy_term):
+                    surrogate = surrogate - entropy_term.sum()
+                if not is_identically_zero(score_function):
+                    scores.append(score_function)
+        for score_function in scores:
+            surrogate = surrogate + score_function.sum() * log_r
+        return -elbo, -surrogate
 
 
 class NNBaselineGuide:
@@ -129,8 +193,6 @@ class NNBaselineGuide:
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"score-nn-baseline needs the batch tensor as the guide's first argument, got {type(x).__name__}")
-        from ppgen.infer.estimators import ScoreFunctionMessenger
-
         outer = self
 
         class _Baselines(ScoreFunctionMessenger):
@@ -181,8 +243,3 @@ class _Baseline(nn.Module):
 def nn_baseline(lr: float = 1e-3, hidden: int = 64, beta: float = 0.95) -> Callable[[Callable], Callable]:
     """Guide transform factory for ``score-nn-baseline`` with baseline learning rate ``lr``."""
     return lambda guide: NNBaselineGuide(guide, lr, hidden, beta)
-
-
-def enumerate_guide(guide: Callable) -> Callable:
-    """``guide`` with its discrete sites enumerated in parallel (exact sum in TraceEnum_ELBO)."""
-    return config_enumerate(guide, default="parallel")

@@ -33,14 +33,12 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
-import pyro.distributions as dist
-import torch
 from pyro import infer
-from pyro.poutine.messenger import Messenger
 
-from ppgen.infer import guide_transforms as _gt
-from ppgen.infer.reinforce import Reinforce_ELBO
-from ppgen.infer.evidence import IWAE_ELBO
+from ppgen.infer.estimators.enumeration import enumerate_guide
+from ppgen.infer.estimators.multisample import IWAE_ELBO
+from ppgen.infer.estimators.pathwise import sticking_the_landing
+from ppgen.infer.estimators.score_function import Reinforce_ELBO, ScoreFunctionMessenger, nn_baseline
 
 __all__ = ["Estimator", "ESTIMATORS", "get_estimator", "make_elbo", "prepare_guide"]
 
@@ -54,7 +52,7 @@ class Estimator(NamedTuple):
     :param description: one line for ``--help`` and tables.
     :param guide_transform: optional ``guide -> guide`` that :func:`prepare_guide` applies
         instead of its default handling (sticking the landing, a learned baseline, enumeration;
-        see :mod:`ppgen.infer.guide_transforms`).
+        see the family modules of this package).
     """
 
     name: str
@@ -97,7 +95,7 @@ ESTIMATORS: dict[str, Estimator] = {
             True,
             None,
             "reparameterized, sticking the landing (Roeder et al. 2017)",
-            _gt.sticking_the_landing,
+            sticking_the_landing,
         ),
         Estimator("score-naive", Reinforce_ELBO, False, None, "plain REINFORCE, no Rao-Blackwellization"),
         Estimator(
@@ -106,7 +104,7 @@ ESTIMATORS: dict[str, Estimator] = {
             False,
             None,
             "score function with a learned baseline network b(x) (Adam, lr 1e-3)",
-            _gt.nn_baseline(lr=1e-3),
+            nn_baseline(lr=1e-3),
         ),
         Estimator(
             "enum",
@@ -114,7 +112,7 @@ ESTIMATORS: dict[str, Estimator] = {
             True,
             None,
             "exact sum over discrete guide sites (TraceEnum_ELBO)",
-            _gt.enumerate_guide,
+            enumerate_guide,
         ),
         Estimator(
             "iwae",
@@ -173,68 +171,6 @@ def make_elbo(
     if max_plate_nesting is not None:
         kwargs["max_plate_nesting"] = max_plate_nesting
     return est.elbo_class(**kwargs)
-
-
-class _SettableRsample:
-    """Mixin: ``has_rsample`` reads and writes the wrapped base distribution's."""
-
-    @property
-    def has_rsample(self) -> bool:
-        return self.base_dist.has_rsample
-
-    @has_rsample.setter
-    def has_rsample(self, value: bool) -> None:
-        self.base_dist.has_rsample = value
-
-
-class _Transformed(_SettableRsample, dist.TransformedDistribution):
-    pass
-
-
-class _Independent(_SettableRsample, dist.Independent):
-    pass
-
-
-def _settable(fn):
-    """``fn`` rebuilt so that ``fn.has_rsample = False`` works through its wrappers.
-
-    Marking only the innermost distribution is not enough: when a plate later expands the site
-    (vectorized particles), Pyro's broadcasting copies the mark onto the expanded wrapper by
-    assignment, which torch's ``Independent``/``TransformedDistribution`` properties refuse.
-    The subclasses keep every KL registration (type dispatch goes through the MRO)."""
-    if isinstance(fn, torch.distributions.TransformedDistribution):
-        return _Transformed(_settable(fn.base_dist), fn.transforms)
-    if isinstance(fn, torch.distributions.Independent):
-        return _Independent(_settable(fn.base_dist), fn.reinterpreted_batch_ndims)
-    return fn
-
-
-def _detach_sampling(fn):
-    """``fn`` with score-function (non-reparameterized) sampling, through its wrappers."""
-    fn = _settable(fn)
-    try:
-        fn.has_rsample = False
-    except AttributeError:  # another wrapper (e.g. masked) that forwards to its base
-        if not hasattr(fn, "base_dist"):
-            raise
-        _detach_sampling(fn.base_dist)
-    return fn
-
-
-class ScoreFunctionMessenger(Messenger):
-    """Marks every latent sample site non-reparameterized and attaches baseline options."""
-
-    def __init__(self, baseline: Optional[dict] = None):
-        super().__init__()
-        self.baseline = baseline
-
-    def _process_message(self, msg: dict) -> None:
-        if msg["type"] != "sample" or msg["is_observed"]:
-            return
-        if msg["fn"].has_rsample:
-            msg["fn"] = _detach_sampling(msg["fn"])
-        if self.baseline is not None:
-            msg["infer"] = {**msg["infer"], "baseline": dict(self.baseline)}
 
 
 def prepare_guide(name: str, guide: Callable) -> Callable:
