@@ -140,14 +140,23 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Python, NumPy and torch RNG states as tensors (safe for ``weights_only`` loading)."""
-    py = random.getstate()
-    np_state = np.random.get_state()
+    """Python, NumPy and torch RNG states as tensors (safe for ``weights_only`` loading).
+
+    Besides the Mersenne Twister words, Python's ``random`` keeps the second normal of its last
+    Box-Muller pair (``gauss_next``) and NumPy's legacy generator its cached Gaussian; both are
+    kept here (a flag and a float64) so that ``random.gauss`` / ``np.random.normal`` continue
+    exactly after :func:`set_rng_state`.
+    """
+    version, words, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": torch.tensor(py[1], dtype=torch.int64),
-        "python_pos": torch.tensor(py[2] if py[2] is not None else -1),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": torch.tensor(np_state[2]),
+        "python": torch.tensor(words, dtype=torch.int64),  # 624 words and the position
+        "python_has_gauss": torch.tensor(gauss_next is not None),
+        "python_gauss": torch.tensor(0.0 if gauss_next is None else gauss_next, dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": torch.tensor(int(pos)),
+        "numpy_has_gauss": torch.tensor(bool(has_gauss)),
+        "numpy_gauss": torch.tensor(float(cached), dtype=torch.float64),
         "torch": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -156,10 +165,20 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` saved."""
-    pos = int(state["python_pos"])
-    random.setstate((3, tuple(int(v) for v in state["python"]), None if pos < 0 else pos))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"])))
+    """Restore what :func:`rng_state` saved (checkpoints written before the cached Gaussians were
+    stored restore without them: the next ``random.gauss`` starts a fresh pair)."""
+    if "python_has_gauss" in state:
+        gauss_next = float(state["python_gauss"]) if bool(state["python_has_gauss"]) else None
+    else:  # older checkpoints kept int(gauss_next) under "python_pos": a lost value, not a state
+        gauss_next = None
+    random.setstate((3, tuple(int(v) for v in state["python"]), gauss_next))
+    np.random.set_state((
+        "MT19937",
+        state["numpy"].numpy().astype(np.uint32),
+        int(state["numpy_pos"]),
+        int(bool(state.get("numpy_has_gauss", False))),
+        float(state.get("numpy_gauss", 0.0)),
+    ))
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
