@@ -172,3 +172,52 @@ def test_rng_state_keeps_the_cached_gaussians_through_a_checkpoint(tmp_path):
     restored = (random.gauss(0, 1), np.random.normal(), random.random(), np.random.random(), torch.rand(()).item())
     assert restored == expected
     assert expected[0] == pytest.approx(-1.3965781047011498, abs=1e-12)
+
+
+def test_skipped_steps_are_per_epoch_and_left_out_of_train_loss(monkeypatch):
+    """Under on_nonfinite="skip", train_loss is the mean over the applied updates and
+    skipped_steps counts that epoch's skips (before the fix: loss summed over 6 applied steps but
+    divided by all 9 batches, and epoch 2 reported 6 skipped steps)."""
+    import math
+
+    import ppgen.infer.svi as svi_mod
+    from ppgen.data import load_dataset
+    from ppgen.infer.svi import train_svi
+    from ppgen.models.vae import VAE
+
+    data = load_dataset("digits", "static")
+    vae = VAE(data.dim, 4, (32,))
+    state = {"batch": 0}
+    losses = []
+    real_make = svi_mod.make_svi_step
+
+    def recording_make(*args, **kwargs):
+        step, optimizer = real_make(*args, **kwargs)
+
+        def recorded(x):
+            losses.append(step(x))
+            return losses[-1]
+
+        recorded.guide = step.guide
+        return recorded, optimizer
+
+    def count_batches(x):
+        state["batch"] += 1
+        return x
+
+    def model(x):  # -inf on every third training batch (the first call registers parameters)
+        vae.model(x)
+        if state["batch"] % 3 == 0:
+            pyro.factor("poison", torch.tensor(float("-inf")))
+
+    monkeypatch.setattr(svi_mod, "make_svi_step", recording_make)
+    res = train_svi(model, vae.guide, data.train, None, SVIConfig(epochs=2, batch_size=128, on_nonfinite="skip"),
+                    transform=count_batches, progress=False)
+    n, batches = len(data.train), len(data.train) // 128
+    assert len(losses) == 2 * batches == 18
+    for epoch, record in enumerate(res.history):
+        mine = losses[epoch * batches : (epoch + 1) * batches]
+        finite = [v for v in mine if math.isfinite(v)]
+        assert record["skipped_steps"] == len(mine) - len(finite) == 3
+        assert record["train_loss"] == pytest.approx(sum(v / n for v in finite) / len(finite), rel=1e-12)
+    assert [r["step"] for r in res.history] == [6, 12]

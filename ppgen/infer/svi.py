@@ -250,7 +250,9 @@ def train_svi(
     order = torch.Generator()
 
     start_epoch, step, history = 0, 0, []
-    perm, first_batch, total = None, 0, 0.0  # a partly done epoch, when resuming an interrupt
+    # A partly done epoch, when resuming an interrupt: its order, next batch, summed loss, and how
+    # many of its updates were applied and skipped (train_loss averages the applied ones only).
+    perm, first_batch, total, done, skipped = None, 0, 0.0, 0, 0
     if run is not None and run.resume:
         ckpt = run.load_checkpoint(map_location=device)
         load_params(ckpt["params"])
@@ -263,18 +265,20 @@ def train_svi(
             seed_everything(hash((config.seed, rank, step)) % 2**32)
         if "perm" in ckpt:
             perm, first_batch, total = ckpt["perm"].to(device), int(ckpt["batch"]), float(ckpt["total"])
+            # checkpoints from before the skip counts were kept: assume every step so far applied
+            done, skipped = int(ckpt.get("done", first_batch)), int(ckpt.get("skipped", 0))
         if rank == 0:  # the other processes read the run directory but never write it
             run.truncate_metrics(lambda r: r.get("epoch", 0) <= start_epoch)
         history = [r for r in run.metrics() if "train_loss" in r and r.get("epoch", 0) <= start_epoch]
 
     val_elbo = history[-1].get("val_elbo") if history else None
-    skipped = 0
     with StopSignal() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t0 = time.perf_counter()
             if perm is None:
                 order.manual_seed(config.seed * 100_003 + epoch)
                 perm, first_batch, total = torch.randperm(n, generator=order).to(device), 0, 0.0
+                done, skipped = 0, 0
             bar = tqdm(range(first_batch, batches), desc=f"epoch {epoch}/{config.epochs}",
                        disable=not progress, leave=False)
             for i in bar:
@@ -293,6 +297,7 @@ def train_svi(
                         "or pass --on-nonfinite skip."
                     )
                 step += 1
+                done += 1
                 total += loss / n
                 if i % 10 == 0:
                     bar.set_postfix(loss=f"{loss / n:.2f}")
@@ -300,15 +305,18 @@ def train_svi(
                 if requested:
                     if run is None or rank != 0:
                         raise Interrupted(f"{requested}: stopped at epoch {epoch}, step {step}")
-                    run.save_checkpoint(_state(optimizer, step_fn.guide, epoch - 1, step, perm=perm, batch=i + 1, total=total))
+                    run.save_checkpoint(_state(optimizer, step_fn.guide, epoch - 1, step, perm=perm, batch=i + 1,
+                                               total=total, done=done, skipped=skipped))
                     raise Interrupted(
                         f"{requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
                         f"{run.path}. Resume with the same command plus --resume."
                     )
             seconds = time.perf_counter() - t0
-            record = {"epoch": epoch, "step": step, "train_loss": total / batches, "seconds": seconds}
+            # Mean loss per datapoint over the updates applied this epoch (NaN if all were skipped).
+            train_loss = total / done if done else math.nan
+            record = {"epoch": epoch, "step": step, "train_loss": train_loss, "seconds": seconds}
             if skipped:
-                record["skipped_steps"] = skipped
+                record["skipped_steps"] = skipped  # this epoch's, not cumulative
             perm = None
             if val_data is not None:
                 val_elbo = evaluate_elbo(model, guide, val_data)
