@@ -15,9 +15,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["per_datapoint_log_weights", "plate_nesting_from", "check_positive_int", "DATA"]
+__all__ = ["per_datapoint_log_weights", "plate_nesting_from", "check_positive_int", "DATA", "DATA_SCALE_KEY"]
 
 DATA = "data"
+#: message key under which ``ppgen.infer.svi.DataScale`` records the minibatch factor ``N / B``
+#: it multiplied into a site's scale (kept outside the logsumexp of per-datapoint bounds).
+DATA_SCALE_KEY = "_ppgen_data_scale"
 _PARTICLES = "_ppgen_particles"
 
 
