@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.traces import plate_nesting_from
+from ppgen.infer.traces import DATA_SCALE_KEY, plate_nesting_from
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -75,6 +75,9 @@ class DataScale(Messenger):
 
     Used with ``scale = N / B`` to turn a minibatch ELBO into an unbiased full-dataset estimate.
     Sites of a plate that already subsamples itself (``subsample_size``) are left alone.
+    The factor is also recorded in ``msg["_ppgen_data_scale"]`` (``ppgen.infer.traces.DATA_SCALE_KEY``), so
+    per-datapoint bounds (``iwae``, ``dreg``, ``vimco``) can keep it outside their logsumexp
+    while other ``poutine.scale`` factors (e.g. KL warm-up) stay inside each log weight.
     """
 
     def __init__(self, scale: float):
@@ -85,6 +88,7 @@ class DataScale(Messenger):
         for frame in msg["cond_indep_stack"]:
             if frame.name == "data" and (frame.full_size is None or frame.full_size == frame.size):
                 msg["scale"] = self.scale * msg["scale"]
+                msg[DATA_SCALE_KEY] = self.scale * msg.get(DATA_SCALE_KEY, 1.0)
                 return
 
 
@@ -164,9 +168,12 @@ def make_svi_step(
     checkpoints that state too.
     """
     pyro.clear_param_store()
-    # Vectorized particles need the plate nesting. Pyro would guess it on the first step by running
-    # guide and model once on the training RNG stream, so a resumed run would draw other numbers.
-    nesting = plate_nesting_from(model, guide, (example,), {}) if config.particles > 1 else None
+    # Vectorized particles and TraceEnum_ELBO (at any particle count) need the plate nesting. Pyro
+    # would guess it at the first step by running guide and model once on the training RNG stream,
+    # so a resumed run would draw other numbers than the uninterrupted one. Found here off the RNG,
+    # for every estimator (a user-registered ELBO may guess too); a non-vectorized Trace_ELBO
+    # ignores it.
+    nesting = plate_nesting_from(model, guide, (example,), {})
     elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():
