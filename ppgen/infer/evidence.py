@@ -28,6 +28,7 @@ import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from ppgen.infer.batches import slice_arguments
 from ppgen.infer.traces import check_positive_int, per_datapoint_log_weights, plate_nesting_from
 from ppgen.runs import seeded
 
@@ -177,6 +178,9 @@ def log_evidence(
     """Importance-sampled ``log p(x_n)`` for every row of ``data`` (Burda et al. 2016).
 
     :param model: Pyro model ``model(x, *args, **kwargs)`` with a ``pyro.plate("data", len(x))``.
+        Every tensor in ``args``/``kwargs`` whose dim 0 has length ``N`` (labels, masks,
+        covariates) is sliced with the data, chunk by chunk; other arguments are passed unchanged
+        (:func:`ppgen.infer.batches.slice_arguments`).
     :param guide: its guide (the proposal ``q(z | x)``), same signature and latent sites.
     :param data: tensor of shape ``(N, ...)`` on the device the model runs on.
     :param num_samples: ``K >= 1`` proposals per datapoint.
@@ -205,14 +209,20 @@ def log_evidence(
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="evidence", unit="chunk")
+        n = len(data)
         for i in starts:
             x = data[i : i + batch_size]
-            if nesting is None:
-                nesting = plate_nesting_from(model, guide, (x[:1], *args), kwargs)  # one row is enough
+            # Per-datapoint arguments (dim 0 of length N) follow the data's rows; others pass as is.
+            chunk_args, chunk_kwargs = slice_arguments(args, kwargs, n, slice(i, i + batch_size))
+            if nesting is None:  # one row is enough
+                probe_args, probe_kwargs = slice_arguments(args, kwargs, n, slice(i, i + 1))
+                nesting = plate_nesting_from(model, guide, (x[:1], *probe_args), probe_kwargs)
             log_w = torch.empty(len(x), num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
             for k0 in range(0, num_samples, particle_chunk):
                 kc = min(particle_chunk, num_samples - k0)
-                lw, _ = per_datapoint_log_weights(model, guide, x, kc, *args, max_plate_nesting=nesting, **kwargs)
+                lw, _ = per_datapoint_log_weights(
+                    model, guide, x, kc, *chunk_args, max_plate_nesting=nesting, **chunk_kwargs
+                )
                 log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
                 del lw
             stats = _reduce(log_w, ladder)
