@@ -15,7 +15,9 @@ generative models", who also adapt the HMC step size toward a target acceptance 
 
 Works on any Pyro model whose latent sites are real-valued and sit, with the observations, in a
 single ``pyro.plate("data", B)`` (no other plates): the log-densities are read from Pyro traces.
-Many datapoints and chains run in parallel as one ``(K, B, ...)`` batch.
+A latent may be a scalar, a vector or a matrix per datapoint (event shape ``()``, ``(d,)`` or
+``(d1, d2)``; declare event dims with ``.to_event``). Many datapoints and chains run in parallel
+as one ``(K, B, *event)`` batch.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ class _Target:
         return prior, lik
 
 
+def _kinetic(p: dict) -> torch.Tensor:
+    """``sum 0.5 |p|^2`` per chain and datapoint: ``(K, B)`` from momenta of shape ``(K, B, *event)``,
+    where the event shape may be empty (a scalar latent per datapoint), a vector or a matrix."""
+    return sum(0.5 * v.pow(2).reshape(*v.shape[:2], -1).sum(-1) for v in p.values())
+
+
 def _hmc(target: _Target, z: dict, beta: float, eps: torch.Tensor, leapfrog: int):
     """One HMC transition per chain, leaving ``p(z) p(x|z)^beta`` invariant; ``eps`` is ``(B,)``."""
 
@@ -139,14 +147,14 @@ def _hmc(target: _Target, z: dict, beta: float, eps: torch.Tensor, leapfrog: int
 
     u0, g, prior0, lik0 = energy_grad(z)
     p = {k: torch.randn_like(v) for k, v in z.items()}
-    h0 = u0 + sum(0.5 * v.pow(2).flatten(2).sum(-1) for v in p.values())
+    h0 = u0 + _kinetic(p)
     zn, pn = dict(z), {k: v - 0.5 * step(v) * g[k] for k, v in p.items()}
     for i in range(leapfrog):
         zn = {k: v + step(v) * pn[k] for k, v in zn.items()}
         u, g, prior, lik = energy_grad(zn)
         frac = 1.0 if i < leapfrog - 1 else 0.5
         pn = {k: v - frac * step(v) * g[k] for k, v in pn.items()}
-    h1 = u + sum(0.5 * v.pow(2).flatten(2).sum(-1) for v in pn.values())
+    h1 = u + _kinetic(pn)
     log_accept = (h0 - h1).nan_to_num(nan=-math.inf)
     accept = torch.rand_like(log_accept).log() < log_accept  # (K, B)
 
