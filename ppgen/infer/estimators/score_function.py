@@ -4,12 +4,22 @@ learned baseline.
 - :class:`ScoreFunctionMessenger`: marks every latent guide site non-reparameterized
   (``has_rsample = False``) and attaches Pyro baseline options, so ``Trace_ELBO`` /
   ``TraceGraph_ELBO`` build the score-function surrogate for a guide written reparameterized.
+  A flow guide (IAF) is sampled under ``no_grad``, and its transforms cache the inverse ``x`` and
+  log-scales of that sample as constants; scoring the sample through the cache makes ``log q``
+  constant in the flow's weights (their gradient was zero). A marked
+  ``TransformedDistribution`` therefore scores a sample through the transforms' real inverse,
+  ``log q_phi(z) = log q_0(f_phi^{-1}(z)) - log |det J_f|``, differentiable in every ``phi``
+  (``d`` sequential network passes per autoregressive step). Every score estimator (``score``,
+  ``score-baseline``, ``score-nn-baseline``, ``score-naive``) goes through this one marking.
 - :class:`Reinforce_ELBO`: the score-function ELBO gradient without any Rao-Blackwellization.
   Pyro's ``Trace_ELBO`` already weights each non-reparameterized site's score by the log-ratio
   summed only to that site's plates, and ``TraceGraph_ELBO`` further drops terms outside the
   site's downstream graph. Here *every* score is weighted by the whole particle's
   ``log p(x, z) - log q(z)`` (Williams 1992): the textbook estimator, kept as the baseline that
-  Rao-Blackwellization (Ranganath et al. 2014, Schulman et al. 2015) improves on.
+  Rao-Blackwellization (Ranganath et al. 2014, Schulman et al. 2015) improves on. With
+  vectorized particles (an outer particle plate) the weight is each particle's own log-ratio,
+  summed over everything but the particle dim: the particles stay independent draws and the
+  gradient's variance falls like ``1/K``.
 - :class:`NNBaselineGuide`: score-function guide whose latent sites get a learned,
   input-dependent baseline ``b(x)`` (Mnih & Gregor 2014), trained by its own Adam optimizer with
   its own learning rate on the squared error to the downstream cost; per datapoint inside the
@@ -46,10 +56,18 @@ class _SettableRsample:
 
 
 class _Transformed(_SettableRsample, dist.TransformedDistribution):
-    pass
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        # A new tensor object: the transforms' caches match by identity (`y is y_old`), so this
+        # takes the real inverse, with the gradient in the flow's parameters that the sampling
+        # cache (filled under no_grad) lacks.
+        return super().log_prob(value.detach().clone())
 
 
 class _Independent(_SettableRsample, dist.Independent):
+    pass
+
+
+class _Masked(_SettableRsample, dist.MaskedDistribution):
     pass
 
 
@@ -64,6 +82,8 @@ def _settable(fn):
         return _Transformed(_settable(fn.base_dist), fn.transforms)
     if isinstance(fn, torch.distributions.Independent):
         return _Independent(_settable(fn.base_dist), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, dist.MaskedDistribution):
+        return _Masked(_settable(fn.base_dist), fn._mask)
     return fn
 
 
@@ -96,28 +116,48 @@ class ScoreFunctionMessenger(Messenger):
 
 
 class Reinforce_ELBO(Trace_ELBO):
-    """``Trace_ELBO`` whose score-function terms use the whole-trace log-ratio as their cost."""
+    """``Trace_ELBO`` whose score-function terms use the whole particle's log-ratio as their cost.
+
+    One trace holds one particle, or all ``K`` of them when ``vectorize_particles`` puts an outer
+    plate at dim ``-max_plate_nesting``. Then every log-density and score is summed over all dims
+    but that one, to shape ``(K,)``, and particle ``k``'s scores are weighted by particle ``k``'s
+    log-ratio ``log p(x, z_k) - log q(z_k)`` only (weighting by the sum over all particles made
+    the variance grow with ``K`` instead of falling like ``1/K``).
+    """
+
+    def _per_particle(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed to the particle dim: shape ``(K,)`` (or ``(1,)``) when vectorized, else ``()``."""
+        if not (self.vectorize_particles and self.num_particles > 1):
+            return t.sum()
+        n = self.max_plate_nesting
+        if t.dim() > n:
+            raise ValueError(
+                f"a site's log-density has {t.dim()} batch dims, more than max_plate_nesting={n}: "
+                "declare event dims with .to_event() or pass the right max_plate_nesting"
+            )
+        t = t.reshape((1,) * (n - t.dim()) + tuple(t.shape))
+        return t.reshape(t.shape[0], -1).sum(-1)
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         elbo, surrogate = 0.0, 0.0
-        log_r: torch.Tensor = 0.0
+        log_r: torch.Tensor = 0.0  # per particle: (K,) vectorized, () otherwise
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
                 elbo += torch_item(site["log_prob_sum"])
                 surrogate = surrogate + site["log_prob_sum"]
-                log_r = log_r + site["log_prob_sum"].detach()
+                log_r = log_r + self._per_particle(site["log_prob"].detach())
         scores = []
         for site in guide_trace.nodes.values():
             if site["type"] == "sample":
                 _, score_function, entropy_term = site["score_parts"]
                 elbo -= torch_item(site["log_prob_sum"])
-                log_r = log_r - site["log_prob_sum"].detach()
+                log_r = log_r - self._per_particle(site["log_prob"].detach())
                 if not is_identically_zero(entropy_term):
                     surrogate = surrogate - entropy_term.sum()
                 if not is_identically_zero(score_function):
                     scores.append(score_function)
         for score_function in scores:
-            surrogate = surrogate + score_function.sum() * log_r
+            surrogate = surrogate + (self._per_particle(score_function) * log_r).sum()
         return -elbo, -surrogate
 
 
