@@ -1,18 +1,49 @@
 """Variance, signal-to-noise ratio and bias of ELBO gradient estimators on one model/guide pair.
 
 At fixed parameters, :func:`gradient_stats` draws ``R`` independent gradient estimates per
-estimator (each one ``loss_and_grads`` call, read from ``.grad``, so ``TraceGraph_ELBO`` works)
-and summarises them per parameter, per layer and per group (``encoder``/``decoder``/...):
+estimator and particle count ``K`` (each one ``loss_and_grads`` call with ``K`` vectorized
+particles, read from ``.grad``, so ``TraceGraph_ELBO`` works) and summarises them per parameter,
+per layer and per group (``encoder``/``decoder``/...). With ``m_i`` and ``v_i`` the mean and the
+(unbiased) variance of element ``i`` over the ``R`` draws, and ``n`` elements in a row:
 
-- ``variance``: trace of the gradient covariance, ``sum_i Var[g_i]`` (per element, summed);
-- ``snr``: mean over elements of ``|E g_i| / sd(g_i)`` (Rainforth et al. 2018, "Tighter
-  variational bounds are not necessarily better");
-- ``bias2`` and ``mse``: ``sum_i (E g_i - g*_i)^2`` and ``E ||g - g*||^2`` against a reference
-  ``g*``: exact when the caller gives it (conjugate models), else the mean of many reparameterized
-  draws, whose own standard error enters ``max_z``, the largest ``|E g_i - g*_i| / SE_i``
-  (SE floored at 1e-5 of the group's largest gradient component, float32 rounding);
+- ``variance``: trace of the gradient covariance, ``sum_i v_i`` (per element, summed);
+- ``snr``: mean over elements of ``|m_i| / sqrt(v_i)`` (Rainforth et al. 2018, "Tighter
+  variational bounds are not necessarily better"). It has a noise floor: for a gradient element
+  whose true mean is 0, ``|m_i| / sd`` is ``|N(0, 1)| / sqrt(R)``, so ``snr`` reads about
+  ``sqrt(2 / (pi R))`` (0.11 at R = 50) however little signal there is;
+- ``snr_corrected``: the root-mean-square SNR with that noise taken out. The draws are split
+  into two interleaved halves ``A`` and ``B`` (``R/2`` each); ``U_A = m_A^2 - v_A / (R/2)`` is
+  unbiased for ``E[g_i]^2`` whatever the distribution of the draws, and independent of ``v_B``,
+  so ``(U_A / v_B + U_B / v_A) / 2`` has expectation exactly 0 for a zero-mean element, and
+  ``E[g_i]^2 / Var[g_i]`` times ``E[sigma^2 / v]`` (``1 + O(1/R)``) otherwise. Its mean over the
+  row's elements goes under the root; when that mean is negative by noise the row reports
+  ``-sqrt(|mean|)`` ("below the noise floor"), so it is centred on 0 for a zero-mean gradient,
+  with noise of order ``(4/n)^(1/4) / sqrt(R)`` over ``n`` elements. (Dividing ``m^2 - v/R`` by
+  the ``v`` of the *same* draws is not enough: ``m`` and ``v`` are correlated for skewed draws,
+  as a scale gradient's ``eps^2 - 1`` is, and the bias, of order ``skew^2 / R^2`` per element,
+  survives the average.) It is a root *mean square*: at least the mean SNR of the true values,
+  equal when every element has the same SNR; it needs ``R >= 8``, else it is NaN;
+- ``bias2``: the squared bias ``||E g - g*||^2`` against a reference ``g*``, debiased:
+  ``sum_i [(m_i - g*_i)^2 - v_i / R - se_i^2]``, where ``se_i`` is the reference's own standard
+  error (0 for an exact reference). The plain plug-in ``sum_i (m_i - g*_i)^2`` (``bias2_plugin``)
+  carries ``tr Cov / R + sum se^2`` of noise and so falls like ``1/R`` for an unbiased estimator;
+  the debiased value is unbiased and can be negative by noise. For heavy-tailed draws (score
+  function) it is right-skewed at small ``R``: most samples miss the rare large draws, which
+  shifts their mean and shrinks their variance, and the rare sample that has one reads far
+  negative. The reference is exact when the
+  caller gives it (conjugate models), else the mean of many single-particle reparameterized
+  draws, whose standard error also enters ``max_z``, the largest ``|m_i - g*_i| / SE_i`` (SE
+  floored at 1e-5 of the group's largest gradient component, float32 rounding). For an
+  estimator of another objective (``iwae`` with ``K > 1``) the bias is the gap to the ELBO
+  gradient;
+- ``mse``: ``mean_r ||g_r - g*||^2`` (it includes the reference's own error ``sum se^2``);
 - ``seconds``: wall time per draw, and ``work_variance = variance * seconds``, the variance of
   an average over one second of draws ("variance at equal compute", Glynn & Whitt 1992).
+
+Each (estimator, K) starts from the param store as the caller left it: the decaying-average
+baselines Pyro keeps in the store (``__baseline_avg_downstream_cost_*``) are restored between
+estimators and removed at the end, so results do not depend on the order of ``estimators`` and
+nothing is left behind.
 
 Gradients are those of the loss (negative ELBO) with respect to Pyro's *unconstrained* parameters.
 """
@@ -22,13 +53,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
+from ppgen.infer.traces import plate_nesting_from
 
 __all__ = ["GradientStats", "gradient_stats", "param_groups", "format_table"]
 
@@ -56,14 +90,17 @@ class _Welford:
 class GradientStats(NamedTuple):
     """What :func:`gradient_stats` returns.
 
-    :param rows: one dict per (estimator, level, name) with keys ``estimator, level`` (``"param"``,
-        ``"layer"``, ``"group"`` or ``"all"``), ``name, numel, mean_abs, variance, snr, bias2, mse,
-        max_z, seconds, work_variance``.
-    :param mean: ``mean[estimator][param]``: elementwise mean gradient (float64, param's shape).
-    :param var: ``var[estimator][param]``: elementwise variance of one draw.
+    :param rows: one dict per (estimator, particles, level, name) with keys ``estimator,
+        particles, label, level`` (``"param"``, ``"layer"``, ``"group"`` or ``"all"``), ``name,
+        numel, mean_abs, variance, snr, snr_corrected, bias2, bias2_plugin, mse, max_z, seconds,
+        work_variance`` (see the module docstring).
+    :param mean: ``mean[label][param]``: elementwise mean gradient (float64, param's shape). The
+        label is the estimator's name, or ``"<name> K=<K>"`` when ``particles`` was a list.
+    :param var: ``var[label][param]``: elementwise variance of one draw.
     :param reference: ``reference[param]``: the reference gradient.
     :param reference_se: elementwise standard error of the reference (zeros if exact).
     :param num_draws: draws per estimator.
+    :param particles: the particle counts measured.
     """
 
     rows: list[dict]
@@ -72,13 +109,21 @@ class GradientStats(NamedTuple):
     reference: dict[str, torch.Tensor]
     reference_se: dict[str, torch.Tensor]
     num_draws: int
+    particles: tuple[int, ...] = (1,)
 
-    def row(self, estimator: str, name: str = "all", level: Optional[str] = None) -> dict:
-        """The row of ``estimator`` for parameter/layer/group ``name`` (``"all"``: every parameter)."""
-        for r in self.rows:
-            if r["estimator"] == estimator and r["name"] == name and (level is None or r["level"] == level):
-                return r
-        raise KeyError(f"no row for estimator {estimator!r}, name {name!r}")
+    def row(self, estimator: str, name: str = "all", level: Optional[str] = None,
+            particles: Optional[int] = None) -> dict:
+        """The row of ``estimator`` (a name or a label) for parameter/layer/group ``name``
+        (``"all"``: every parameter); ``particles`` picks one K of a sweep."""
+        found = [r for r in self.rows
+                 if estimator in (r["estimator"], r["label"]) and r["name"] == name
+                 and (level is None or r["level"] == level) and (particles is None or r["particles"] == particles)]
+        if not found:
+            raise KeyError(f"no row for estimator {estimator!r}, name {name!r}, particles {particles!r}")
+        if len({r["particles"] for r in found}) > 1:
+            raise ValueError(f"estimator {estimator!r} was measured at particles {sorted({r['particles'] for r in found})}: "
+                             f"pass particles=K or the label '{estimator} K=<K>'")
+        return found[0]
 
 
 def param_groups(name: str) -> tuple[str, str]:
@@ -104,6 +149,25 @@ def _collect_params(model: Callable, guide: Callable, args: tuple) -> dict[str, 
     return params
 
 
+@contextmanager
+def _store_as_found() -> Iterator[None]:
+    """Give the block the param store as it is now, and leave it so afterwards: entries the block
+    adds (Pyro's ``__baseline_avg_downstream_cost_*`` baselines) are removed, entries it replaces
+    are put back. The parameters themselves are never replaced by the ELBOs, only read."""
+    store = pyro.get_param_store()
+    before = dict(store.named_parameters())  # name -> unconstrained tensor
+    values = {k: store[k] for k in before}  # constrained values, for putting back a replaced one
+    try:
+        yield
+    finally:
+        now = dict(store.named_parameters())
+        for name in now:
+            if name not in before:
+                del store[name]
+            elif now[name] is not before[name]:
+                store[name] = values[name]
+
+
 def _draw(elbo, model, guide, args, params) -> tuple[dict[str, torch.Tensor], float]:
     for p in params.values():
         p.grad = None
@@ -123,6 +187,19 @@ def _reference(model, guide, args, params, draws: int, seed: int):
     return {k: a.mean for k, a in acc.items()}, {k: (a.var / draws).sqrt() for k, a in acc.items()}
 
 
+def _particle_counts(particles) -> tuple[list[int], bool]:
+    """``particles`` as a list of counts, and whether it was a sweep (a list)."""
+    sweep = not isinstance(particles, int)
+    counts = [particles] if not sweep else list(particles) if isinstance(particles, (list, tuple)) else None
+    if counts is None:
+        raise TypeError(f"particles must be an int or a list of ints, got {type(particles).__name__}")
+    if not counts or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in counts):
+        raise ValueError(f"particles must be a positive integer or a non-empty list of them, got {particles!r}")
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"particles lists a count twice: {particles!r}")
+    return counts, sweep
+
+
 def gradient_stats(
     model: Callable,
     guide: Callable,
@@ -133,21 +210,27 @@ def gradient_stats(
     reference_draws: int = 1000,
     warmup: int = 20,
     seed: int = 0,
+    particles: Union[int, Sequence[int]] = 1,
 ) -> GradientStats:
     """Measure the gradient estimators ``estimators`` of ``model``/``guide`` at the current
-    parameters (Pyro's param store is read, never stepped).
+    parameters (Pyro's param store is read, never stepped, and left as it was found).
 
     :param model: Pyro model; called as ``model(*batch)`` (a tensor batch is ``(batch,)``).
     :param guide: Pyro guide with the same signature, written reparameterized; each estimator
         prepares it (:func:`ppgen.infer.estimators.prepare_guide`).
     :param batch: the data tensor ``(B, ...)``, or a tuple of model arguments.
     :param estimators: names registered in :data:`ppgen.infer.estimators.ESTIMATORS`.
-    :param num_draws: ``R``, independent single-sample gradient draws per estimator.
-    :param reference: ``"reparam"`` (mean of ``reference_draws`` reparameterized draws, with its
-        standard error), or a dict ``param name -> exact gradient`` of the loss w.r.t. the
-        unconstrained parameter.
+    :param num_draws: ``R``, independent gradient draws per estimator and particle count.
+    :param reference: ``"reparam"`` (mean of ``reference_draws`` single-particle reparameterized
+        draws, with its standard error), or a dict ``param name -> exact gradient`` of the loss
+        w.r.t. the unconstrained parameter.
     :param warmup: draws made and discarded first, so baselines (decaying average, network) adapt.
+        Each (estimator, K) warms up its own baselines from the store's state at the call.
     :param seed: torch seed of the draws; the caller's random state is restored afterwards.
+    :param particles: ``K``, samples per gradient draw, drawn in one vectorized pass (for ``iwae``
+        the K of the bound of Burda et al. 2016; for the others the average of K single-sample
+        estimates). A list sweeps: every estimator is measured at each K, rows carry their
+        ``particles`` and the ``mean``/``var`` labels read ``"<name> K=<K>"``.
     :returns: :class:`GradientStats`.
     """
     args = batch if isinstance(batch, tuple) else (batch,)
@@ -162,9 +245,10 @@ def gradient_stats(
             raise ValueError(f"{key} must be an integer >= 2, got {value!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    counts, sweep = _particle_counts(particles)
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        params = _collect_params(model, guide, args)
+        params = _collect_params(model, guide, args)  # registers the pair's parameters, as any trace does
         if isinstance(reference, str):
             if reference != "reparam":
                 raise ValueError(f"reference must be 'reparam' or a dict of exact gradients, got {reference!r}")
@@ -178,30 +262,51 @@ def gradient_stats(
             ref_se = {k: torch.zeros_like(v) for k, v in ref.items()}
         else:
             raise TypeError(f"reference must be 'reparam' or a dict, got {type(reference).__name__}")
+        nesting = plate_nesting_from(model, guide, args, {}) if max(counts) > 1 else None
         means, variances, rows = {}, {}, []
         for est in estimators:
-            torch.manual_seed(seed)
-            elbo, prepared = make_elbo(est), prepare_guide(est, guide)
-            for _ in range(warmup):
-                _draw(elbo, model, prepared, args, params)
-            acc = {k: _Welford(p) for k, p in params.items()}
-            sq_err = {k: torch.zeros((), dtype=torch.float64) for k in params}
-            seconds = 0.0
-            for _ in range(num_draws):
-                grads, dt = _draw(elbo, model, prepared, args, params)
-                seconds += dt
-                for k, g in grads.items():
-                    acc[k].add(g)
-                    sq_err[k] += ((g.double() - ref[k]) ** 2).sum().cpu()
-            means[est] = {k: a.mean for k, a in acc.items()}
-            variances[est] = {k: a.var for k, a in acc.items()}
-            rows += _summarise(est, means[est], variances[est], sq_err, ref, ref_se, num_draws, seconds / num_draws)
+            for k in counts:
+                label = f"{est} K={k}" if sweep else est
+                with _store_as_found():  # this estimator's baselines start from the caller's store
+                    torch.manual_seed(seed)
+                    elbo = make_elbo(est, k, k > 1, nesting if k > 1 else None)
+                    prepared = prepare_guide(est, guide)
+                    for _ in range(warmup):
+                        _draw(elbo, model, prepared, args, params)
+                    acc = {name: _Welford(p) for name, p in params.items()}
+                    halves = [{name: _Welford(p) for name, p in params.items()} for _ in range(2)]
+                    sq_err = {name: torch.zeros((), dtype=torch.float64) for name in params}
+                    seconds = 0.0
+                    for r in range(num_draws):
+                        grads, dt = _draw(elbo, model, prepared, args, params)
+                        seconds += dt
+                        for name, g in grads.items():
+                            acc[name].add(g)
+                            halves[r % 2][name].add(g)
+                            sq_err[name] += ((g.double() - ref[name]) ** 2).sum().cpu()
+                means[label] = {name: a.mean for name, a in acc.items()}
+                variances[label] = {name: a.var for name, a in acc.items()}
+                snr2 = _snr2_split(halves) if num_draws >= 8 else None
+                rows += _summarise(est, k, label, means[label], variances[label], sq_err, ref, ref_se,
+                                   num_draws, seconds / num_draws, snr2)
         for p in params.values():
             p.grad = None
-    return GradientStats(rows, means, variances, ref, ref_se, num_draws)
+    return GradientStats(rows, means, variances, ref, ref_se, num_draws, tuple(counts))
 
 
-def _summarise(est, mean, var, sq_err, ref, ref_se, n, seconds) -> list[dict]:
+def _snr2_split(halves: list[dict[str, _Welford]]) -> dict[str, torch.Tensor]:
+    """Per element, ``(U_A / v_B + U_B / v_A) / 2`` with ``U = m^2 - v / n`` of each half: zero
+    in expectation for a zero-mean gradient element (module docstring). An element with no
+    spread in one half but a mean is ``inf`` (deterministic); one with neither is ``nan``."""
+    out = {}
+    for name in halves[0]:
+        (a, b) = (halves[0][name], halves[1][name])
+        ua, ub = a.mean**2 - a.var / a.n, b.mean**2 - b.var / b.n
+        out[name] = (ua / b.var + ub / a.var) / 2
+    return out
+
+
+def _summarise(est, particles, label, mean, var, sq_err, ref, ref_se, n, seconds, snr2) -> list[dict]:
     levels: dict[tuple[str, str], list[str]] = {}
     for k in mean:
         group, layer = param_groups(k)
@@ -212,19 +317,31 @@ def _summarise(est, mean, var, sq_err, ref, ref_se, n, seconds) -> list[dict]:
         m = torch.cat([mean[k].flatten() for k in keys]).cpu()
         v = torch.cat([var[k].flatten() for k in keys]).cpu()
         r = torch.cat([ref[k].flatten() for k in keys]).cpu()
-        se = torch.cat([(var[k] / n + ref_se[k] ** 2).sqrt().flatten() for k in keys]).cpu()
+        se_ref2 = torch.cat([(ref_se[k] ** 2).flatten() for k in keys]).cpu()
+        se = (v / n + se_ref2).sqrt()
         sd, diff = v.sqrt(), m - r
         live = (m != 0) | (sd != 0)  # parameters the loss does not touch have no SNR
-        snr = (m.abs()[live] / sd[live]).mean().item() if live.any() else float("nan")
+        if live.any():
+            snr = (m.abs()[live] / sd[live]).mean().item()
+            if snr2 is None:
+                snr_corrected = math.nan
+            else:
+                s2 = torch.cat([snr2[k].flatten() for k in keys]).cpu()[live]
+                s2 = s2[~s2.isnan()].mean().item() if (~s2.isnan()).any() else math.nan
+                snr_corrected = math.copysign(math.sqrt(abs(s2)), s2) if math.isfinite(s2) else s2
+        else:
+            snr = snr_corrected = float("nan")
         # float32 gradients carry rounding of ~1e-6 relative: floor the standard error there, so a
         # deterministic estimator (enum) or a dead unit is not flagged for its last bits
         floor = 1e-5 * float(r.abs().max() + m.abs().max()) + 1e-30
         z = diff.abs() / se.clamp(min=floor)
         variance = v.sum().item()
+        plugin = (diff ** 2).sum().item()
         rows.append({
-            "estimator": est, "level": level, "name": name, "numel": m.numel(),
-            "mean_abs": m.abs().mean().item(), "variance": variance, "snr": snr,
-            "bias2": (diff ** 2).sum().item(), "mse": sum(sq_err[k].item() for k in keys) / n,
+            "estimator": est, "particles": particles, "label": label, "level": level, "name": name,
+            "numel": m.numel(), "mean_abs": m.abs().mean().item(), "variance": variance, "snr": snr,
+            "snr_corrected": snr_corrected, "bias2": plugin - (v / n + se_ref2).sum().item(),
+            "bias2_plugin": plugin, "mse": sum(sq_err[k].item() for k in keys) / n,
             "max_z": z.max().item(), "seconds": seconds, "work_variance": variance * seconds,
         })
     order = {"all": 0, "group": 1, "layer": 2, "param": 3}
@@ -233,18 +350,22 @@ def _summarise(est, mean, var, sq_err, ref, ref_se, n, seconds) -> list[dict]:
 
 def format_table(stats: GradientStats, levels: Sequence[str] = ("all", "group"), relative_to: Optional[str] = None) -> list[str]:
     """Markdown table of ``stats`` rows at ``levels``; with ``relative_to`` (an estimator name),
-    variance and SNR are also given as ratios to that estimator's row of the same name."""
-    head = "| estimator | group | variance | SNR | bias^2 | MSE | ms/draw | variance x s |"
+    variance and SNR are also given as ratios to that estimator's row of the same name (and the
+    same particle count when it was measured there, else its first). ``SNR*`` is the
+    noise-floor-corrected SNR and ``bias^2`` the debiased squared bias (module docstring)."""
+    head = "| estimator | K | group | variance | SNR | SNR* | bias^2 | MSE | ms/draw | variance x s |"
     if relative_to:
         head += f" var / {relative_to} | SNR / {relative_to} |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in stats.rows:
         if r["level"] not in levels:
             continue
-        line = (f"| {r['estimator']} | {r['name']} | {r['variance']:.3g} | {r['snr']:.3g} | {r['bias2']:.3g} | "
-                f"{r['mse']:.3g} | {1000 * r['seconds']:.2f} | {r['work_variance']:.3g} |")
+        line = (f"| {r['estimator']} | {r['particles']} | {r['name']} | {r['variance']:.3g} | {r['snr']:.3g} | "
+                f"{r['snr_corrected']:.3g} | {r['bias2']:.3g} | {r['mse']:.3g} | {1000 * r['seconds']:.2f} | "
+                f"{r['work_variance']:.3g} |")
         if relative_to:
-            base = stats.row(relative_to, r["name"], r["level"])
+            same_k = [b for b in stats.rows if b["estimator"] == relative_to and b["particles"] == r["particles"]]
+            base = stats.row(relative_to, r["name"], r["level"], r["particles"] if same_k else stats.particles[0])
             line += f" {_ratio(r['variance'], base['variance']):.3g} | {_ratio(r['snr'], base['snr']):.3g} |"
         lines.append(line)
     return lines

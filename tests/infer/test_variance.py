@@ -75,10 +75,33 @@ def test_reparam_beats_score_and_baselines_help(conjugate_stats):
     # Rao-Blackwellization over the plate: naive REINFORCE weights each z_i by the whole batch
     assert var["score-naive"] / var["score"] > 5
     assert var["stl"] < var["reparam"]  # near the posterior, STL's dropped term is mostly noise
-    # the MSE against the exact gradient is variance + bias^2, up to sampling noise
+
+
+def _bias2_se(stats, label, keys=None):
+    """Standard error of the debiased squared bias of an unbiased estimator against an exact
+    reference: each element's (m_i - g*_i)^2 - v_i/R has variance about 2 (v_i/R)^2."""
+    keys = keys or list(stats.var[label])
+    return math.sqrt(sum(float((2 * (stats.var[label][k] / stats.num_draws) ** 2).sum()) for k in keys))
+
+
+def test_every_unbiased_estimator_has_debiased_bias2_near_zero_against_the_exact_gradient(conjugate_stats):
+    """Every estimator here is unbiased for the exact gradient: the debiased squared bias sits at 0
+    within its noise, while the plug-in sum (m - g*)^2 carries tr Cov / R of noise."""
+    stats, _ = conjugate_stats
     for e in stats.mean:
         r = stats.row(e)
-        assert r["mse"] == pytest.approx(r["variance"] * (stats.num_draws - 1) / stats.num_draws + r["bias2"], rel=1e-6)
+        assert abs(r["bias2"]) < 4 * _bias2_se(stats, e), (e, r)
+        assert r["bias2_plugin"] == pytest.approx(r["bias2"] + r["variance"] / stats.num_draws, rel=1e-9)
+
+
+def test_corrected_snr_of_one_element_is_its_exact_snr(conjugate_stats):
+    """Group "m" is one element: under reparam g_m = -sum_i (z_i - m), z_i ~ N(a_i, s_i^2), so
+    E g_m = -sum(a - m) and sd = sqrt(sum s^2): SNR 2.4 / sqrt(2.88) = 1.414."""
+    stats, _ = conjugate_stats
+    exact = 2.4 / math.sqrt(2.88)
+    r = stats.row("reparam", "m")
+    se = math.sqrt((1 + exact**2 / 2) / stats.num_draws)  # delta method for |t| / sqrt(R)
+    assert abs(r["snr_corrected"] - exact) < 4 * se
 
 
 def test_groups_partition_the_total_variance(conjugate_stats):
@@ -106,6 +129,129 @@ def test_sticking_the_landing_has_zero_variance_at_the_exact_posterior():
         assert stats.row("reparam", group)["variance"] > 1.0
     # the model parameter's gradient is untouched by STL
     assert stats.row("stl", "m")["variance"] == pytest.approx(stats.row("reparam", "m")["variance"])
+
+
+def _at_posterior(b, seed=0):
+    """The Normal-Normal pair at its optimum: q = p(z | x) and m = mean(x), where the gradient of
+    the negative ELBO is exactly 0 but one reparameterized draw of it is not."""
+    pyro.clear_param_store()
+    x = _data(b, seed)
+    nn_guide(x), nn_model(x)
+    store = pyro.get_param_store()
+    store["m"] = x.mean()
+    store["a"] = (x + x.mean()) / 2
+    store["s"] = torch.full((b,), 0.5**0.5)
+    return x
+
+
+def test_debiased_bias2_does_not_fall_with_draws_where_the_plugin_does():
+    """An unbiased estimator against the exact gradient, at R = 50 and 200 draws: the plug-in
+    bias^2 is about tr Cov / R (falls 4x), the debiased one is 0 within its standard error. Group
+    "a" under reparam: g_a is linear in the Gaussian noise, so the Gaussian SE formula holds
+    (score gradients are heavy-tailed: there the debiased value is unbiased but right-skewed)."""
+    pyro.clear_param_store()
+    x = _data(64, seed=6)
+    nn_guide(x), nn_model(x)
+    exact = exact_nn_grad(x)
+    plugin = {}
+    for r in (50, 200):
+        stats = gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=r, reference=exact, warmup=0, seed=r)
+        row = stats.row("reparam", "a")
+        plugin[r] = row["bias2_plugin"]
+        assert abs(row["bias2"]) < 4 * _bias2_se(stats, "reparam", ["a"]), row
+        assert row["bias2_plugin"] > 4 * _bias2_se(stats, "reparam", ["a"])  # the plug-in is mostly noise
+    assert 2.5 < plugin[50] / plugin[200] < 6
+
+
+def test_debiased_bias2_takes_out_the_estimated_reference_error_too():
+    """reparam against a reparam reference from independent draws: both carry noise, the debiased
+    bias^2 subtracts both (v/R and se_ref^2) and sits at 0."""
+    pyro.clear_param_store()
+    x = _data(64, seed=7)
+    stats = gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=100, reference_draws=100, warmup=0, seed=2)
+    row = stats.row("reparam")
+    noise = [(stats.var["reparam"][k] / 100 + stats.reference_se[k] ** 2) for k in stats.var["reparam"]]
+    se = math.sqrt(sum(float((2 * n**2).sum()) for n in noise))
+    noise_total = sum(float(n.sum()) for n in noise)
+    assert abs(row["bias2"]) < 4 * se
+    assert row["bias2_plugin"] > noise_total - 4 * se and row["bias2_plugin"] > 5 * se
+
+
+def test_corrected_snr_is_zero_for_a_zero_mean_gradient_where_the_plain_one_reads_the_floor():
+    """At the optimum every element's gradient has mean 0: the plain SNR reads the noise floor
+    E|N(0,1)| / sqrt(R) = sqrt(2 / (pi R)), the corrected one ~0 (its noise, about
+    (4/n)^(1/4) sqrt|N(0,1)| / sqrt(R) with n = 8001 elements, is about a quarter of the floor). The
+    scale elements' draws eps^2 - 1 are skewed, which a correction assuming Gaussian draws
+    misses (it read 0.48 of the floor here)."""
+    x = _at_posterior(4000, seed=8)
+    r = 100
+    stats = gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=r, reference={
+        "m": torch.tensor(0.0), "a": torch.zeros(4000), "s": torch.zeros(4000)}, warmup=0, seed=3)
+    row = stats.row("reparam")
+    floor = math.sqrt(2 / (math.pi * r))
+    assert row["snr"] == pytest.approx(floor, rel=0.1)
+    assert abs(row["snr_corrected"]) < 0.5 * floor
+    assert stats.row("reparam", "s")["variance"] > 100  # not zero-variance: noise, not absence of it
+
+
+def test_baselines_are_per_estimator_and_not_left_in_the_store():
+    """score-baseline and score-nn-baseline both keep a decaying average in Pyro's param store;
+    each must start from the caller's store, so measuring one after the other gives the same
+    numbers as measuring it alone, and the store ends as it began."""
+    pyro.clear_param_store()
+    x = _data(5, seed=4)
+    cat_guide(x), cat_model(x)
+    store = pyro.get_param_store()
+    names = set(store.keys())
+    alone = gradient_stats(cat_model, cat_guide, x, ["score-baseline"], num_draws=20, reference_draws=5,
+                           warmup=10, seed=5)
+    assert set(store.keys()) == names
+    after = gradient_stats(cat_model, cat_guide, x, ["score-nn-baseline", "score-baseline"], num_draws=20,
+                           reference_draws=5, warmup=10, seed=5)
+    assert set(store.keys()) == names
+    for k in alone.mean["score-baseline"]:
+        torch.testing.assert_close(after.mean["score-baseline"][k], alone.mean["score-baseline"][k], rtol=0, atol=0)
+    # a baseline the caller's store already holds (e.g. from training) is the starting point, and stays
+    store["__baseline_avg_downstream_cost_z"] = torch.full((5,), 3.0)
+    gradient_stats(cat_model, cat_guide, x, ["score-baseline"], num_draws=5, reference_draws=5, warmup=5)
+    assert torch.equal(store["__baseline_avg_downstream_cost_z"], torch.full((5,), 3.0))
+
+
+def test_particles_reach_the_estimator_iwae_is_not_the_elbo():
+    """At the optimum the pathwise part of every gradient vanishes and each particle contributes
+    an independent zero-mean score term: K particles divide the variance by K, for iwae as for
+    reparam. Away from it, iwae's K > 1 gradient is of another bound than the ELBO: its debiased
+    bias^2 against the exact ELBO gradient is far from 0, reparam's is not."""
+    x = _at_posterior(8, seed=9)
+    stats = gradient_stats(nn_model, nn_guide, x, ["reparam", "iwae"], num_draws=200, reference_draws=10,
+                           warmup=0, seed=1, particles=[1, 4])
+    assert stats.particles == (1, 4)
+    assert {(r["estimator"], r["particles"]) for r in stats.rows} == {(e, k) for e in ("reparam", "iwae") for k in (1, 4)}
+    for e in ("reparam", "iwae"):
+        ratio = stats.row(e, particles=1)["variance"] / stats.row(e, particles=4)["variance"]
+        assert 4 * 0.75 < ratio < 4 / 0.75, (e, ratio)
+    with pytest.raises(ValueError, match="particles"):
+        stats.row("iwae")
+    assert stats.row("iwae K=4") is stats.row("iwae", particles=4)
+
+    pyro.clear_param_store()
+    x = _data()
+    nn_guide(x), nn_model(x)
+    exact = exact_nn_grad(x)
+    stats = gradient_stats(nn_model, nn_guide, x, ["reparam", "iwae"], num_draws=200, reference=exact,
+                           warmup=0, seed=1, particles=4)
+    assert abs(stats.row("reparam")["bias2"]) < 4 * _bias2_se(stats, "reparam")
+    assert stats.row("iwae")["bias2"] > 10 * _bias2_se(stats, "iwae")
+
+
+def test_bad_particles_are_named():
+    pyro.clear_param_store()
+    x = _data()
+    for bad in (0, [], [2, 0], [3, 3], True):
+        with pytest.raises(ValueError, match="particles"):
+            gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=3, reference_draws=3, particles=bad)
+    with pytest.raises(TypeError, match="particles"):
+        gradient_stats(nn_model, nn_guide, x, ["reparam"], num_draws=3, reference_draws=3, particles="4")
 
 
 def chain_model(x):
