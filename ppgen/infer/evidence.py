@@ -18,8 +18,12 @@ size draws different (equally valid) samples.
 
 Diagnostics per datapoint: the delta-method standard error of the estimate, Kish's effective
 sample size ``(sum w)^2 / sum w^2`` and the Pareto k-hat of the weights (Vehtari et al. 2024;
-ArviZ ``psislw``; k-hat > 0.7 means the estimate is unreliable). The IWAE bound for a ladder of
-``K`` values comes from nested prefixes of the same samples.
+ArviZ ``psislw``). An estimate is trusted when its k-hat is at most the sample-size threshold
+``min(1 - 1 / log10 K, 0.7)`` of Vehtari et al. (2024, sec. 3.2.4; 0.41 at ``K = 50``, 0.7 from
+``K = 2154``) -- :func:`khat_threshold`. Fewer than 10 weights cannot be fitted: k-hat is NaN and
+such a datapoint is never counted as trusted. Weights equal up to the rounding of the arithmetic
+that made them (an exact proposal, in float32 or float64) have no tail: k-hat is ``-inf``. The
+IWAE bound for a ladder of ``K`` values comes from nested prefixes of the same samples.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "log_evidence",
     "per_datapoint_log_weights",
     "psis_khat",
+    "khat_threshold",
+    "khat_untrusted",
     "kish_ess",
     "iwae_ladder_sizes",
 ]
@@ -47,7 +53,8 @@ class EvidenceResult(NamedTuple):
     :param log_px: IS estimate of ``log p(x_n)`` with all ``K`` samples.
     :param stderr: delta-method standard error of ``log_px``: ``sd(w) / (sqrt(K) mean(w))``.
     :param ess: Kish effective sample size of the ``K`` weights.
-    :param khat: Pareto k-hat of the ``K`` weights (PSIS).
+    :param khat: Pareto k-hat of the ``K`` weights (PSIS); NaN for ``K < 10``, ``-inf`` for equal
+        weights.
     :param elbo: mean log weight over the ``K`` samples (a ``K``-sample estimate of the ELBO).
     :param ladder: ``{k: mean over datapoints of the k-sample IWAE bound}`` from nested prefixes.
     :param num_samples: ``K``.
@@ -73,7 +80,10 @@ class EvidenceResult(NamedTuple):
             "log_px_stderr": float(self.stderr.pow(2).sum().sqrt() / n),
             "gap": float(self.log_px.mean() - self.elbo.mean()),
             "median_ess": float(self.ess.median()),
-            "khat_share_over_0.7": float((self.khat > 0.7).double().mean()),
+            # Vehtari et al.'s sample-size rule; None when K < 10 (no k-hat can be fitted).
+            "khat_threshold": khat_threshold(self.num_samples) if self.num_samples >= 10 else None,
+            # k-hat above the threshold, or NaN (K < 10): never counted as trusted.
+            "khat_share_untrusted": float(khat_untrusted(self.khat, self.num_samples).double().mean()),
             "ladder": {str(k): v for k, v in self.ladder.items()},
         }
 
@@ -83,11 +93,51 @@ def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
     return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
 
 
-def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
+def khat_threshold(num_samples: int) -> float:
+    """The largest Pareto k-hat for which ``num_samples`` importance weights give a trustworthy
+    estimate: ``min(1 - 1 / log10 S, 0.7)`` (Vehtari et al. 2024, "Pareto smoothed importance
+    sampling", sec. 3.2.4; ArviZ ``loo``'s ``good_k``). 0.41 at ``S = 50``, 0.67 at ``S = 1000``,
+    0.7 from ``S = 2154`` on.
+
+    :param num_samples: ``S >= 10`` (k-hat is not fitted below 10 weights).
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
+        raise ValueError(
+            f"num_samples must be an integer >= 10 for a k-hat threshold, got {num_samples!r}; "
+            "with fewer importance weights no Pareto tail can be fitted (use K >= 10)"
+        )
+    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
+
+
+def khat_untrusted(khat: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Boolean mask of the datapoints whose estimate is *not* trusted: k-hat above
+    :func:`khat_threshold` ``(num_samples)``, or NaN (``K < 10``, nothing fitted). ``-inf``
+    (equal weights) is trusted. Shape of ``khat``."""
+    if num_samples < 10:
+        return torch.ones_like(khat, dtype=torch.bool)
+    return torch.isnan(khat) | (khat > khat_threshold(num_samples))
+
+
+def psis_khat(log_w: torch.Tensor, rounding: Optional[float] = None) -> torch.Tensor:
     """Pareto k-hat of importance weights along the last axis (ArviZ ``psislw``; Vehtari et al.
     2024). Shape ``(..., K) -> (...)``; NaN where ``K < 10`` (too few weights to fit a tail),
-    ``-inf`` where all weights are equal (bounded weights, no tail).
-    The only ArviZ call in ppgen."""
+    ``-inf`` where the weights are equal up to rounding (bounded weights, no tail).
+
+    Weights count as equal when ``max - min`` of the log weights is at most
+    ``sqrt(rounding) * (1 + max |log w|)``: several thousand float32 rounding units, far above
+    what the rounding of an exact proposal's terms was measured to produce (at most ~360 units in
+    float32), and a spread so small that the weights are bounded within that factor, which is
+    what a negative k-hat means. The only ArviZ call in ppgen.
+
+    :param log_w: log weights ``(..., K)`` (any float dtype; fitted in float64).
+    :param rounding: unit roundoff of the arithmetic that *computed* ``log_w`` (e.g.
+        ``torch.finfo(torch.float32).eps`` for float32 weights later stored as float64); default
+        that of ``log_w.dtype``.
+    """
+    if rounding is None:
+        rounding = torch.finfo(log_w.dtype).eps if log_w.is_floating_point() else torch.finfo(torch.float64).eps
+    if not (isinstance(rounding, (int, float)) and 0 < rounding < 1):
+        raise ValueError(f"rounding must be a unit roundoff in (0, 1), e.g. torch.finfo(dtype).eps, got {rounding!r}")
     if log_w.shape[-1] < 10:
         return torch.full(log_w.shape[:-1], math.nan, dtype=torch.float64)
     import warnings
@@ -100,15 +150,22 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
 
         _, k = az.psislw(np.asarray(log_w.detach().double().cpu().numpy()), reff=1.0)
     k = torch.as_tensor(np.asarray(k, dtype=np.float64)).reshape(log_w.shape[:-1])
-    # Equal weights (an exact proposal) have no tail; a fit to rounding noise would mean nothing.
-    spread = (log_w.max(-1).values - log_w.min(-1).values).detach().double().cpu()
-    return torch.where(spread < 1e-9, torch.full_like(k, -math.inf), k)
+    # Equal weights (an exact proposal) have no tail; a fit to rounding noise would mean nothing
+    # (float32 rounding gave k-hat = inf here with the old absolute cut-off of 1e-9 nats).
+    lw = log_w.detach().double().cpu()
+    spread = lw.max(-1).values - lw.min(-1).values
+    tol = math.sqrt(rounding) * (1.0 + lw.abs().max(-1).values)
+    return torch.where(spread <= tol, torch.full_like(k, -math.inf), k)
 
 
-def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
+def plot_khat_arviz(khat: torch.Tensor, path, title: str = "", *, num_samples: int):
     """ArviZ's ``plot_khat`` of per-datapoint k-hat ``(N,)`` (e.g. :attr:`EvidenceResult.khat`)
-    with the 0.5 / 0.7 / 1 lines and the share of datapoints per band, written to the PNG ``path``.
-    ``-inf`` (equal weights) is drawn at 0. Returns the path."""
+    from ``num_samples`` weights each, with lines at 0, the sample-size threshold
+    :func:`khat_threshold` and 1, and the share of datapoints per band, written to the PNG
+    ``path``. ``-inf`` (equal weights) is drawn at 0. Returns the path.
+
+    :param num_samples: ``K >= 10``, the weights behind each k-hat (sets the threshold).
+    """
     import warnings
 
     import matplotlib
@@ -119,6 +176,7 @@ def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
     from ppgen.plots import save_figure
     import numpy as np
 
+    threshold = khat_threshold(num_samples)
     k = khat.detach().double().cpu().numpy().reshape(-1)
     if k.size == 0 or not np.isfinite(np.where(np.isneginf(k), 0.0, k)).any():
         raise ValueError(f"khat must hold at least one finite value, got {k.size} values")
@@ -127,10 +185,15 @@ def plot_khat_arviz(khat: torch.Tensor, path, title: str = ""):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import arviz as az
+        import xarray as xr
 
-        az.plot_khat(k[np.isfinite(k)], show_hlines=True, show_bins=True, ax=ax, markersize=8)
+        # As an ELPDData, ArviZ draws its bands at good_k: our sample-size threshold, not 0.7.
+        elpd = az.ELPDData(
+            data=[xr.DataArray(k[np.isfinite(k)], dims=["datapoint"]), threshold], index=["pareto_k", "good_k"]
+        )
+        az.plot_khat(elpd, show_hlines=True, show_bins=True, ax=ax, markersize=8)
     ax.set_xlabel("datapoint")
-    ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints)")
+    ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints, trusted up to {threshold:.2f})")
     return save_figure(fig, path)
 
 
@@ -145,8 +208,9 @@ def iwae_ladder_sizes(num_samples: int) -> list[int]:
     return sizes
 
 
-def _reduce(log_w: torch.Tensor, ladder: Sequence[int]) -> dict:
-    """Per-datapoint statistics of log weights of shape ``(B, K)`` (float64)."""
+def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict:
+    """Per-datapoint statistics of log weights of shape ``(B, K)`` (float64), computed by
+    arithmetic of unit roundoff ``rounding``."""
     k = log_w.shape[-1]
     lse = torch.logsumexp(log_w, -1)
     w = torch.exp(log_w - log_w.max(-1, keepdim=True).values)  # <= 1, largest is 1
@@ -155,7 +219,7 @@ def _reduce(log_w: torch.Tensor, ladder: Sequence[int]) -> dict:
         "log_px": lse - math.log(k),
         "stderr": ratio / math.sqrt(k),
         "ess": kish_ess(log_w),
-        "khat": psis_khat(log_w),
+        "khat": psis_khat(log_w, rounding),
         "elbo": log_w.mean(-1),
         "ladder": {j: (torch.logsumexp(log_w[:, :j], -1) - math.log(j)).sum() for j in ladder},
     }
@@ -195,6 +259,7 @@ def log_evidence(
         raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
     if data.ndim < 1 or len(data) == 0:
         raise ValueError(f"data must have shape (N, ...) with N >= 1, got {tuple(data.shape)}")
+    n = len(data)
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
     check_positive_int("particle_chunk", particle_chunk)
@@ -209,7 +274,6 @@ def log_evidence(
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="evidence", unit="chunk")
-        n = len(data)
         for i in starts:
             x = data[i : i + batch_size]
             # Per-datapoint arguments (dim 0 of length N) follow the data's rows; others pass as is.
@@ -218,17 +282,19 @@ def log_evidence(
                 probe_args, probe_kwargs = slice_arguments(args, kwargs, n, slice(i, i + 1))
                 nesting = plate_nesting_from(model, guide, (x[:1], *probe_args), probe_kwargs)
             log_w = torch.empty(len(x), num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
+            rounding = 0.0
             for k0 in range(0, num_samples, particle_chunk):
                 kc = min(particle_chunk, num_samples - k0)
                 lw, _ = per_datapoint_log_weights(
                     model, guide, x, kc, *chunk_args, max_plate_nesting=nesting, **chunk_kwargs
                 )
+                # k-hat's equal-weights test needs the rounding of the dtype the model computed in
+                rounding = max(rounding, torch.finfo(lw.dtype).eps if lw.is_floating_point() else 0.0)
                 log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
                 del lw
-            stats = _reduce(log_w, ladder)
+            stats = _reduce(log_w, ladder, rounding or torch.finfo(torch.float64).eps)
             for key, value in stats.items():
                 parts.setdefault(key, []).append(value)
-    n = len(data)
     ladder_means = {j: float(sum(p[j] for p in parts["ladder"]) / n) for j in ladder}
     out = {key: torch.cat(parts[key]) for key in ("log_px", "stderr", "ess", "khat", "elbo")}
     return EvidenceResult(ladder=ladder_means, num_samples=num_samples, **out)

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from ppgen.infer.ais import ais_log_evidence, bdmc
-from ppgen.infer.evidence import log_evidence
+from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence
 from ppgen.plots import save_figure
 
 __all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat"]
@@ -81,7 +81,7 @@ def evidence_report(
         (out / "figures").mkdir(parents=True, exist_ok=True)
         (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_ladder(report, out / "figures" / "iwae_ladder.png")
-        plot_khat(r.khat, out / "figures" / "khat.png")
+        plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
     return report
 
 
@@ -94,7 +94,7 @@ def format_report(report: dict) -> str:
         (f"IS log p(x), K={report['num_samples']}", f"{report['log_px']:.3f} +- {report['log_px_stderr']:.3f}"),
         ("IS - ELBO gap", f"{report['gap']:.3f}"),
         ("median ESS", f"{report['median_ess']:.1f}"),
-        ("share k-hat > 0.7", f"{report['khat_share_over_0.7']:.3f}"),
+        khat_row(report),
         ("IS seconds", f"{report['is_seconds']:.1f}"),
     ]
     if "ais" in report:
@@ -109,6 +109,14 @@ def format_report(report: dict) -> str:
         ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def khat_row(report: dict) -> tuple[str, str]:
+    """The table row of the k-hat verdict: the share of datapoints whose k-hat exceeds the
+    sample-size threshold ``min(1 - 1/log10 K, 0.7)`` (or was not fitted, ``K < 10``)."""
+    t = report["khat_threshold"]
+    name = "share k-hat > {:.2f} (K={})".format(t, report["num_samples"]) if t is not None else "share untrusted (K < 10: no k-hat)"
+    return name, f"{report['khat_share_untrusted']:.3f}"
 
 
 def plot_ladder(report: dict, path: Path) -> Path:
@@ -127,17 +135,28 @@ def plot_ladder(report: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_khat(khat: torch.Tensor, path: Path) -> Path:
-    """Histogram of per-datapoint Pareto k-hat with the 0.5 and 0.7 thresholds."""
+def plot_khat(khat: torch.Tensor, path: Path, num_samples: int) -> Path:
+    """Histogram of per-datapoint Pareto k-hat ``(N,)`` from ``num_samples`` weights each, with the
+    sample-size threshold ``min(1 - 1/log10 K, 0.7)`` (Vehtari et al. 2024) and 0.7."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     values = khat[torch.isfinite(khat)].numpy()
     ax.hist(values, bins=40, color="tab:blue", alpha=0.8)
-    for t, c in ((0.5, "orange"), (0.7, "red")):
-        ax.axvline(t, color=c, ls="--", label=f"k = {t}")
+    share = float(khat_untrusted(khat, num_samples).double().mean())
+    if num_samples >= 10:
+        t = khat_threshold(num_samples)
+        lines = [(t, "red", f"trusted up to k = {t:.2f} (K = {num_samples})")]
+        if t < 0.7:
+            lines.append((0.7, "gray", "k = 0.7 (large-K limit)"))
+        for x, c, label in lines:
+            ax.axvline(x, color=c, ls="--", label=label)
+        title = f"PSIS k-hat: {share:.0%} of datapoints above {t:.2f}"
+    else:
+        title = f"PSIS k-hat not fitted: K = {num_samples} < 10 weights ({share:.0%} untrusted)"
     ax.set_xlabel("Pareto k-hat of the importance weights")
     ax.set_ylabel("datapoints")
-    ax.set_title(f"PSIS k-hat: {float((khat > 0.7).double().mean()):.0%} of datapoints above 0.7")
-    ax.legend()
+    ax.set_title(title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     return save_figure(fig, path)

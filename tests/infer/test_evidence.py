@@ -233,7 +233,7 @@ def test_report_writes_exact_numbers_and_figures(lg, tmp_path):
     exact = float(lg.log_evidence(x[:30]).mean())
     assert stored["n"] == 30 and stored["log_px"] == pytest.approx(exact, abs=1e-10)
     assert stored["ladder"]["50"] == pytest.approx(exact, abs=1e-10) and stored["gap"] == pytest.approx(0, abs=1e-10)
-    assert stored["khat_share_over_0.7"] == 0.0 and stored["median_ess"] == pytest.approx(50.0)
+    assert stored["khat_share_untrusted"] == 0.0 and stored["median_ess"] == pytest.approx(50.0)
     for png in ("iwae_ladder.png", "khat.png"):
         assert (tmp_path / "figures" / png).read_bytes()[:4] == b"\x89PNG"
     assert f"{exact:.3f}" in format_report(report)

@@ -1,6 +1,7 @@
 """Evidence on every path a user's model can take: extra per-datapoint arguments, chunking, the
 one-row probe (issue 15 item 12), and the k-hat verdict (items 8 and 9)."""
 
+import math
 from typing import NamedTuple
 
 import pyro
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from ppgen.infer.batches import select_rows, slice_arguments
-from ppgen.infer.evidence import log_evidence
+from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence, psis_khat
+from ppgen.models.linear_gaussian import LinearGaussian
 
 
 def shifted_model(x, y, noise, offset=None):
@@ -58,3 +60,56 @@ def test_slice_arguments_rule():
         slice_arguments((y,), {}, n, torch.tensor([0.5]))
     with pytest.raises(ValueError, match="num_rows must be a non-negative integer"):
         slice_arguments((y,), {}, -1, slice(0, 1))
+
+
+def test_exact_float32_guide_has_no_tail_and_is_trusted():
+    """An exact-posterior guide in float32: the log weights differ only by rounding (measured
+    spread up to 1.7e-5 nats here). Before the fix the 1e-9 cut-off let ArviZ fit that noise:
+    k-hat = inf on some points and 26.7% of them reported untrusted."""
+    lg = LinearGaussian.random(6, 3, noise=0.5, seed=0, dtype=torch.float32)
+    x = lg.sample(30, seed=1)
+    r = log_evidence(lg.model, lg.guide, x, 64)
+    assert (r.khat == -math.inf).all()
+    s = r.summary()
+    assert s["khat_share_untrusted"] == 0.0 and s["khat_threshold"] == pytest.approx(1 - 1 / math.log10(64))
+    assert torch.allclose(r.log_px, lg.log_evidence(x).double(), atol=1e-4, rtol=0)
+    # The tolerance follows the arithmetic: the same float32 weights judged as float64 arithmetic
+    # are not equal, and a real (inflated) guide's tail is still fitted.
+    spread_noise = torch.linspace(0, 2e-5, 64, dtype=torch.float64) - 9.0
+    assert psis_khat(spread_noise, torch.finfo(torch.float32).eps) == -math.inf
+    assert psis_khat(spread_noise) > -math.inf
+    wide = log_evidence(lg.model, lambda x: lg.mean_field_guide(x, inflate=2.0), x, 64)
+    assert torch.isfinite(wide.khat).all()
+
+
+def test_khat_threshold_follows_the_sample_size():
+    """min(1 - 1/log10 S, 0.7) (Vehtari et al. 2024): 0.41 at S = 50, not the fixed 0.7."""
+    assert khat_threshold(50) == pytest.approx(0.4114, abs=1e-4)
+    assert khat_threshold(1000) == pytest.approx(2 / 3)
+    assert khat_threshold(10_000) == 0.7 and khat_threshold(10) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 10"):
+        khat_threshold(9)
+    k = torch.tensor([0.5, 0.3, -math.inf, math.nan, 0.75], dtype=torch.float64)
+    assert khat_untrusted(k, 50).tolist() == [True, False, False, True, True]
+    assert khat_untrusted(k, 5000).tolist() == [False, False, False, True, True]
+
+
+def test_too_few_samples_for_khat_are_never_trusted():
+    """K = 5 leaves k-hat NaN. Before the fix summary() counted NaN as trusted: share 0.0 for a
+    3x-inflated guide."""
+    lg = LinearGaussian.random(6, 3, noise=0.5, seed=0)
+    x = lg.sample(30, seed=1)
+    r = log_evidence(lg.model, lambda x: lg.mean_field_guide(x, inflate=3.0), x, 5)
+    assert torch.isnan(r.khat).all()
+    s = r.summary()
+    assert s["khat_share_untrusted"] == 1.0 and s["khat_threshold"] is None
+
+
+def test_summary_uses_the_sample_size_threshold():
+    """At K = 50 a k-hat between 0.41 and 0.7 is untrusted (the fixed 0.7 let it pass)."""
+    from ppgen.infer.evidence import EvidenceResult
+
+    k = torch.tensor([0.2, 0.5, 0.6, 0.8], dtype=torch.float64)
+    r = EvidenceResult(*(torch.zeros(4, dtype=torch.float64),) * 3, k, torch.zeros(4, dtype=torch.float64), {}, 50)
+    s = r.summary()
+    assert s["khat_share_untrusted"] == 0.75 and float((k > 0.7).double().mean()) == 0.25
