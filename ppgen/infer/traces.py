@@ -4,6 +4,17 @@ Every site's ``log_prob`` is summed over all dimensions except the ``"data"`` pl
 outermost particle plate), giving log weights ``log p(x_n, z_k) - log q(z_k | x_n)`` of shape
 ``(K, B)``: what importance-sampled evidence (:mod:`ppgen.infer.evidence`) and the
 importance-weighted bounds (:mod:`ppgen.infer.estimators.multisample`) are made of.
+
+Scales. Evidence wants the plain densities, so by default every ``poutine.scale`` is ignored.
+The bounds are trained inside the SVI loop, where a site's scale is a product of two kinds of
+factor that must be treated differently:
+
+- the minibatch factor ``N / B`` (:func:`minibatch_factor`: what ``DataScale`` recorded under
+  :data:`DATA_SCALE_KEY`, or a subsampling data plate's ``full_size / size``) multiplies each
+  datapoint's bound *outside* its logsumexp, so the full-data objective stays unbiased;
+- everything else (:func:`inner_scale`, e.g. KL warm-up's ``poutine.scale(beta)`` around the
+  latent sites) multiplies the site's log-density *inside* each particle's log weight, giving the
+  tempered bound ``logsumexp_k [log p(x|z_k) + beta (log p(z_k) - log q(z_k|x))] - log K``.
 """
 
 from __future__ import annotations
@@ -15,7 +26,20 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["per_datapoint_log_weights", "plate_nesting_from", "check_positive_int", "DATA", "DATA_SCALE_KEY"]
+__all__ = [
+    "per_datapoint_log_weights",
+    "plate_nesting_from",
+    "check_positive_int",
+    "log_density",
+    "trace_particles",
+    "with_values",
+    "check_same_latents",
+    "particle_sites",
+    "minibatch_factor",
+    "inner_scale",
+    "DATA",
+    "DATA_SCALE_KEY",
+]
 
 DATA = "data"
 #: message key under which ``ppgen.infer.svi.DataScale`` records the minibatch factor ``N / B``
@@ -54,11 +78,42 @@ def _data_frame(site: dict):
     return None
 
 
-def _site_per_datapoint(site: dict, full: int, num_particles: int, size: int) -> torch.Tensor:
-    """Sum a site's unscaled (masked) log-density over every dim but particles and data: ``(K, B)``."""
-    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+def minibatch_factor(site: dict) -> float:
+    """The part of a site's ``scale`` that turns a minibatch into the full data set: the ``N / B``
+    that :class:`ppgen.infer.svi.DataScale` recorded (``site[DATA_SCALE_KEY]``), times
+    ``full_size / size`` when the data plate subsamples itself. Per-datapoint bounds keep it
+    *outside* their logsumexp (unbiased full-data objective); every other ``poutine.scale``
+    factor (KL warm-up, tempering) is :func:`inner_scale` and stays inside each log weight."""
+    factor = float(site.get(DATA_SCALE_KEY, 1.0))
+    frame = _data_frame(site)
+    if frame is not None and frame.full_size is not None and frame.full_size != frame.size:
+        factor *= frame.full_size / frame.size
+    return factor
+
+
+def inner_scale(site: dict):
+    """``site["scale"] / minibatch_factor(site)``: the scale that multiplies the site's
+    log-density inside each particle's log weight (a float, or a tensor broadcastable to the
+    site's batch shape)."""
+    scale = site["scale"]
+    factor = minibatch_factor(site)
+    return scale / factor if factor != 1.0 else scale
+
+
+def _site_per_datapoint(
+    site: dict, full: int, num_particles: int, size: int, scaled: bool = False, value: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Sum a site's masked log-density over every dim but particles and data: ``(K, B)``.
+
+    Unscaled unless ``scaled``, then multiplied by :func:`inner_scale` (before the sum, so a
+    tensor scale weighs each element). ``value`` replaces the site's value if given."""
+    lp = site["fn"].log_prob(site["value"] if value is None else value, *site["args"], **site["kwargs"])
     if site["mask"] is not None and site["mask"] is not True:
         lp = torch.where(torch.as_tensor(site["mask"], device=lp.device), lp, lp.new_zeros(()))
+    if scaled:
+        scale = inner_scale(site)
+        if isinstance(scale, torch.Tensor) or scale != 1.0:
+            lp = lp * scale
     if lp.ndim > full:
         raise ValueError(
             f"site {site['name']!r} has log_prob of shape {tuple(lp.shape)}: more batch dims than "
@@ -72,6 +127,90 @@ def _site_per_datapoint(site: dict, full: int, num_particles: int, size: int) ->
     return lp.reshape(lp.shape[0], lp.shape[data_axis]).expand(num_particles, size)
 
 
+def _not_in_data_plate(name: str) -> ValueError:
+    return ValueError(
+        f"site {name!r} is not inside a pyro.plate({DATA!r}, ...); per-datapoint log weights "
+        f"(importance-sampled evidence, the iwae/dreg/vimco bounds) need every latent and observed "
+        f"site in the {DATA!r} plate over datapoints. A global latent outside it is shared by all "
+        f"datapoints, so the bound does not factor per datapoint: train such a model with "
+        f"'reparam', 'stl' or a score-function estimator instead"
+    )
+
+
+def particle_sites(tr, observed: bool = True) -> list[tuple[str, dict]]:
+    """The sample sites of a particle trace that enter the log weights (``observed=False``:
+    latent sites only, as for a guide), each checked to sit in the data plate."""
+    out = []
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site) or (not observed and site["is_observed"]):
+            continue
+        if _data_frame(site) is None:
+            raise _not_in_data_plate(name)
+        out.append((name, site))
+    return out
+
+
+def log_density(
+    tr,
+    full: int,
+    num_particles: int,
+    observed: bool = True,
+    scaled: bool = False,
+    values: Optional[dict] = None,
+) -> tuple[torch.Tensor, Optional[float], Optional[int]]:
+    """Per-datapoint log-density of a trace drawn under the particle plate (:func:`trace_particles`).
+
+    :param observed: include observed sites (model) or not (guide).
+    :param scaled: multiply each site by its :func:`inner_scale` (the bounds) or not (evidence).
+    :param values: ``{site name: value}`` that replaces the traced values (re-scoring).
+    :returns: ``(log_density, minibatch, B)``: shape ``(K, B)`` (the float 0.0 if no site), the
+        common :func:`minibatch_factor` of the sites (``None`` if no site) and the data-plate size.
+    :raises ValueError: a site outside the data plate, or sites whose minibatch factors differ.
+    """
+    total, factor, size = 0.0, None, None
+    for name, site in particle_sites(tr, observed):
+        frame = _data_frame(site)
+        size = frame.size if size is None else size
+        f = minibatch_factor(site)
+        if factor is None:
+            factor = f
+        elif abs(f - factor) > 1e-9 * abs(factor):
+            raise ValueError(
+                f"sites of the {DATA!r} plate must share one minibatch factor (N / B); site {name!r} "
+                f"has {f!r}, another {factor!r}: scale the whole data plate with DataScale"
+            )
+        value = None if values is None else values.get(name)
+        total = total + _site_per_datapoint(site, full, num_particles, frame.size, scaled, value)
+    return total, factor, size
+
+
+def trace_particles(fn: Callable, args: tuple, kwargs: dict, num_particles: int, full: int, replay=None):
+    """Trace ``fn(*args, **kwargs)`` with ``num_particles`` particles in a plate at dim ``-full``,
+    replaying the sample sites of trace ``replay`` if given."""
+    if replay is not None:
+        fn = poutine.replay(fn, trace=replay)
+    with pyro.plate(_PARTICLES, num_particles, dim=-full):
+        return poutine.trace(fn).get_trace(*args, **kwargs)
+
+
+def with_values(tr, values: dict):
+    """A trace to replay: ``tr``'s sample sites with the values in ``values`` substituted."""
+    out = poutine.Trace()
+    for name, site in tr.nodes.items():
+        if site["type"] == "sample":
+            out.add_node(name, **dict(site, value=values.get(name, site["value"])))
+    return out
+
+
+def check_same_latents(guide_tr, model_tr) -> None:
+    guide_latents, model_latents = _latents(guide_tr), _latents(model_tr)
+    if guide_latents != model_latents:
+        raise ValueError(
+            "model and guide must have the same latent sites; model only: "
+            f"{sorted(model_latents - guide_latents)}, guide only: {sorted(guide_latents - model_latents)}"
+        )
+
+
 def per_datapoint_log_weights(
     model: Callable,
     guide: Callable,
@@ -79,6 +218,7 @@ def per_datapoint_log_weights(
     num_particles: int,
     *args,
     max_plate_nesting: Optional[int] = None,
+    scaled: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, float]:
     """Log weights ``log p(x_n, z_k) - log q(z_k | x_n)`` of ``num_particles`` vectorized draws.
@@ -90,8 +230,13 @@ def per_datapoint_log_weights(
     :param data: tensor of shape ``(B, ...)``.
     :param num_particles: ``K``, drawn in one vectorized pass.
     :param max_plate_nesting: plates of the model (found by tracing if not given).
-    :returns: ``(log_w, scale)``: log weights of shape ``(K, B)`` and the ``poutine.scale`` factor
-        of the data-plate sites (1 unless a training loop scales the minibatch).
+    :param scaled: ``False`` (evidence): plain log-densities, every ``poutine.scale`` ignored.
+        ``True`` (the iwae/dreg/vimco bounds): each site's log-density times its
+        :func:`inner_scale` (e.g. a KL warm-up weight), giving the tempered log weights
+        ``log p(x|z) + beta (log p(z) - log q(z|x))``; the minibatch factor is returned apart.
+    :returns: ``(log_w, minibatch)``: log weights of shape ``(K, B)`` and the
+        :func:`minibatch_factor` ``N / B`` of the data-plate sites (1 outside a training loop),
+        which multiplies each datapoint's bound *outside* its logsumexp.
     :raises ValueError: no ``"data"`` plate, a site outside it, or model and guide that disagree
         on latent sites.
     """
@@ -99,36 +244,18 @@ def per_datapoint_log_weights(
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting_from(model, guide, (data, *args), kwargs)
     full = max_plate_nesting + 1
-    with pyro.plate(_PARTICLES, num_particles, dim=-full):
-        guide_tr = poutine.trace(guide).get_trace(data, *args, **kwargs)
-        model_tr = poutine.trace(poutine.replay(model, trace=guide_tr)).get_trace(data, *args, **kwargs)
-    guide_latents, model_latents = _latents(guide_tr), _latents(model_tr)
-    if guide_latents != model_latents:
-        raise ValueError(
-            "model and guide must have the same latent sites; model only: "
-            f"{sorted(model_latents - guide_latents)}, guide only: {sorted(guide_latents - model_latents)}"
-        )
-    log_w, scale, size = 0.0, None, None
-    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-        for name, site in tr.nodes.items():
-            if site["type"] != "sample" or site_is_subsample(site) or (sign < 0 and site["is_observed"]):
-                continue
-            frame = _data_frame(site)
-            if frame is None:
-                raise ValueError(
-                    f"site {name!r} is not inside a pyro.plate({DATA!r}, ...); per-datapoint evidence "
-                    f"needs every latent and observed site in the {DATA!r} plate over datapoints"
-                )
-            size = frame.size if size is None else size
-            scale = float(site["scale"]) if scale is None else scale
-            log_w = log_w + sign * _site_per_datapoint(site, full, num_particles, frame.size)
+    guide_tr = trace_particles(guide, (data, *args), kwargs, num_particles, full)
+    model_tr = trace_particles(model, (data, *args), kwargs, num_particles, full, replay=guide_tr)
+    check_same_latents(guide_tr, model_tr)
+    log_p, factor, size = log_density(model_tr, full, num_particles, observed=True, scaled=scaled)
+    log_q, _, _ = log_density(guide_tr, full, num_particles, observed=False, scaled=scaled)
     # Traces sit in reference cycles (freed only by the garbage collector); drop their tensors now
     # so one particle chunk's activations never outlive it: memory stays flat in K.
     model_tr.nodes.clear()
     guide_tr.nodes.clear()
     if size is None:
         raise ValueError(f"the model has no sample site inside a pyro.plate({DATA!r}, ...)")
-    return log_w, scale
+    return log_p - log_q, factor
 
 
 def plate_nesting_from(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:

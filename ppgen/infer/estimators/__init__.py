@@ -25,8 +25,19 @@ baseline``                                     baseline b(x), own Adam lr (Mnih 
 ``enum``           ``TraceEnum_ELBO``          discrete guide sites summed exactly (parallel
                                                enumeration); others as ``reparam``
 ``iwae``           ``IWAE_ELBO`` (ppgen)       pathwise gradient of the per-datapoint
-                                               importance-weighted bound (Burda et al. 2016)
+                                               importance-weighted bound (Burda et al. 2016);
+                                               reparameterized guide sites only
+``dreg``           ``DReG_ELBO`` (ppgen)       the same bound, doubly reparameterized: guide
+                                               gradient ``sum_k w~_k^2 dlog w_k/dz dz/dphi``,
+                                               no score term (Tucker et al. 2019)
+``vimco``          ``VIMCO_ELBO`` (ppgen)      the same bound by score function with leave-
+                                               one-out baselines, any guide site, K >= 2
+                                               (Mnih & Rezende 2016)
 =================  ==========================  ===============================================
+
+The three multi-sample estimators (:mod:`.multisample`) share one objective, ``K =
+--particles``: the per-datapoint bound with the minibatch factor ``N / B`` outside each
+datapoint's logsumexp and every other ``poutine.scale`` (KL warm-up) inside each log weight.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from typing import Callable, NamedTuple, Optional
 from pyro import infer
 
 from ppgen.infer.estimators.enumeration import enumerate_guide
-from ppgen.infer.estimators.multisample import IWAE_ELBO
+from ppgen.infer.estimators.multisample import DReG_ELBO, IWAE_ELBO, VIMCO_ELBO
 from ppgen.infer.estimators.pathwise import sticking_the_landing
 from ppgen.infer.estimators.score_function import Reinforce_ELBO, ScoreFunctionMessenger, nn_baseline
 
@@ -120,6 +131,20 @@ ESTIMATORS: dict[str, Estimator] = {
             True,
             None,
             "importance-weighted bound per datapoint, K = --particles (Burda et al. 2016)",
+        ),
+        Estimator(
+            "dreg",
+            DReG_ELBO,
+            True,
+            None,
+            "importance-weighted bound, doubly reparameterized gradient (Tucker et al. 2019)",
+        ),
+        Estimator(
+            "vimco",
+            VIMCO_ELBO,
+            True,  # VIMCO_ELBO detaches the draws itself; the guide is passed unchanged
+            None,
+            "importance-weighted bound, score function with leave-one-out baselines, K >= 2 (Mnih & Rezende 2016)",
         ),
     ]
 }
