@@ -190,6 +190,8 @@ def add_variance(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="validation images in the batch")
     p.add_argument("--reference-draws", type=positive_int, default=500, help="reparam draws in the reference")
     p.add_argument("--warmup", type=int, default=100, help="discarded draws so baselines adapt")
+    p.add_argument("--particles", type=int_list, default=(1,),
+                   help="K, samples per gradient draw (iwae: the bound's K); a comma list, e.g. 1,10,50, sweeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.set_defaults(func=cmd_variance)
@@ -203,9 +205,11 @@ def cmd_variance(args: argparse.Namespace) -> int:
     from ppgen.infer.variance_runs import VarianceConfig, measure_run, plot_variance
 
     config = VarianceConfig(args.estimators, args.checkpoints, args.draws, args.batch_size,
-                            args.reference_draws, args.warmup, args.seed, args.device)
+                            args.reference_draws, args.warmup, args.seed, args.device, args.particles)
     kwargs = dataclasses.asdict(config)
     kwargs["num_draws"] = kwargs.pop("draws")
+    # one K: rows and figure keep the estimator names; several: a sweep, labelled "<name> K=<K>"
+    kwargs["particles"] = config.particles[0] if len(config.particles) == 1 else list(config.particles)
     results = measure_run(args.run, **kwargs)
     out = Path(args.run) / "variance"
     out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,10 @@ def cmd_variance(args: argparse.Namespace) -> int:
     for point, stats in results:
         lines += [f"## epoch {point.epoch}", "", *format_table(stats, ("all", "group"), config.estimators[0]), ""]
         rows += [{"epoch": point.epoch, **r} for r in stats.rows if r["level"] != "param"]
+    lines += ["K: particles per draw. SNR: mean |E g| / sd(g), which reads about sqrt(2 / (pi R)) for pure "
+              f"noise ({(2 / (3.141592653589793 * config.draws)) ** 0.5:.3g} at R = {config.draws} draws); "
+              "SNR*: root-mean-square SNR with that noise subtracted (0 for pure noise, negative when below it). "
+              "bias^2: debiased squared bias against the reference (can be negative by noise).", ""]
     (out / "table.md").write_text("\n".join(lines))
     (out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot_variance(results, out / "variance.png", f"gradient estimators on {args.run}")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
@@ -72,10 +73,16 @@ def measure_run(
     warmup: int = 100,
     seed: int = 0,
     device: str = "cpu",
+    particles: Union[int, Sequence[int]] = 1,
 ) -> list[tuple[Checkpoint, GradientStats]]:
     """Gradient statistics of VAE run ``run_path`` at each checkpoint, on the first
     ``batch_size`` validation images (binarized once with ``seed`` if the run binarizes dynamically).
-    Gradients are those of the batch's negative ELBO (sum over the batch, not rescaled to N)."""
+    Gradients are those of the batch's negative ELBO (sum over the batch, not rescaled to N).
+
+    Every parameter the model and guide register is loaded from the checkpoint (encoder, decoder,
+    the posterior's flow or covariance factor, a learned likelihood scale); a checkpoint that
+    lacks one of them is refused rather than measured half-trained. ``particles`` is passed to
+    :func:`ppgen.infer.variance.gradient_stats` (an int, or a list to sweep)."""
     from ppgen.train import VAERunConfig
 
     run = Run(run_path, resume=True)
@@ -89,40 +96,69 @@ def measure_run(
         torch.manual_seed(config.svi.seed)
         vae = config.model.build(data.dim, data.image_shape).to(x.device)
         pyro.clear_param_store()
-        pyro.module("encoder", vae.encoder)
-        pyro.module("decoder", vae.decoder)
+        registered = _register(vae, x)
         if point.path is not None:
             params = load_checkpoint(point.path, map_location=x.device)["params"]
-            load_params({k: v for k, v in params.items() if k.split("$$$")[0] in ("encoder", "decoder")})
+            missing = sorted(registered - set(params))
+            if missing:
+                raise ValueError(f"checkpoint {point.path} lacks parameters {missing} that the model/guide of "
+                                 f"{run_path} registers: it comes from another configuration")
+            load_params({k: v for k, v in params.items() if k in registered})
         stats = gradient_stats(vae.model, vae.guide, x, estimators, num_draws=num_draws,
-                               reference_draws=reference_draws, warmup=warmup, seed=seed)
+                               reference_draws=reference_draws, warmup=warmup, seed=seed, particles=particles)
         out.append((point, stats))
     return out
 
 
+def _register(vae, x: torch.Tensor) -> set[str]:
+    """Names of every parameter the VAE's model and guide put in Pyro's param store, found by one
+    trace of both on ``x`` (off the caller's random stream; parameter values are untouched)."""
+    from pyro import poutine
+    from pyro.infer import Trace_ELBO
+
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        with poutine.trace(param_only=True) as capture:
+            Trace_ELBO().loss(vae.model, vae.guide, x)
+    return {name for name, site in capture.trace.nodes.items() if site["type"] == "param"}
+
+
 def plot_variance(results: list[tuple[Checkpoint, GradientStats]], path: Union[str, Path], title: str = "") -> Path:
-    """Left: total gradient variance (log scale) per estimator against epoch. Right: SNR per
-    parameter group (log scale) at the last measured checkpoint, one bar per estimator."""
+    """Left: total gradient variance (log scale) per estimator and particle count against epoch.
+    Right: per parameter group at the last measured checkpoint, the SNR (bars) and the
+    noise-floor-corrected SNR (black dots; absent where it is <= 0, i.e. the group's gradient is
+    not told apart from noise), with the plain SNR's noise floor sqrt(2 / (pi R)) dashed."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
-    estimators = list(results[0][1].mean)
+    labels = list(results[0][1].mean)
     epochs = [c.epoch for c, _ in results]
-    for est in estimators:
-        ax1.plot(epochs, [s.row(est)["variance"] for _, s in results], marker="o", label=est)
+    last = results[-1][1]
+
+    def legend(label: str) -> str:
+        k = last.row(label)["particles"]
+        return label if k == 1 or "K=" in label else f"{label} K={k}"
+
+    for label in labels:
+        ax1.plot(epochs, [s.row(label)["variance"] for _, s in results], marker="o", label=legend(label))
     ax1.set_yscale("log")
     ax1.set_xlabel("epoch (0 = initialization)")
     ax1.set_ylabel("tr Cov[gradient] (log scale)")
     ax1.grid(alpha=0.3, which="both")
     ax1.legend(fontsize=7)
-    last = results[-1][1]
     groups = sorted({r["name"] for r in last.rows if r["level"] == "group"})
-    width = 0.8 / len(estimators)
-    for i, est in enumerate(estimators):
-        ax2.bar([g + i * width for g in range(len(groups))], [last.row(est, g, "group")["snr"] for g in groups],
-                width, label=est)
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        xs = [g + i * width for g in range(len(groups))]
+        rows = [last.row(label, g, "group") for g in groups]
+        ax2.bar(xs, [r["snr"] for r in rows], width, label=legend(label))
+        dots = [(x, r["snr_corrected"]) for x, r in zip(xs, rows) if r["snr_corrected"] > 0]
+        if dots:
+            ax2.plot(*zip(*dots), "k.", markersize=5, label="corrected SNR" if i == 0 else None)
+    ax2.axhline((2 / (math.pi * last.num_draws)) ** 0.5, color="grey", linestyle="--", linewidth=1,
+                label=f"noise floor, R = {last.num_draws}")
     ax2.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
     ax2.set_yscale("log")
     ax2.set_ylabel(f"mean SNR |E g|/sd(g), epoch {results[-1][0].epoch}")
     ax2.grid(alpha=0.3, axis="y", which="both")
+    ax2.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
@@ -205,6 +241,7 @@ class VarianceConfig:
     warmup: int = 100  # discarded draws first, so baselines adapt
     seed: int = 0  # torch seed of the draws and of the batch's binarization
     device: str = "cpu"  # "cpu" or "cuda"
+    particles: tuple[int, ...] = (1,)  # K, samples per gradient draw; several: a sweep (rows carry K)
 
     def __post_init__(self) -> None:
         from ppgen.infer.estimators import get_estimator
@@ -215,3 +252,7 @@ class VarianceConfig:
             get_estimator(name)
         if self.checkpoints not in ("all", "last", "init"):
             raise ValueError(f"checkpoints must be 'all', 'last' or 'init', got {self.checkpoints!r}")
+        if not self.particles or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.particles):
+            raise ValueError(f"particles must be positive integers, e.g. (1,) or (1, 10, 50), got {self.particles!r}")
+        if len(set(self.particles)) != len(self.particles):
+            raise ValueError(f"particles lists a count twice: {self.particles!r}")

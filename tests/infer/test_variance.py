@@ -388,3 +388,74 @@ def test_equal_time_budget_is_the_shortest_run():
     }
     budget, at = elbo_at_equal_time(hist)
     assert budget == 2.5 and at == {"fast": -8.0, "slow": -8.5}
+
+
+@pytest.fixture(scope="module")
+def iaf_gaussian_run(tmp_path_factory):
+    """A VAE trained one epoch with an IAF posterior and a learned per-pixel Gaussian scale: its
+    checkpoint holds posterior$$$ and likelihood$$$ parameters besides encoder and decoder."""
+    from ppgen.cli import main
+
+    out = tmp_path_factory.mktemp("variance") / "run"
+    assert main(["train", "vae", "--data", "digits", "--binarize", "none", "--likelihood", "gaussian",
+                 "--posterior", "iaf", "--flows", "1", "--epochs", "1", "--latent-dim", "3", "--hidden", "16",
+                 "--lr", "0.01", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_measure_run_loads_every_trained_parameter(iaf_gaussian_run):
+    """measure_run must measure the trained model: every parameter the pair registers (IAF flow,
+    learned likelihood scale) equals the checkpoint's, and the gradient equals the one measured on
+    the model ppgen.train.load_vae rebuilds (the old loader left posterior/likelihood at init)."""
+    from ppgen.infer.variance_runs import measure_run
+    from ppgen.runs import Run, load_checkpoint
+    from ppgen.train import load_vae
+
+    ckpt = load_checkpoint(Run(iaf_gaussian_run, resume=True).checkpoint_path)["params"]
+    owners = {k.split("$$$")[0] for k in ckpt}
+    assert {"posterior", "likelihood"} <= owners
+    [(point, stats)] = measure_run(iaf_gaussian_run, ["reparam"], "last", num_draws=10, batch_size=16,
+                                   reference_draws=2, warmup=0, seed=4)
+    assert point.epoch == 1
+    store = pyro.get_param_store()
+    for name in ("posterior", "likelihood"):
+        loaded = [k for k in store.keys() if k.startswith(name + "$$$")]
+        assert loaded
+        for k in loaded:
+            assert torch.equal(store._params[k].detach(), ckpt[k]), k
+    [(_, fresh)] = measure_run(iaf_gaussian_run, ["reparam"], "init", num_draws=10, batch_size=16,
+                               reference_draws=2, warmup=0, seed=4)
+    trained_away = [k for k in ckpt if k.startswith(("posterior", "likelihood"))
+                    and not torch.equal(store._params[k].detach(), ckpt[k])]
+    assert trained_away  # training moved them, so loading them matters
+
+    vae, config, _ = load_vae(iaf_gaussian_run)
+    x = config.data.load(False).val[:16]
+    again = gradient_stats(vae.model, vae.guide, x, ["reparam"], num_draws=10, reference_draws=2, warmup=0, seed=4)
+    for k, g in again.mean["reparam"].items():
+        torch.testing.assert_close(stats.mean["reparam"][k], g, rtol=1e-6, atol=1e-9)
+    assert any(not torch.allclose(fresh.mean["reparam"][k], g) for k, g in again.mean["reparam"].items())
+
+
+def test_variance_cli_sweeps_particles(iaf_gaussian_run, capsys):
+    """`ppgen variance --particles 1,4`: rows and table carry K and the corrected SNR, and the
+    reparam gradient averaged over 4 particles has a quarter of the one-particle variance."""
+    import json
+
+    from ppgen.cli import main
+
+    assert main(["variance", str(iaf_gaussian_run), "--estimators", "reparam,iwae", "--particles", "1,4",
+                 "--checkpoints", "last", "--draws", "60", "--batch-size", "16", "--reference-draws", "20",
+                 "--warmup", "0"]) == 0
+    table = (iaf_gaussian_run / "variance" / "table.md").read_text()
+    assert "| estimator | K | group |" in table and "SNR*" in table
+    rows = [json.loads(line) for line in (iaf_gaussian_run / "variance" / "rows.jsonl").read_text().splitlines()]
+    total = {(r["estimator"], r["particles"]): r for r in rows if r["level"] == "all"}
+    assert set(total) == {(e, k) for e in ("reparam", "iwae") for k in (1, 4)}
+    assert 2.5 < total["reparam", 1]["variance"] / total["reparam", 4]["variance"] < 6
+    # iwae with one particle is the ELBO's reparameterized gradient, draw for draw (same seed)
+    assert total["iwae", 1]["variance"] == pytest.approx(total["reparam", 1]["variance"], rel=1e-4)
+    assert all("snr_corrected" in r and "bias2_plugin" in r for r in rows)
+    assert (iaf_gaussian_run / "variance" / "variance.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["variance", str(iaf_gaussian_run), "--particles", "0"])
