@@ -157,8 +157,12 @@ def test_data_plate_at_an_outer_dim():
         guide = AmortizedGuide(model, family=family, hidden=(8,))
         assert structure(poutine.trace(guide).get_trace(x)) == structure(poutine.trace(model).get_trace(x))
         assert guide.data_dim == -2 and poutine.trace(guide).get_trace(x).nodes["z"]["value"].shape == (5, 1, 2)
-        ev = log_evidence(model, guide, x, 20)  # the evidence tools read the data axis from the plate
-        assert ev.log_px.shape == (5,) and bool((ev.log_px >= ev.elbo - 1e-6).all())
+        # the evidence tools read the data axis from the plate: per datapoint, the IS estimate
+        # meets the exact evidence x_n ~ N(0, W^T W + I) (a mis-read axis mixes datapoints)
+        ev = log_evidence(model, guide, x, 3000)
+        exact = torch.distributions.MultivariateNormal(torch.zeros(6), w.T @ w + torch.eye(6)).log_prob(x)
+        assert ev.log_px.shape == (5,)
+        assert bool(((ev.log_px - exact.double()).abs() < 4 * ev.stderr + 0.02).all()), (ev.log_px, exact)
 
 
 def mixture_model(x):
