@@ -1,7 +1,10 @@
-"""The GPU path: the same known answers as the CPU tests, computed with ``--device cuda``.
+"""The device path: the same known answers as the CPU tests, computed with ``--device DEVICE``.
 
-Skipped where no CUDA GPU is present. ``PPGEN_TEST_DEVICE=cpu`` runs the same checks on the CPU
-(how they were checked on machines without a GPU).
+Every test runs once per available device: always on the CPU (so CI, which has no GPU, runs
+them), and on ``cuda`` where a CUDA GPU is present. ``PPGEN_TEST_DEVICE=cuda`` (or ``cpu``)
+restricts them to that one device; ``cuda`` without a GPU then skips them, saying so.
+On the CPU, ``test_svi_on_device_matches_cpu`` compares two runs on the same device: there it
+checks that a seeded run repeats exactly.
 """
 
 import os
@@ -18,17 +21,25 @@ from ppgen.langevin import GaussianMixture, langevin
 from ppgen.models.linear_gaussian import LinearGaussian
 from ppgen.score import ism_loss, ssm_loss
 
-DEVICE = os.environ.get("PPGEN_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA GPU (PPGEN_TEST_DEVICE=cpu runs these on CPU)"
-)
+
+def _devices() -> list:
+    wanted = os.environ.get("PPGEN_TEST_DEVICE")
+    if wanted is not None:
+        missing = wanted == "cuda" and not torch.cuda.is_available()
+        return [pytest.param(wanted, marks=pytest.mark.skipif(missing, reason="PPGEN_TEST_DEVICE=cuda but no CUDA GPU"))]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def test_exact_evidence_of_linear_gaussian_on_device():
+@pytest.fixture(params=_devices())
+def device(request) -> str:
+    return request.param
+
+
+def test_exact_evidence_of_linear_gaussian_on_device(device):
     lg = LinearGaussian.random(6, 3, noise=0.5, seed=0)
-    on = LinearGaussian(lg.weight.to(DEVICE), lg.bias.to(DEVICE), lg.noise)
+    on = LinearGaussian(lg.weight.to(device), lg.bias.to(device), lg.noise)
     x = lg.sample(40, seed=1)
-    r = log_evidence(on.model, on.guide, x.to(DEVICE), 64, batch_size=16)
+    r = log_evidence(on.model, on.guide, x.to(device), 64, batch_size=16)
     assert torch.allclose(r.log_px.cpu(), lg.log_evidence(x), atol=1e-8, rtol=0)
 
 
@@ -56,28 +67,28 @@ def _fit(device: str) -> dict:
     return out
 
 
-def test_svi_on_device_matches_cpu():
-    cpu, dev = _fit("cpu"), _fit(DEVICE)
+def test_svi_on_device_matches_cpu(device):
+    cpu, dev = _fit("cpu"), _fit(device)
     assert cpu.keys() == dev.keys()
     for k in cpu:
         assert torch.allclose(cpu[k], dev[k], atol=1e-4), k
     assert cpu["loss"][1] < cpu["loss"][0]
 
 
-def test_score_matching_losses_of_the_true_score_on_device():
+def test_score_matching_losses_of_the_true_score_on_device(device):
     # For x ~ N(0, I_d) and s(x) = -x: 0.5 E||s||^2 + tr(ds/dx) = d/2 - d = -d/2, for ISM and
     # (in expectation) for sliced score matching.
     d, n = 3, 200_000
-    x = torch.randn(n, d, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(123))  # not the global seed: v != x
+    x = torch.randn(n, d, device=device, generator=torch.Generator(device).manual_seed(123))  # not the global seed: v != x
     assert ism_loss(lambda x: -x, x).item() == pytest.approx(-d / 2, abs=0.02)
     assert ssm_loss(lambda x: -x, x, variance_reduced=False).item() == pytest.approx(-d / 2, abs=0.05)
 
 
-def test_langevin_on_device_reaches_the_target_moments():
+def test_langevin_on_device_reaches_the_target_moments(device):
     target = GaussianMixture([1.0], [[2.0, -1.0]], std=1.0)
-    x0 = torch.zeros(4000, 2, device=DEVICE)
-    out = langevin(target.score, x0, eta=0.01, steps=1000, generator=torch.Generator(DEVICE).manual_seed(0))
-    assert out.x.device.type == torch.device(DEVICE).type
+    x0 = torch.zeros(4000, 2, device=device)
+    out = langevin(target.score, x0, eta=0.01, steps=1000, generator=torch.Generator(device).manual_seed(0))
+    assert out.x.device.type == torch.device(device).type
     # Mean within 4 standard errors (sd 1, 4000 chains); variance 1 up to the O(eta) step bias.
     assert torch.allclose(out.x.mean(0).cpu(), torch.tensor([2.0, -1.0]), atol=4 / 4000**0.5)
     assert torch.allclose(out.x.var(0).cpu(), torch.ones(2), atol=0.08)
