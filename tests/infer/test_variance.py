@@ -459,3 +459,23 @@ def test_variance_cli_sweeps_particles(iaf_gaussian_run, capsys):
     assert (iaf_gaussian_run / "variance" / "variance.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["variance", str(iaf_gaussian_run), "--particles", "0"])
+
+
+def test_measure_run_refuses_a_checkpoint_without_a_registered_parameter(iaf_gaussian_run, tmp_path):
+    """A checkpoint lacking the learned likelihood scale would be measured half at init: refused."""
+    import shutil
+
+    from ppgen.infer.variance_runs import measure_run
+    from ppgen.runs import Run, load_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(iaf_gaussian_run, run)
+    saved = Run(run, resume=True)
+    ckpt = load_checkpoint(saved.checkpoint_path)
+    dropped = [k for k in ckpt["params"] if k.startswith("likelihood$$$")]
+    assert dropped
+    for k in dropped:
+        del ckpt["params"][k]
+    saved.save_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="lacks parameters.*likelihood"):
+        measure_run(run, ["reparam"], "last", num_draws=3, batch_size=4, reference_draws=2, warmup=0)
