@@ -1,0 +1,644 @@
+"""Estimator conformance matrix (issue 15): every registered estimator x guide kind x particles x
+model layout either matches the exact gradient of its own objective, or refuses with a
+``ValueError`` naming an alternative. Never silently wrong.
+
+Shared by ``tests/infer/test_conformance.py`` (one pytest item per cell) and the table writer::
+
+    python tests/infer/conformance.py --write docs/conformance.md
+
+**Cells.** ``estimator`` runs over :data:`ppgen.infer.estimators.ESTIMATORS` as it is at import
+time (new entries are covered when they land). Guide kinds:
+
+- ``user``: per-datapoint ``pyro.param`` locals (a global ``pyro.param`` pair where the model has a
+  global latent), the way Pyro's tutorials write a guide;
+- ``encoder``: a hand-written amortized guide, :class:`ppgen.nets.Encoder` + diagonal Normal, as
+  :class:`ppgen.models.vae.VAE` writes it;
+- ``fullcov`` / ``iaf``: the same encoder guide with the ``fullcov`` or ``iaf`` family of
+  :mod:`ppgen.models.posteriors`;
+- ``autoguide``: :class:`ppgen.infer.autoguide.AmortizedGuide` built from the model.
+
+Particles ``K`` in (1, 4), vectorized, with the ELBO built as :func:`ppgen.infer.svi.make_svi_step`
+builds it. Layouts, each with ``N = 3`` datapoints in ``pyro.plate("data", N)``:
+
+- ``scalar``: ``z_n ~ N(0, 1)``, ``x_n ~ N(z_n, 0.7^2)``;
+- ``event``: ``z_n ~ N(0, I_2)`` (``.to_event(1)``), ``x_n ~ N(W z_n + b, 0.5^2 I_3)``
+  (:class:`ppgen.models.linear_gaussian.LinearGaussian`);
+- ``plate2``: the data plate at ``dim=-2``, ``z_n ~ N(0, I_2)``, and an inner
+  ``pyro.plate("feature", 3)`` of observations ``x_nj ~ N(w_j . z_n, 0.5^2)``;
+- ``global``: a global ``theta ~ N(0, 1)`` and locals ``z_n ~ N(theta 1, I_2)``,
+  ``x_n ~ N(W z_n + b, 0.5^2 I_3)``;
+- ``discrete``: ``y_n ~ Categorical(0.2, 0.3, 0.5)``, ``x_n ~ N(mu_y, 0.8^2)``.
+
+**Objectives and references.** Estimators named in :data:`MULTI_SAMPLE` (``iwae``, ``dreg``,
+``vimco``) target the ``K``-sample importance-weighted bound (Burda et al. 2016), per datapoint
+(jointly over the batch when the model has a global latent); every other estimator targets the
+ELBO, whose gradient is the same whatever ``K``. References, computed without the estimator code:
+
+- Gaussian guides (user, encoder, fullcov, autoguide) on the four Gaussian layouts: the ELBO in
+  closed form from the guide's means and covariances (expectations of quadratic forms under
+  Gaussians plus Gaussian entropies), differentiated by autograd: exact.
+- Discrete layout: the ELBO summed over the 3 values of ``y_n``; the ``K``-sample bound summed
+  over all ``3^K`` joint values: exact.
+- IAF guides (ELBO), and every continuous multi-sample bound with ``K > 1``: a plain
+  reparameterized Monte Carlo gradient from our own traces and log-densities, ``REF_CHUNKS``
+  independent chunks of ``REF_PER_CHUNK`` draws, whose standard error enters the z-score. At
+  ``K = 1`` the multi-sample bound is the ELBO and uses the ELBO's reference.
+
+**The test of a cell.** ``R`` independent gradient draws (``.grad`` of every unconstrained
+parameter of the param store after ``elbo.loss_and_grads(model, prepared_guide, x)``) give a mean
+and a standard error per parameter component. With ``P`` components, the cell holds when
+``max_i |mean_i - exact_i| / sqrt(se_i^2 + se_ref_i^2 + floor_i^2) < t(P)``, with the Bonferroni
+threshold ``t(P) = max(4, Phi^-1(1 - ALPHA / (2 P)))`` and ``ALPHA = 1e-4`` per cell: over the
+~500 cells a correct matrix raises a false alarm with probability about 5% (Gaussian
+approximation). ``floor_i = 1e-7 (1 + |exact_i|)`` guards deterministic estimators (``enum`` on a
+discrete latent has zero spread) from a zero denominator; everything runs in float64. Seeds are
+fixed per cell (crc32 of its name), so the suite is deterministic.
+
+A ``ValueError`` is a refusal; it ``refuses`` properly when its message points to an alternative
+(it names another registered estimator, or says "use"/"instead"), otherwise it ``refuses
+unhelpfully``. Any other exception is a ``crash``.
+
+**n/a cells.** ``fullcov`` and ``iaf`` on the ``scalar`` and ``discrete`` layouts: both are families
+of a *vector* continuous latent (a correlation matrix, an autoregressive order over dimensions);
+the scalar site has one dimension and the discrete site none, so there is no such guide to write
+(``IAFPosterior`` itself refuses ``z_dim < 2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions.transforms import ReshapeTransform
+from pyro.infer import Trace_ELBO
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+from torch.nn import functional as F
+
+from ppgen.infer.autoguide import AmortizedGuide
+from ppgen.infer.estimators import ESTIMATORS, make_elbo, prepare_guide
+from ppgen.infer.traces import plate_nesting_from
+from ppgen.models.linear_gaussian import LinearGaussian
+from ppgen.models.posteriors import encoder_features, make_posterior
+from ppgen.nets import Encoder, mlp
+
+DTYPE = torch.float32  # what users train in (score-nn-baseline's nets are float32)
+N = 3  # datapoints
+LAYOUTS = ("scalar", "event", "plate2", "global", "discrete")
+GUIDES = ("user", "encoder", "fullcov", "iaf", "autoguide")
+PARTICLES = (1, 4)
+#: estimators whose objective is the K-sample importance-weighted bound (not the ELBO)
+MULTI_SAMPLE = frozenset({"iwae", "dreg", "vimco"})
+ALPHA = 1e-4  # per-cell false-alarm rate before Bonferroni over components
+DRAWS = {1: 60, 4: 30}  # R gradient draws per cell, by K
+STAGE_TWO = 5  # a cell over the threshold is judged again on this many times R draws
+REF_CHUNKS, REF_PER_CHUNK = 16, 4096  # Monte Carlo reference: independent chunks x draws each
+HIDDEN = 8  # width of every encoder trunk
+
+STATUSES = ("holds", "refuses", "refuses unhelpfully", "WRONG", "crash", "n/a")
+
+
+def estimators() -> list[str]:
+    """The registry's names, as they are now."""
+    return list(ESTIMATORS)
+
+
+def objective(estimator: str) -> str:
+    return "iwae" if estimator in MULTI_SAMPLE else "elbo"
+
+
+def cell_name(estimator: str, guide: str, layout: str, k: int) -> str:
+    return f"{estimator}-{guide}-{layout}-K{k}"
+
+
+def not_applicable(guide: str, layout: str) -> Optional[str]:
+    if guide in ("fullcov", "iaf") and layout in ("scalar", "discrete"):
+        what = "a one-dimensional" if layout == "scalar" else "no continuous"
+        return f"{guide} is a family of vector latents; this layout has {what} latent"
+    return None
+
+
+def _seed(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+# ---------------------------------------------------------------------------------------- layouts
+@dataclass
+class Layout:
+    """A small conjugate model, its data, and what the exact references need."""
+
+    name: str
+    model: Callable
+    x: torch.Tensor
+    x_width: int  # features per datapoint the encoders read
+    latent_dim: int  # d of the local latent (0: scalar), or number of classes (discrete)
+    data_dim: int = -1
+    has_global: bool = False
+    discrete: bool = False
+    consts: dict = field(default_factory=dict)
+
+    @property
+    def nesting(self) -> int:
+        return -self.data_dim
+
+
+def _linear(seed: int) -> LinearGaussian:
+    return LinearGaussian.random(3, 2, noise=1.0, seed=seed, dtype=DTYPE)
+
+
+@functools.lru_cache(maxsize=None)
+def layout(name: str) -> Layout:
+    g = torch.Generator().manual_seed(_seed(name))
+    if name == "scalar":
+        sigma = 1.0
+
+        def model(x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(()), 1.0))
+                pyro.sample("x", dist.Normal(z, sigma), obs=x)
+
+        x = torch.tensor([1.3, -0.4, 2.1], dtype=DTYPE)
+        return Layout(name, model, x, 1, 0, consts={"sigma": sigma})
+    if name == "event":
+        lg = _linear(1)
+        return Layout(name, lg.model, lg.sample(N, seed=2), 3, 2, consts={"W": lg.weight, "b": lg.bias, "s": lg.noise})
+    if name == "plate2":
+        w = torch.randn(3, 2, generator=g, dtype=DTYPE)
+        s = 1.0
+
+        def model(x):
+            with pyro.plate("data", x.shape[0], dim=-2):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))  # (N, 1, 2)
+                with pyro.plate("feature", x.shape[1], dim=-1):
+                    pyro.sample("x", dist.Normal((z * w).sum(-1), s), obs=x)  # (N, 3)
+
+        x = torch.randn(N, 3, generator=g, dtype=DTYPE) * 1.5
+        return Layout(name, model, x, 3, 2, data_dim=-2, consts={"W": w, "b": torch.zeros(3, dtype=DTYPE), "s": s})
+    if name == "global":
+        lg = _linear(3)
+        weight, bias, s = lg.weight, lg.bias, lg.noise
+
+        def model(x):
+            theta = pyro.sample("theta", dist.Normal(x.new_zeros(()), 1.0))
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(theta[..., None] * x.new_ones(2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(z @ weight.T + bias, s).to_event(1), obs=x)
+
+        x = lg.sample(N, seed=4) + 1.0
+        return Layout(name, model, x, 3, 2, has_global=True, consts={"W": weight, "b": bias, "s": s})
+    if name == "discrete":
+        probs = torch.tensor([0.2, 0.3, 0.5], dtype=DTYPE)
+        mu = torch.tensor([-1.5, 0.0, 1.5], dtype=DTYPE)
+        sigma = 1.0
+
+        def model(x):
+            with pyro.plate("data", x.shape[0]):
+                y = pyro.sample("y", dist.Categorical(probs))
+                pyro.sample("x", dist.Normal(mu[y], sigma), obs=x)
+
+        x = torch.tensor([-1.0, 0.4, 1.1], dtype=DTYPE)
+        return Layout(name, model, x, 1, 3, discrete=True, consts={"probs": probs, "mu": mu, "sigma": sigma})
+    raise ValueError(f"unknown layout {name!r}")
+
+
+# ----------------------------------------------------------------------------------------- guides
+def user_guide(lay: Layout) -> Callable:
+    """Per-datapoint ``pyro.param`` locals (and a global pair), away from the optimum."""
+    d = lay.latent_dim
+
+    def guide(x):
+        if lay.has_global:
+            loc = pyro.param("theta_loc", torch.tensor(-0.5, dtype=DTYPE))
+            scale = pyro.param("theta_scale", torch.tensor(0.6, dtype=DTYPE), constraint=dist.constraints.positive)
+            pyro.sample("theta", dist.Normal(loc, scale))
+        with pyro.plate("data", x.shape[0], dim=lay.data_dim):
+            if lay.discrete:
+                logits = pyro.param("logits", torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.6], [-0.4, 0.2, 0.9]], dtype=DTYPE))
+                pyro.sample("y", dist.Categorical(logits=logits))
+            elif d == 0:
+                loc = pyro.param("loc", torch.tensor([0.3, -0.8, 0.5], dtype=DTYPE))
+                scale = pyro.param("scale", torch.tensor([0.9, 0.5, 1.2], dtype=DTYPE), constraint=dist.constraints.positive)
+                pyro.sample("z", dist.Normal(loc, scale))
+            else:
+                loc = pyro.param("loc", torch.linspace(-1.0, 1.0, x.shape[0] * d, dtype=DTYPE).reshape(-1, d))
+                scale = pyro.param("scale", torch.full((x.shape[0], d), 0.7, dtype=DTYPE), constraint=dist.constraints.positive)
+                shape = (-1,) + (1,) * (lay.nesting - 1) + (d,)
+                pyro.sample("z", dist.Normal(loc.reshape(shape), scale.reshape(shape)).to_event(1))
+
+    return guide
+
+
+class EncoderGuide(nn.Module):
+    """A hand-written amortized guide (as :class:`ppgen.models.vae.VAE` writes one): an
+    :class:`~ppgen.nets.Encoder` and a posterior family of :mod:`ppgen.models.posteriors`; logits
+    from a small MLP for a discrete latent; a global Normal for a global latent."""
+
+    def __init__(self, lay: Layout, family: str):
+        super().__init__()
+        self.lay = lay
+        d = lay.latent_dim
+        if lay.discrete:
+            self.logits = mlp([lay.x_width, HIDDEN, d])
+        else:
+            self.encoder = Encoder(nn.Linear(lay.x_width, HIDDEN), HIDDEN, max(d, 1), lay.x_width)
+            self.posterior = make_posterior(family, max(d, 1), HIDDEN)
+        if lay.has_global:
+            self.theta_loc = nn.Parameter(torch.tensor(-0.5))
+            self.theta_raw = nn.Parameter(torch.tensor(0.2))
+        self.to(DTYPE)
+
+    def forward(self, x):
+        lay = self.lay
+        pyro.module("guide", self)
+        flat = x.reshape(x.shape[0], -1)
+        if lay.has_global:
+            pyro.sample("theta", dist.Normal(self.theta_loc, F.softplus(self.theta_raw)))
+        with pyro.plate("data", x.shape[0], dim=lay.data_dim):
+            if lay.discrete:
+                pyro.sample("y", dist.Categorical(logits=self.logits(flat)))
+            elif lay.latent_dim == 0:
+                loc, scale = self.encoder(flat)
+                pyro.sample("z", dist.Normal(loc.squeeze(-1), scale.squeeze(-1)))
+            else:
+                lead = (x.shape[0],) + (1,) * (lay.nesting - 1)
+                loc, scale, h = (t.reshape(*lead, t.shape[-1]) for t in encoder_features(self.encoder, flat))
+                pyro.sample("z", self.posterior(loc, scale, h))
+
+
+def make_guide(kind: str, lay: Layout) -> Callable:
+    if kind == "user":
+        return user_guide(lay)
+    if kind in ("encoder", "fullcov", "iaf"):
+        return EncoderGuide(lay, "diag" if kind == "encoder" else kind)
+    if kind == "autoguide":
+        return AmortizedGuide(lay.model, hidden=(HIDDEN,), name="autoguide")
+    raise ValueError(f"unknown guide kind {kind!r}")
+
+
+def _params() -> list[tuple[str, torch.Tensor]]:
+    return sorted(pyro.get_param_store().named_parameters(), key=lambda kv: kv[0])
+
+
+def _flat_grads(params, grads) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+# ------------------------------------------------------------------------------------- references
+def _gaussian_moments(fn, rows: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(mean (rows, d), cov (rows, d, d))`` of a Gaussian guide distribution, or ``None``."""
+    while True:
+        if isinstance(fn, torch.distributions.Independent):
+            fn = fn.base_dist
+        elif isinstance(fn, torch.distributions.TransformedDistribution) and all(
+            isinstance(t, ReshapeTransform) for t in fn.transforms
+        ):
+            fn = fn.base_dist
+        else:
+            break
+    if isinstance(fn, torch.distributions.MultivariateNormal):
+        d = fn.loc.shape[-1]
+        tril = fn.scale_tril.expand(fn.loc.shape + (d,))
+        return fn.loc.reshape(rows, d), (tril @ tril.mT).reshape(rows, d, d)
+    if isinstance(fn, torch.distributions.Normal):
+        loc, scale = torch.broadcast_tensors(fn.loc, fn.scale)
+        return loc.reshape(rows, -1), torch.diag_embed(scale.reshape(rows, -1) ** 2)
+    return None
+
+
+def _expected_gaussian_loglik(y, m, c, weight, bias, s):
+    """``sum_n E_{z ~ N(m_n, c_n)} log N(y_n; W z + b, s^2 I)`` (closed form)."""
+    ll = dist.Normal(m @ weight.T + bias, s).log_prob(y).sum()
+    return ll - torch.einsum("ij,njk,ik->", weight, c, weight) / (2 * s**2)
+
+
+def _entropy(c):
+    d = c.shape[-1]
+    return 0.5 * (d * math.log(2 * math.pi * math.e) + torch.logdet(c)).sum()
+
+
+def closed_form_elbo(lay: Layout, guide: Callable) -> Optional[torch.Tensor]:
+    """The exact ELBO (sum over datapoints) of a Gaussian guide, differentiable in its parameters;
+    ``None`` if the guide is not Gaussian."""
+    tr = poutine.trace(guide).get_trace(lay.x)
+    z = _gaussian_moments(tr.nodes["z"]["fn"], N)
+    if z is None:
+        return None
+    m, c = z[0].double(), z[1].double()  # the formula in float64, differentiated into the parameters
+    k = {key: v.double() if isinstance(v, torch.Tensor) else v for key, v in lay.consts.items()}
+    x = lay.x.double()
+    if lay.name == "scalar":
+        v = c[:, 0, 0]
+        ll = (dist.Normal(m[:, 0], k["sigma"]).log_prob(x) - v / (2 * k["sigma"] ** 2)).sum()
+        prior = (dist.Normal(0.0, 1.0).log_prob(m[:, 0]) - v / 2).sum()
+        return ll + prior + _entropy(c)
+    ll = _expected_gaussian_loglik(x, m, c, k["W"], k["b"], k["s"])
+    if not lay.has_global:
+        prior = dist.Normal(0.0, 1.0).log_prob(m).sum() - torch.diagonal(c, dim1=-2, dim2=-1).sum() / 2
+        return ll + prior + _entropy(c)
+    mt, ct = (t.double() for t in _gaussian_moments(tr.nodes["theta"]["fn"], 1))
+    vt = ct[0, 0, 0]
+    d = m.shape[-1]
+    prior_theta = dist.Normal(0.0, 1.0).log_prob(mt[0, 0]) - vt / 2
+    prior_z = dist.Normal(mt[0, 0], 1.0).log_prob(m).sum() - torch.diagonal(c, dim1=-2, dim2=-1).sum() / 2 - N * d * vt / 2
+    return ll + prior_theta + prior_z + _entropy(c) + _entropy(ct)
+
+
+def exact_discrete_bound(lay: Layout, guide: Callable, k: int) -> torch.Tensor:
+    """``sum_n E[log (1/K) sum_k p(x_n, y_k) / q(y_k)]`` summed over all ``C^K`` values exactly."""
+    tr = poutine.trace(guide).get_trace(lay.x)
+    logq = tr.nodes["y"]["fn"].logits.reshape(N, -1).double()
+    logq = logq - logq.logsumexp(-1, keepdim=True)
+    c = lay.consts
+    joint = c["probs"].double().log() + dist.Normal(c["mu"].double(), c["sigma"]).log_prob(lay.x.double()[:, None])  # (N, C)
+    logw = joint - logq
+    combos = torch.tensor(list(itertools.product(range(logq.shape[1]), repeat=k)))  # (C^K, K)
+    weight = logq[:, combos].sum(-1).exp()  # (N, C^K)
+    return (weight * (logw[:, combos].logsumexp(-1) - math.log(k))).sum()
+
+
+def _log_weights(lay: Layout, model_tr, guide_tr, rows: int) -> torch.Tensor:
+    """``log p - log q`` per draw and datapoint ``(rows, N)``, or per draw ``(rows, 1)`` summed over
+    the batch when the model has a global latent; our own sum of every site's ``log_prob``."""
+    full = lay.nesting + 1
+    total = 0.0
+    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
+        for site in tr.nodes.values():
+            if site["type"] != "sample" or site_is_subsample(site) or (sign < 0 and site["is_observed"]):
+                continue
+            lp = site["fn"].log_prob(site["value"])
+            lp = lp.reshape((1,) * (full - lp.ndim) + tuple(lp.shape)).expand(rows, *([-1] * (full - 1)))
+            if lay.has_global:
+                lp = lp.reshape(rows, -1).sum(-1, keepdim=True)
+            else:
+                other = [a for a in range(1, full) if a != full + lay.data_dim]
+                lp = (lp.sum(other) if other else lp).expand(rows, N)  # sum([]) would sum everything
+            total = total + sign * lp
+    return total
+
+
+def mc_bound_grads(lay: Layout, guide: Callable, params, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterized Monte Carlo gradient of the ``k``-sample bound (``k = 1``: the ELBO):
+    ``(mean, standard error)`` over :data:`REF_CHUNKS` independent chunks."""
+    g = []
+    with pyro.validation_enabled(False), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(REF_CHUNKS):
+            rows = REF_PER_CHUNK * k
+            with pyro.plate("_reference", rows, dim=-(lay.nesting + 1)):
+                guide_tr = poutine.trace(guide).get_trace(lay.x)
+                model_tr = poutine.trace(poutine.replay(lay.model, trace=guide_tr)).get_trace(lay.x)
+            logw = _log_weights(lay, model_tr, guide_tr, rows).double()
+            logw = logw.reshape(REF_PER_CHUNK, k, -1)
+            bound = (logw.logsumexp(1) - math.log(k)).sum(-1).mean()
+            g.append(_flat_grads(params, torch.autograd.grad(-bound, params, allow_unused=True)))
+    g = torch.stack(g)
+    return g.mean(0), g.std(0) / math.sqrt(REF_CHUNKS)
+
+
+def reference(lay: Layout, guide: Callable, params, obj: str, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Gradient of the *loss* (negative objective): ``(exact, its standard error, how)``."""
+    keff = k if obj == "iwae" else 1
+    if lay.discrete:
+        bound = exact_discrete_bound(lay, guide, keff)
+        how = "exact sum" if keff == 1 else f"exact sum over 3^{keff}"
+    elif keff == 1 and (bound := closed_form_elbo(lay, guide)) is not None:
+        how = "closed form"
+    else:
+        mean, se = mc_bound_grads(lay, guide, params, keff, seed)
+        return mean, se, f"MC {REF_CHUNKS}x{REF_PER_CHUNK}"
+    grads = torch.autograd.grad(-bound, params, allow_unused=True)
+    flat = _flat_grads(params, grads)
+    return flat, torch.zeros_like(flat), how
+
+
+_REFERENCES: dict = {}
+
+
+def cached_reference(lay, guide, params, obj, k, key):
+    keff = k if obj == "iwae" else 1
+    full = (key, obj if keff > 1 else "elbo", keff)
+    if full not in _REFERENCES:
+        _REFERENCES[full] = reference(lay, guide, params, obj, k, _seed(str(full)))
+    return _REFERENCES[full]
+
+
+# ------------------------------------------------------------------------------------ cell runner
+@dataclass
+class Cell:
+    estimator: str
+    guide: str
+    layout: str
+    k: int
+    status: str = ""
+    z: float = float("nan")  # max z-score over components
+    threshold: float = float("nan")
+    components: int = 0
+    draws: int = 0
+    message: str = ""  # refusal or crash message; for WRONG the worst component
+    reference: str = ""
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return cell_name(self.estimator, self.guide, self.layout, self.k)
+
+
+def threshold(components: int, draws: int) -> float:
+    """Bonferroni over ``components``, Student-t with ``draws - 1`` degrees of freedom."""
+    from scipy.stats import t
+
+    return max(4.0, float(t.ppf(1 - ALPHA / (2 * max(components, 1)), draws - 1)))
+
+
+def _helpful(message: str, estimator: str) -> bool:
+    others = [e for e in ESTIMATORS if e != estimator]
+    named = any(re.search(rf"(?<![\w-]){re.escape(e)}(?![\w-])", message) for e in others)
+    return named or re.search(r"\b(use|instead)\b", message, re.I) is not None
+
+
+def run_cell(estimator: str, guide_kind: str, layout_name: str, k: int, draws: Optional[int] = None) -> Cell:
+    cell = Cell(estimator, guide_kind, layout_name, k)
+    start = time.perf_counter()
+    na = not_applicable(guide_kind, layout_name)
+    if na:
+        cell.status, cell.message = "n/a", na
+        return cell
+    lay = layout(layout_name)
+    r = draws or DRAWS[k]
+    pyro.clear_param_store()
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(_seed(f"{guide_kind}-{layout_name}"))  # same start for every estimator
+            guide = make_guide(guide_kind, lay)
+            with torch.no_grad():  # register parameters (and validate) as make_svi_step does
+                Trace_ELBO().loss(lay.model, guide, lay.x)
+        named = _params()
+        params = [p for _, p in named]
+        torch.manual_seed(_seed(cell.name))
+        nesting = plate_nesting_from(lay.model, guide, (lay.x,), {}) if k > 1 else None
+        elbo = make_elbo(estimator, k, k > 1, nesting)
+        train_guide = prepare_guide(estimator, guide)
+
+        def draw(n: int) -> list[torch.Tensor]:
+            out = []
+            with pyro.validation_enabled(False):
+                for _ in range(n):
+                    elbo.loss_and_grads(lay.model, train_guide, lay.x)
+                    out.append(_flat_grads(params, [p.grad for p in params]))
+                    for p in params:
+                        p.grad = None
+            return out
+
+        samples = draw(r)
+    except ValueError as err:
+        cell.message = " ".join(str(err).split())
+        cell.status = "refuses" if _helpful(cell.message, estimator) else "refuses unhelpfully"
+        cell.seconds = time.perf_counter() - start
+        return cell
+    except Exception as err:  # noqa: BLE001 - the matrix records every other failure as a crash
+        cell.status, cell.message = "crash", f"{type(err).__name__}: {' '.join(str(err).split())}"[:300]
+        cell.seconds = time.perf_counter() - start
+        return cell
+    exact, se_ref, how = cached_reference(lay, guide, params, objective(estimator), k, f"{guide_kind}-{layout_name}")
+    cell.reference = how
+    mean, se, z = _z_scores(samples, exact, se_ref, k, objective(estimator))
+    if float(z.max()) >= threshold(z.numel(), len(samples)):
+        # Second stage: sample means of skewed, heavy-tailed draws (score-function gradients) come
+        # with too small a sample SE more often than a Student-t says; a cell over the threshold
+        # is judged again on STAGE_TWO times as many draws (its first ones included).
+        samples += draw((STAGE_TWO - 1) * r)
+        mean, se, z = _z_scores(samples, exact, se_ref, k, objective(estimator))
+    cell.draws, cell.components = len(samples), z.numel()
+    cell.z, cell.threshold = float(z.max()), threshold(z.numel(), len(samples))
+    cell.status = "holds" if cell.z < cell.threshold else "WRONG"
+    if cell.status == "WRONG":
+        i = int(z.argmax())
+        offset = 0
+        for (pname, p) in named:
+            if i < offset + p.numel():
+                where = f"{pname}[{i - offset}]"
+                break
+            offset += p.numel()
+        cell.message = (f"worst component {where}: estimator mean {mean[i]:.5g} +- {se[i]:.2g}, "
+                        f"exact {exact[i]:.5g} +- {se_ref[i]:.2g}")
+    cell.seconds = time.perf_counter() - start
+    return cell
+
+
+def _z_scores(samples: list, exact, se_ref, k: int, obj: str):
+    """``(mean, se, z)`` per component of the draws against the reference."""
+    samples = torch.stack(samples)
+    r = len(samples)
+    mean, se = samples.mean(0), samples.std(0) / math.sqrt(r)
+    floor = 1e-5 * (1 + exact.abs())  # float32 rounding
+    # A Monte Carlo reference also measures the per-draw spread of a pathwise gradient: the
+    # estimator's SE is taken as at least that spread over its own R draws (of K particles each
+    # for the ELBO), so a rare event (a ReLU of an IAF step that fires in 1 draw of 1e4) that R
+    # draws never see cannot make a zero sample SE.
+    units = r * (k if obj == "elbo" else 1)
+    se = torch.maximum(se, se_ref * math.sqrt(REF_CHUNKS * REF_PER_CHUNK / units))
+    return mean, se, (mean - exact).abs() / (se**2 + se_ref**2 + floor**2).sqrt()
+
+
+def all_cells() -> list[tuple[str, str, str, int]]:
+    return [(e, g, lay, k) for e in estimators() for g in GUIDES for lay in LAYOUTS for k in PARTICLES]
+
+
+# ---------------------------------------------------------------------------------------- table
+_SHORT = {"holds": "holds", "refuses": "refuses", "refuses unhelpfully": "refuses (no alternative)",
+          "WRONG": "**WRONG**", "crash": "**crash**", "n/a": "n/a"}
+
+
+def table(cells: list[Cell]) -> str:
+    by = {(c.estimator, c.guide, c.layout, c.k): c for c in cells}
+    ests = list(dict.fromkeys(c.estimator for c in cells))
+    head = "| estimator | guide | " + " | ".join(f"{lay} K={k}" for lay in LAYOUTS for k in PARTICLES) + " |"
+    lines = [head, "|" + "---|" * (2 + len(LAYOUTS) * len(PARTICLES))]
+    for e in ests:
+        for g in GUIDES:
+            row = []
+            for lay in LAYOUTS:
+                for k in PARTICLES:
+                    c = by.get((e, g, lay, k))
+                    if c is None:
+                        row.append("")
+                    elif c.status in ("holds", "WRONG"):
+                        row.append(f"{_SHORT[c.status]} ({c.z:.1f}/{c.threshold:.1f})")
+                    else:
+                        row.append(_SHORT[c.status])
+            lines.append(f"| `{e}` | {g} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def document(cells: list[Cell], seconds: float) -> str:
+    counts = {s: sum(c.status == s for c in cells) for s in STATUSES}
+    out = [
+        "# Estimator conformance matrix",
+        "",
+        "Written by `python tests/infer/conformance.py --write docs/conformance.md`; checked cell by cell by",
+        "`tests/infer/test_conformance.py`. How each cell is decided (models, guides, exact references,",
+        "the Bonferroni threshold) is in the docstring of `tests/infer/conformance.py`.",
+        "",
+        "A cell *holds* when the mean of its gradient draws matches the exact gradient of the estimator's own",
+        "objective (the ELBO; the K-sample importance-weighted bound for " + ", ".join(f"`{e}`" for e in sorted(MULTI_SAMPLE)) + ")",
+        "within the threshold; the numbers are the largest z-score over parameter components / the threshold. It *refuses*",
+        "when it raises a `ValueError` naming an alternative. **WRONG** and **crash** cells are bugs.",
+        "",
+        "Counts: " + ", ".join(f"{s}: {n}" for s, n in counts.items()) + f" (of {len(cells)} cells; {seconds:.0f} s).",
+        "",
+        table(cells),
+        "",
+        "## Refusals, crashes and wrong cells",
+        "",
+    ]
+    for c in cells:
+        if c.status not in ("holds", "n/a"):
+            out.append(f"- `{c.name}` ({c.status}): {c.message}")
+    out += ["", "## n/a", "", "- `fullcov`, `iaf` on `scalar`: a family of vector latents; the site is one-dimensional",
+            "  (`IAFPosterior` refuses `z_dim < 2`, and a 1x1 covariance is the diagonal guide).",
+            "- `fullcov`, `iaf` on `discrete`: the model has no continuous latent to put them on.", ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", type=Path, help="write the markdown table here")
+    parser.add_argument("--estimators", help="comma-separated subset (default: the whole registry)")
+    parser.add_argument("--layouts", help="comma-separated subset")
+    parser.add_argument("--guides", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    pick = lambda s, default: default if not s else [v for v in s.split(",")]  # noqa: E731
+    ests, lays, gds = pick(args.estimators, estimators()), pick(args.layouts, LAYOUTS), pick(args.guides, GUIDES)
+    cells, start = [], time.perf_counter()
+    for e, g, lay, k in all_cells():
+        if e in ests and lay in lays and g in gds:
+            c = run_cell(e, g, lay, k)
+            cells.append(c)
+            print(f"{c.name:45s} {c.status:22s} z={c.z:7.2f} t={c.threshold:4.1f} R={c.draws:4d} {c.seconds:5.2f}s {c.message[:150]}",
+                  flush=True)
+    seconds = time.perf_counter() - start
+    doc = document(cells, seconds)
+    if args.write:
+        args.write.write_text(doc)
+    counts = {s: sum(c.status == s for c in cells) for s in STATUSES}
+    print(counts, f"{seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.exit(main())
