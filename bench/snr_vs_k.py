@@ -137,7 +137,7 @@ def plot(ks: list[int], table: dict, slopes: dict, path: Path) -> None:
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    titles = ("encoder (A, b)", "decoder (mu): the same estimator under iwae and dreg")
+    titles = ("encoder (A, b)", "decoder (mu): one estimator under both")
     for ax, group, title in zip(axes, ("encoder", "decoder"), titles):
         for name, style in (("iwae", "o-"), ("dreg", "s-")):
             values = table[name, group]
