@@ -14,7 +14,10 @@ a Pyro distribution with event shape ``(d,)`` and batch shape ``(B,)``:
   :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive`, "stable" gated
   update), each conditioned on the encoder's features ``h(x)``; the dimensions are reversed
   between steps. Sampling is one parallel pass per step; ``log q`` of a sample uses the
-  transforms' cached inverse.
+  transforms' cached inverse. The ``stl`` and score-function estimators need ``log q`` as a
+  function of the sample's value with parameters fixed (the cache, filled while sampling, carries
+  the parameters or is constant), so they score through the real inverse: ``d`` sequential
+  network passes per step (:mod:`ppgen.infer.estimators.pathwise`, ``score_function``).
 """
 
 from __future__ import annotations
