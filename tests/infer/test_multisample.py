@@ -390,7 +390,8 @@ def test_dreg_guide_gradient_has_zero_variance_at_the_exact_posterior():
 def test_dreg_scales_with_the_minibatch_factor_and_is_stl_at_one_particle():
     model, guide = gauss_model(), gauss_guide()
     grads = {}
-    for key, scale, name, k in (("plain", 1.0, "dreg", 3), ("scaled", 3.0, "dreg", 3), ("dreg1", 1.0, "dreg", 1), ("stl", 1.0, "stl", 1)):
+    cases = (("plain", 1.0, "dreg", 3), ("scaled", 3.0, "dreg", 3), ("dreg1", 1.0, "dreg", 1), ("stl", 1.0, "stl", 1))
+    for key, scale, name, k in cases:
         pyro.clear_param_store()
         pyro.set_rng_seed(5)
         elbo = make_elbo(name, k, k > 1, 1 if k > 1 else None)
@@ -400,3 +401,52 @@ def test_dreg_scales_with_the_minibatch_factor_and_is_stl_at_one_particle():
     for n in grads["plain"]:
         assert torch.allclose(grads["scaled"][n], 3.0 * grads["plain"][n], rtol=1e-12, atol=1e-14)
         assert torch.allclose(grads["dreg1"][n], grads["stl"][n], rtol=1e-10, atol=1e-12)
+
+
+def test_dreg_and_vimco_match_iwae_on_a_hierarchical_guide_in_nested_plates():
+    """Data plate at dim -2 with an inner plate; the guide's inner site has a loc depending on the
+    outer draw, so dreg's stopped-parameter log q must keep the path through the outer draw (a
+    per-site detached copy of the distributions would drop it). Means of 12 x 3000 draws agree
+    with iwae's for every parameter (different seeds per estimator)."""
+    reps, m = 3000, 3
+    x0 = torch.tensor([[1.0, 0.5, -0.2], [0.0, -1.0, 0.4]], dtype=torch_dtype)
+
+    def model(x):
+        b = pyro.param("b", x.new_tensor(0.2))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(x.new_zeros(()), 1.0))
+            with pyro.plate("inner", m, dim=-1):
+                v = pyro.sample("v", dist.Normal(u, 1.0))
+                pyro.sample("x", dist.Normal(v + b, 0.5), obs=x)
+
+    def guide(x):
+        lu = pyro.param("lu", torch.tensor([[0.3], [-0.2]], dtype=torch_dtype).repeat(reps, 1))
+        lv = pyro.param("lv", torch.tensor([[0.1, 0.5, -0.4], [0.2, 0.0, 0.3]], dtype=torch_dtype).repeat(reps, 1))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            u = pyro.sample("u", dist.Normal(lu, 0.7))
+            with pyro.plate("inner", m, dim=-1):
+                pyro.sample("v", dist.Normal(lv + 0.8 * u, 0.6))
+
+    x = x0.repeat(reps, 1)
+    means = {}
+    for seed, name in enumerate(("iwae", "dreg", "vimco")):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(10 + seed)
+        elbo = make_elbo(name, 4, True, 2)
+        rows = []
+        for _ in range(12):
+            _zero_grads()
+            elbo.loss_and_grads(model, guide, x)
+            g = _grads(["b", "lu", "lv"])
+            rows.append(torch.cat([
+                g["b"].reshape(1) / reps,
+                g["lu"].reshape(reps, -1).sum(0) / reps,
+                g["lv"].reshape(reps, -1).sum(0) / reps,
+            ]))
+        means[name] = torch.stack(rows)
+    ref = means["iwae"]
+    assert (ref.mean(0).abs() / (ref.var(0) / len(ref)).sqrt()).min() > 10  # gradients well away from 0
+    for name in ("dreg", "vimco"):
+        a = means[name]
+        z = (a.mean(0) - ref.mean(0)).abs() / (a.var(0) / len(a) + ref.var(0) / len(ref)).sqrt()
+        assert (z < 4.5).all(), (name, z)

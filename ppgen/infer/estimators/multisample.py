@@ -12,7 +12,7 @@ subsampling data plate's ``full_size / size``) kept *outside* the logsumexp so t
 full-data objective is unbiased, and ``s_site`` every other ``poutine.scale`` factor, kept
 *inside* each log weight: under KL warm-up ``poutine.scale(beta)`` around the latent sites this
 is the tempered bound ``logsumexp_k [log p(x|z_k) + beta (log p(z_k) - log q(z_k|x))]``
-(Pyro's ``RenyiELBO`` puts ``m`` inside too, which tempers the likelihood by ``N / B``).
+(Pyro's ``RenyiELBO`` puts ``m`` inside too, which raises every weight to the power ``N / B``).
 
 =========  ===========================================================================
 estimator  gradient of ``L_K``
@@ -100,9 +100,17 @@ class IWAE_ELBO(pyro.infer.ELBO):
 
     name = "iwae"
 
-    def __init__(self, num_particles: int = 1, vectorize_particles: bool = True, max_plate_nesting: float = float("inf"), **kwargs):
+    def __init__(
+        self,
+        num_particles: int = 1,
+        vectorize_particles: bool = True,
+        max_plate_nesting: float = float("inf"),
+        **kwargs,
+    ):
         check_positive_int("num_particles", num_particles)
-        super().__init__(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting, **kwargs)
+        super().__init__(
+            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting, **kwargs
+        )
 
     # -- shared pieces ---------------------------------------------------------------------
     def _full(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -283,7 +291,13 @@ class VIMCO_ELBO(IWAE_ELBO):
 
     name = "vimco"
 
-    def __init__(self, num_particles: int = 2, vectorize_particles: bool = True, max_plate_nesting: float = float("inf"), **kwargs):
+    def __init__(
+        self,
+        num_particles: int = 2,
+        vectorize_particles: bool = True,
+        max_plate_nesting: float = float("inf"),
+        **kwargs,
+    ):
         check_positive_int("num_particles", num_particles)
         if num_particles < 2:
             raise ValueError(
