@@ -11,6 +11,9 @@ learned baseline.
   ``log q_phi(z) = log q_0(f_phi^{-1}(z)) - log |det J_f|``, differentiable in every ``phi``
   (``d`` sequential network passes per autoregressive step). Every score estimator (``score``,
   ``score-baseline``, ``score-nn-baseline``, ``score-naive``) goes through this one marking.
+  (``TraceGraph_ELBO`` missed the cache already, by accident: its ``TrackNonReparam`` wraps each
+  drawn value in a provenance tensor, a different object from the one the flow cached; only
+  ``score-naive``, on ``Trace_ELBO``, hit it.)
 - :class:`Reinforce_ELBO`: the score-function ELBO gradient without any Rao-Blackwellization.
   Pyro's ``Trace_ELBO`` already weights each non-reparameterized site's score by the log-ratio
   summed only to that site's plates, and ``TraceGraph_ELBO`` further drops terms outside the
