@@ -335,3 +335,22 @@ def test_enum_gradient_is_the_exact_gradient_with_zero_variance(K):
         assert loss == pytest.approx(float(mixture_exact_loss(x).detach()), rel=1e-12)
         for p, e in zip(params, exact):
             torch.testing.assert_close(p.grad, e, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_analytic_kl_refuses_a_discrete_guide_site(K):
+    # TraceMeanField_ELBO has no score term: on this mixture it returned the gradient of the KL
+    # alone (d/dw -0.20 where the exact gradient is +0.41), silently, with validation off.
+    x = torch.tensor([-1.3, 0.2, 0.7, 2.4])
+    elbo = make_elbo("analytic-kl", K, vectorize_particles=K > 1, max_plate_nesting=1)
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match=r"analytic-kl.*'y'.*'enum'"):
+        elbo.loss_and_grads(mixture_model, prepare_guide("analytic-kl", mixture_guide), x)
+
+
+def test_score_nn_baseline_follows_the_data_dtype():
+    # The baseline nets were built in float32 whatever the data: float64 data crashed with
+    # "mat1 and mat2 must have the same dtype".
+    x = torch.tensor([-1.3, 0.2, 0.7, 2.4])
+    guide = prepare_guide("score-nn-baseline", mixture_guide)
+    make_elbo("score-nn-baseline").loss_and_grads(mixture_model, guide, x)
+    assert {p.dtype for net in guide.nets.values() for p in net.parameters()} == {torch.float64}

@@ -8,7 +8,8 @@ no model or guide needs a switch of its own.
 name               Pyro ELBO                   gradient
 =================  ==========================  ===============================================
 ``reparam``        ``Trace_ELBO``              pathwise (Kingma & Welling 2014)
-``analytic-kl``    ``TraceMeanField_ELBO``     pathwise, KL term in closed form where known
+``analytic-kl``    ``TraceMeanField_ELBO``     pathwise, KL term in closed form where known;
+                                               reparameterized guide sites only
 ``score``          ``TraceGraph_ELBO``         score function, Rao-Blackwellized by the
                                                dependency graph (Williams 1992; Ranganath et
                                                al. 2014; Schulman et al. 2015)
@@ -17,9 +18,10 @@ name               Pyro ELBO                   gradient
 ``stl``            ``Trace_ELBO``              pathwise, "sticking the landing": the score
                                                term of log q dropped (Roeder et al. 2017)
 ``score-naive``    ``Reinforce_ELBO``          plain REINFORCE (Williams 1992): every score
-                                               weighted by the whole ELBO, no Rao-Blackwell-
-                                               ization (Pyro's Trace_ELBO already sums the
-                                               weight only to each site's plates)
+                                               weighted by its particle's whole log p - log q,
+                                               no Rao-Blackwellization (Pyro's Trace_ELBO
+                                               already sums the weight only to each site's
+                                               plates)
 ``score-nn-        ``TraceGraph_ELBO``         as ``score`` with a learned input-dependent
 baseline``                                     baseline b(x), own Adam lr (Mnih & Gregor 2014)
 ``enum``           ``TraceEnum_ELBO``          discrete guide sites summed exactly (parallel
@@ -48,7 +50,7 @@ from pyro import infer
 
 from ppgen.infer.estimators.enumeration import enumerate_guide
 from ppgen.infer.estimators.multisample import DReG_ELBO, IWAE_ELBO, VIMCO_ELBO
-from ppgen.infer.estimators.pathwise import sticking_the_landing
+from ppgen.infer.estimators.pathwise import AnalyticKL_ELBO, sticking_the_landing
 from ppgen.infer.estimators.score_function import Reinforce_ELBO, ScoreFunctionMessenger, nn_baseline
 
 __all__ = ["Estimator", "ESTIMATORS", "get_estimator", "make_elbo", "prepare_guide"]
@@ -81,7 +83,7 @@ ESTIMATORS: dict[str, Estimator] = {
         Estimator("reparam", infer.Trace_ELBO, True, None, "reparameterized (pathwise) gradient"),
         Estimator(
             "analytic-kl",
-            infer.TraceMeanField_ELBO,
+            AnalyticKL_ELBO,
             True,
             None,
             "reparameterized, analytic KL(q || p)",

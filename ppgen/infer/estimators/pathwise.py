@@ -35,9 +35,11 @@ from typing import Callable
 
 import torch
 from pyro.distributions import TorchDistribution
+from pyro.infer import TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 
-__all__ = ["sticking_the_landing", "StickingTheLanding", "stopped_log_prob"]
+__all__ = ["sticking_the_landing", "StickingTheLanding", "stopped_log_prob", "AnalyticKL_ELBO"]
 
 
 def _fresh(value: torch.Tensor) -> torch.Tensor:
@@ -154,3 +156,28 @@ def sticking_the_landing(guide: Callable) -> Callable:
     the STL gradient of Roeder et al. (2017) when trained with ``Trace_ELBO`` (any number of
     particles, vectorized or not) or any objective that scores guide sites by ``log_prob``."""
     return _StickingTheLanding()(guide)
+
+
+class AnalyticKL_ELBO(TraceMeanField_ELBO):
+    """Pyro's ``TraceMeanField_ELBO`` (the KL term in closed form where ``kl_divergence`` knows
+    the pair, Kingma & Welling 2014, appendix B) that refuses guide sites without ``rsample``.
+
+    ``TraceMeanField_ELBO`` has no score-function term: for a discrete guide site it would
+    differentiate only ``KL(q || p)`` and silently drop the gradient of ``E_q[log p(x | z)]``
+    with respect to ``q``. Pyro checks this only while validation is on, and the SVI loop turns
+    validation off after its first pass; here the check runs on every trace.
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site) \
+                    and not site["fn"].has_rsample:
+                raise ValueError(
+                    f"estimator 'analytic-kl' needs every guide site reparameterized, but site {name!r} "
+                    f"({type(site['fn']).__name__}) has no rsample, and its gradient would silently lose "
+                    "the expected log-likelihood term; use 'enum' (exact sum over a discrete site), "
+                    "'score-discrete' or 'reparam' (score function for that site) instead"
+                )
+        return model_trace, guide_trace
+

@@ -201,11 +201,11 @@ class NNBaselineGuide:
         self.nets: dict[str, nn.Module] = {}
         self.optimizers: dict[str, list[torch.optim.Adam]] = {}  # one Adam per parameter
 
-    def _add(self, site: str, width: int, device: torch.device) -> nn.Module:
+    def _add(self, site: str, width: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
         # Initialised from a fixed seed off the caller's random stream: the estimator draws the same
         # samples as "score" under the same seed, and a resumed run the same as an uninterrupted one.
         with seeded(0, device):
-            net = nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device)
+            net = nn.Sequential(nn.Linear(width, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device=device, dtype=dtype)
         nn.init.zeros_(net[-1].weight)  # b(x) = 0 until it has learned something
         nn.init.zeros_(net[-1].bias)
         self.nets[site] = net
@@ -228,7 +228,7 @@ class NNBaselineGuide:
             if first.shape[0] != self.hidden:
                 raise ValueError(f"saved baseline of site {site!r} has hidden width {first.shape[0]}, "
                                  f"this estimator has {self.hidden}: resume with the same settings")
-            net = self._add(site, first.shape[1], first.device)
+            net = self._add(site, first.shape[1], first.device, first.dtype)
             net.load_state_dict(saved["net"])
             for opt, opt_state in zip(self.optimizers[site], saved["adam"], strict=True):
                 opt.load_state_dict(opt_state)
@@ -243,7 +243,7 @@ class NNBaselineGuide:
                 super()._process_message(msg)
                 if msg["type"] == "sample" and not msg["is_observed"] and not isinstance(msg["fn"], _Subsample):
                     site = msg["name"]
-                    net = outer.nets[site] if site in outer.nets else outer._add(site, x[0].numel(), x.device)
+                    net = outer.nets[site] if site in outer.nets else outer._add(site, x[0].numel(), x.device, _float_dtype(x))
                     if net[0].in_features != x[0].numel():
                         raise ValueError(f"the baseline of site {site!r} takes {net[0].in_features} features per "
                                          f"datapoint, the batch has {x[0].numel()}: the state comes from other data")
@@ -260,6 +260,11 @@ class NNBaselineGuide:
 
         with _Baselines():
             return self.guide(x, *args, **kwargs)
+
+
+def _float_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a baseline net on ``x`` computes in: ``x``'s own if floating, else the default."""
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
 
 
 def _step_hook(opt: torch.optim.Optimizer) -> Callable[[torch.Tensor], None]:
@@ -279,7 +284,7 @@ class _Baseline(nn.Module):
         self.net, self.dim = net, dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
+        h = self.net(x.reshape(x.shape[0], -1).to(_float_dtype(x))).squeeze(-1)
         return h.sum() if self.dim is None else h.reshape(h.shape + (1,) * (-1 - self.dim))
 
 
