@@ -14,6 +14,7 @@ from ppgen.train import VAERunConfig, load_vae, train_vae
 
 from ppgen.infer.ais import ais_log_evidence, bdmc
 from ppgen.infer.evidence import EvidenceResult, log_evidence
+from ppgen.infer.nested_evidence import JointEvidenceResult, joint_log_evidence
 from ppgen.models.linear_gaussian import LinearGaussian
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "train_vae",
 ]
 __all__ += ["EvidenceResult", "LinearGaussian", "ais_log_evidence", "bdmc", "log_evidence"]
+__all__ += ["JointEvidenceResult", "joint_log_evidence"]
 
 from ppgen.infer.autoguide import AmortizedGuide  # noqa: E402
 
