@@ -8,7 +8,10 @@ of parameters per datapoint. :class:`AmortizedGuide` instead learns an encoder `
 It traces the model once on a batch (its first argument, ``x`` of shape ``(B, ...)``) and splits
 the latent sites:
 
-- **local** latents, inside ``pyro.plate("data", B)``: one head per site on a shared encoder trunk
+- **local** latents, inside the datapoint plate (``pyro.plate("data", B)``, another name given by
+  ``data_plate=``, or else the one plate whose size is ``B``; unsized ``pyro.plate("data")``, as
+  Pyro's own CVAE and semi-supervised VAE examples write it, counts by the size of its sites):
+  one head per site on a shared encoder trunk
   over the flattened observation ``x.reshape(B, -1)``. A continuous site gets a posterior family
   of :mod:`ppgen.models.posteriors` (``diag``, ``fullcov`` or ``iaf``) on its unconstrained
   values (flattened to a vector), pushed through ``biject_to(site.support)`` so positive, simplex
@@ -21,6 +24,15 @@ the latent sites:
 - **global** latents (outside the data plate): a Normal on the unconstrained value with its own
   ``loc`` and positive ``scale`` per element, pushed through ``biject_to`` (Pyro's AutoNormal
   style; Kucukelbir et al. 2017).
+
+**Initialization** follows Pyro's ``AutoNormal``: the model is traced once under ``init_loc_fn``
+(default :func:`~pyro.infer.autoguide.initialization.init_to_median`), and every continuous q
+starts centred on that value in unconstrained space with standard deviation ``init_scale`` (0.1),
+whatever the magnitude of ``x``: the output heads start with zero weights and carry the start in
+their biases (the batch mean of each local site's unconstrained init value), IAF steps start as a
+fixed contraction that the base Normal's start undoes, and discrete heads start at the prior's
+logits. An encoder whose random output layer read ``x`` directly started far from the prior
+(positive latents with mean ~1e4 on data of magnitude 10) and diverged at lr 1e-2 (issue 16).
 
 The result is a plain Pyro guide ``guide(x, *args, **kwargs)``: the SVI loop, every estimator
 (score-function ones mark its sites non-reparameterized from outside), the evidence tools and the
@@ -38,9 +50,11 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ReshapeTransform
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
+from torch.distributions.transforms import ComposeTransform
 from torch.nn import functional as F
 
 from ppgen.models.posteriors import POSTERIORS, encoder_features, make_posterior
@@ -56,7 +70,7 @@ class SiteInfo(NamedTuple):
     """What the guide learned about one latent site of the model from the prototype trace.
 
     :param name: site name.
-    :param local: inside the ``"data"`` plate.
+    :param local: inside the datapoint plate.
     :param kind: ``"continuous"``, ``"bernoulli"``, ``"categorical"`` or ``"onehot"``.
     :param batch_shape: the site's batch shape in the model trace (data size included).
     :param event_shape: the site's event shape.
@@ -92,11 +106,61 @@ def _discrete_kind(support, event_shape: tuple) -> Optional[tuple[str, int]]:
     return None
 
 
+class _Plate(NamedTuple):
+    """A vectorized plate of the model's prototype trace: ``size`` is ``-1`` for an unsized
+    ``pyro.plate(name)``, whose ``extent`` is read from the sites' shapes; ``full_size`` differs
+    from ``size`` when the model subsamples."""
+
+    name: str
+    dim: int
+    size: int
+    full_size: Optional[int]
+    extent: int
+
+
+def _model_plates(trace) -> dict[str, _Plate]:
+    """Every vectorized plate around a sample site (latent or observed) of ``trace``, by name."""
+    plates: dict[str, _Plate] = {}
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        value = site["value"]
+        batch_shape = tuple(value.shape[: value.ndim - len(site["fn"].event_shape)]) if torch.is_tensor(value) else ()
+        for f in site["cond_indep_stack"]:
+            if not f.vectorized:
+                continue
+            size = int(f.size)
+            extent = size if size != -1 else (batch_shape[f.dim] if len(batch_shape) >= -f.dim else 1)
+            old = plates.get(f.name)
+            if old is not None:
+                extent = max(extent, old.extent)
+            full = None if f.full_size is None else int(f.full_size)
+            plates[f.name] = _Plate(f.name, f.dim, size, full, extent)
+    return plates
+
+
+def _prior_logits(fn, width: int) -> Optional[torch.Tensor]:
+    """The batch mean of a discrete prior's logits, flattened to ``(width,)``; ``None`` when the
+    distribution does not expose logits of that width."""
+    while not hasattr(fn, "logits") and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    try:
+        logits = fn.logits.detach()
+        return logits.reshape(-1, width).mean(0)
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """``softplus^-1(y)`` for ``y > 0``: ``log(expm1(y))``, written stably for large ``y``."""
+    return y + torch.log(-torch.expm1(-y))
+
+
 class AmortizedGuide(nn.Module):
     """An amortized encoder guide built from the model (module docstring).
 
-    :param model: Pyro model ``model(x, *args, **kwargs)`` with its datapoints in
-        ``pyro.plate("data", len(x))``.
+    :param model: Pyro model ``model(x, *args, **kwargs)`` with its datapoints in a plate of
+        ``len(x)`` (``pyro.plate("data", len(x))``, or unsized ``pyro.plate("data")``).
     :param encoder: optional trunk ``nn.Module`` mapping the flattened observation ``(B, D)`` to
         features ``(B, H)`` (e.g. :class:`ppgen.nets.ConvTrunk`); default ``mlp([D, *hidden])``.
     :param family: posterior family of continuous local latents: ``"diag"``, ``"fullcov"`` or
@@ -105,7 +169,15 @@ class AmortizedGuide(nn.Module):
     :param hidden: hidden widths of the default MLP trunk.
     :param flows: IAF steps (``family="iaf"``).
     :param discrete: ``"enumerate"`` or ``"score"`` for discrete local latents.
-    :param init_scale: initial standard deviation of the global latents' Normals.
+    :param init_scale: initial standard deviation, in unconstrained space, of every continuous q
+        (local and global), as ``AutoNormal``'s ``init_scale``.
+    :param init_loc_fn: ``site -> value`` (constrained, the site's shape) where each continuous q
+        starts, as Pyro's autoguides take it; default
+        :func:`~pyro.infer.autoguide.initialization.init_to_median`. Discrete sites are drawn
+        from their prior while tracing.
+    :param data_plate: name of the plate that indexes the datapoints (the rows of ``x``). When
+        the model has no plate of that name, the one plate whose size is ``len(x)`` is used;
+        none or several is a ``ValueError``.
     :param name: Pyro module name the parameters are registered under.
 
     The guide is built on its first call (or by :meth:`setup`), on the device of ``x``.
@@ -121,6 +193,9 @@ class AmortizedGuide(nn.Module):
         discrete: str = "enumerate",
         init_scale: float = 0.1,
         name: str = "autoguide",
+        *,
+        init_loc_fn: Optional[Callable] = None,
+        data_plate: str = DATA_PLATE,
     ):
         super().__init__()
         if not callable(model):
@@ -133,11 +208,20 @@ class AmortizedGuide(nn.Module):
             raise TypeError(f"encoder must be an nn.Module trunk (B, D) -> (B, H), got {type(encoder).__name__}")
         if not hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be positive integer widths, got {hidden!r}")
-        if not (isinstance(init_scale, (int, float)) and init_scale > 0):
+        if isinstance(init_scale, bool) or not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if init_loc_fn is not None and not callable(init_loc_fn):
+            raise TypeError(
+                f"init_loc_fn must be a callable site -> value (e.g. pyro.infer.autoguide.init_to_mean), "
+                f"got {type(init_loc_fn).__name__}"
+            )
+        if not isinstance(data_plate, str) or not data_plate:
+            raise TypeError(f"data_plate must be the name of the model's datapoint plate (a str), got {data_plate!r}")
         object.__setattr__(self, "model", model)  # not a submodule: its parameters are the model's
         self.family, self.hidden, self.flows = family, tuple(hidden), int(flows)
         self.discrete, self.init_scale, self.name = discrete, float(init_scale), name
+        self.init_loc_fn = init_loc_fn if init_loc_fn is not None else init_to_median
+        self.data_plate = data_plate
         self.trunk = encoder
         self.heads = nn.ModuleDict()  # site index -> Encoder head (loc/scale) or Linear logits head
         self.posteriors = nn.ModuleDict()  # site index -> posterior family module
@@ -146,40 +230,76 @@ class AmortizedGuide(nn.Module):
         self.sites: list[SiteInfo] = []
         self.x_dim: Optional[int] = None
         self.data_dim: Optional[int] = None
+        self.plate_name: str = data_plate  # the model's datapoint plate, resolved by setup()
+        self.plate_sized = True  # False: the model's plate is unsized, and so is the guide's
 
     # ------------------------------------------------------------------ building
     @property
     def built(self) -> bool:
         return self.x_dim is not None
 
+    def _init_value(self, site) -> torch.Tensor:
+        """Where a site starts: ``init_loc_fn`` for continuous sites, a prior draw for discrete ones."""
+        if site["fn"].support.is_discrete:
+            return site["fn"].sample()
+        return self.init_loc_fn(site)
+
+    def _resolve_plate(self, trace, batch: int) -> Optional[_Plate]:
+        """The model's datapoint plate (``data_plate`` by name, else the one plate of size ``batch``)."""
+        plates = _model_plates(trace)
+        if self.data_plate in plates:
+            plate = plates[self.data_plate]
+        else:
+            fits = [p for p in plates.values() if p.extent == batch]
+            if len(fits) == 1:
+                plate = fits[0]
+            else:
+                found = ", ".join(f"{p.name!r} (size {p.extent}, dim {p.dim})" for p in plates.values()) or "none"
+                many = f"{len(fits)} plates" if fits else "no plate"
+                raise ValueError(
+                    f"cannot tell which plate holds the datapoints: the model has no pyro.plate({self.data_plate!r}, ...) "
+                    f"and {many} of size {batch} (len(x)); plates found: {found}. Pass data_plate=<name> to "
+                    "AmortizedGuide, or put the latents of each datapoint inside pyro.plate(name, len(x))"
+                )
+        if plate.extent != batch:
+            raise ValueError(
+                f"the {plate.name!r} plate has size {plate.extent} but x has {batch} rows; AmortizedGuide "
+                "encodes the model's first argument, whose first axis must index the datapoints"
+            )
+        if plate.size != -1 and plate.full_size not in (None, plate.size):
+            raise ValueError(
+                f"the {plate.name!r} plate subsamples {plate.size} of {plate.full_size} datapoints; AmortizedGuide "
+                f"encodes x as the batch, so write pyro.plate({plate.name!r}, len(x)) and let train_svi scale "
+                "the minibatch (it multiplies the data plate's sites by N / B)"
+            )
+        return plate
+
     def setup(self, x: torch.Tensor, *args, **kwargs) -> "AmortizedGuide":
-        """Trace the model on ``x`` (shape ``(B, ...)``) and build the encoder and parameters."""
+        """Trace the model on ``x`` (shape ``(B, ...)``) under ``init_loc_fn`` and build the
+        encoder and parameters, each q starting at its site's init value (module docstring)."""
         self._check_x(x)
         with torch.no_grad():
-            trace = poutine.block(poutine.trace(self.model).get_trace)(x, *args, **kwargs)
+            traced = poutine.trace(InitMessenger(self._init_value)(self.model))
+            trace = poutine.block(traced.get_trace)(x, *args, **kwargs)
         batch = x.shape[0]
         flat = x.reshape(batch, -1)
-        sites, data_dims, supports = [], set(), {}
+        plate = self._resolve_plate(trace, batch)
+        sites, data_dims, supports, init = [], set(), {}, {}
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
             fn = site["fn"]
-            frames = tuple((f.name, f.size, f.dim) for f in site["cond_indep_stack"] if f.vectorized)
+            frames = tuple((f.name, int(f.size), f.dim) for f in site["cond_indep_stack"] if f.vectorized)
             frames = tuple(sorted(frames, key=lambda f: f[2]))  # outermost (most negative dim) first
-            data = [f for f in frames if f[0] == DATA_PLATE]
+            data = [f for f in frames if f[0] == plate.name]
             event_shape = tuple(fn.event_shape)
             batch_shape = tuple(site["value"].shape[: site["value"].ndim - len(event_shape)])
             local = bool(data)
             if local:
-                if data[0][1] != batch:
-                    raise ValueError(
-                        f"the {DATA_PLATE!r} plate has size {data[0][1]} but x has {batch} rows; AmortizedGuide "
-                        "encodes the model's first argument, whose first axis must index the datapoints"
-                    )
                 if len(frames) > 1:
                     raise ValueError(
                         f"local site {name!r} sits in plates {[f[0] for f in frames]}; AmortizedGuide encodes "
-                        f"sites inside the {DATA_PLATE!r} plate only (move other axes into the event with .to_event())"
+                        f"sites inside the {plate.name!r} plate only (move other axes into the event with .to_event())"
                     )
                 data_dims.add(data[0][2])
             kind = _discrete_kind(fn.support, event_shape)
@@ -191,33 +311,45 @@ class AmortizedGuide(nn.Module):
             if kind is None:
                 unconstrained = biject_to(fn.support).inverse_shape(event_shape)
                 kind = ("continuous", max(1, math.prod(unconstrained)))
+                u = biject_to(fn.support).inv(site["value"].detach())
+                if not bool(torch.isfinite(u).all()):
+                    raise ValueError(
+                        f"init_loc_fn put site {name!r} on the edge of its support ({fn.support}); pass an "
+                        "init_loc_fn that returns interior values (e.g. pyro.infer.autoguide.init_to_feasible)"
+                    )
+                init[name] = u
+            else:
+                init[name] = _prior_logits(fn, kind[1])
             supports[name] = fn.support
             sites.append(SiteInfo(name, local, kind[0], batch_shape, event_shape, frames, kind[1]))
-        if not any(s.local for s in sites):
-            has_plate = any(
-                f.name == DATA_PLATE for s in trace.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"]
-            )
-            if not has_plate:
-                raise ValueError(
-                    f"the model has no pyro.plate({DATA_PLATE!r}, ...) around a latent site; AmortizedGuide "
-                    f"needs the latents of each datapoint inside pyro.plate({DATA_PLATE!r}, len(x))"
-                )
         if len(data_dims) > 1:
-            raise ValueError(f"local sites use the {DATA_PLATE!r} plate at different dims {sorted(data_dims)}")
-        self.data_dim = data_dims.pop() if data_dims else -1
+            raise ValueError(f"local sites use the {plate.name!r} plate at different dims {sorted(data_dims)}")
+        self.data_dim = data_dims.pop() if data_dims else plate.dim
+        self.plate_name, self.plate_sized = plate.name, plate.size != -1
         self._supports = supports
-        self._build(flat, sites)
+        self._build(flat, sites, init)
         self.sites, self.x_dim = sites, flat.shape[1]
         return self
 
-    def _build(self, flat: torch.Tensor, sites: list[SiteInfo]) -> None:
+    def _build(self, flat: torch.Tensor, sites: list[SiteInfo], init: dict) -> None:
         device, dtype = flat.device, flat.dtype
         if self.trunk is None:
             self.trunk = mlp([flat.shape[1], *self.hidden])
+            # The default trunk reads x centred per feature and divided by one pooled standard
+            # deviation, both fixed here: Adam moves each first-layer weight by ~lr a step, so on raw
+            # inputs of magnitude 10 the features, and every head, jumped by ~lr * |x| * width.
+            # Kept as parameters so checkpoints carry them; forward() detaches them (never trained).
+            with torch.no_grad():
+                shift = flat.mean(0)
+                pooled = float(flat.var(0, unbiased=False).mean().sqrt()) if len(flat) > 1 else 0.0
+                if not (math.isfinite(pooled) and pooled > 0):
+                    pooled = float(flat.abs().max()) or 1.0
+            self.x_shift = nn.Parameter(shift.clone())
+            self.x_scale = nn.Parameter(flat.new_tensor(pooled))
         self.trunk.to(device=device, dtype=dtype)
         try:
             with torch.no_grad():
-                h = self.trunk(flat[:2])
+                h = self.trunk(flat[:2] if getattr(self, "x_scale", None) is None else self._standardize(flat[:2]))
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"the encoder cannot take the flattened observation of shape {tuple(flat.shape)}: {err}"
@@ -225,20 +357,52 @@ class AmortizedGuide(nn.Module):
         if h.ndim != 2 or h.shape[0] != len(flat[:2]):
             raise ValueError(f"the encoder must map (B, D) to (B, H), got output shape {tuple(h.shape)}")
         width = h.shape[1]
+        raw_scale = math.log(math.expm1(self.init_scale))
         for i, s in enumerate(sites):
             key = str(i)
             if not s.local:
-                shape = s.batch_shape + tuple(biject_to(self._supports[s.name]).inverse_shape(s.event_shape))
-                self.global_loc.append(nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)))
-                raw = math.log(math.expm1(self.init_scale))
-                self.global_scale.append(nn.Parameter(torch.full(shape, raw, device=device, dtype=dtype)))
+                loc = init[s.name].to(device=device, dtype=dtype).clone()
+                self.global_loc.append(nn.Parameter(loc))
+                self.global_scale.append(nn.Parameter(torch.full(loc.shape, raw_scale, device=device, dtype=dtype)))
             elif s.kind == "continuous":
-                self.heads[key] = Encoder(nn.Identity(), width, s.width, width).to(device=device, dtype=dtype)
+                head = Encoder(nn.Identity(), width, s.width, width)
                 # a flow on one dimension is one affine map: the diagonal family already is that
                 family = "diag" if self.family == "iaf" and s.width < 2 else self.family
-                self.posteriors[key] = make_posterior(family, s.width, width, self.flows).to(device=device, dtype=dtype)
+                posterior = make_posterior(family, s.width, width, self.flows)
+                loc0 = init[s.name].reshape(-1, s.width).mean(0)  # batch mean of the unconstrained init
+                self._start_at(head, posterior, loc0, width)
+                self.heads[key] = head.to(device=device, dtype=dtype)
+                self.posteriors[key] = posterior.to(device=device, dtype=dtype)
             else:
-                self.heads[key] = nn.Linear(width, s.width).to(device=device, dtype=dtype)
+                head = nn.Linear(width, s.width)
+                with torch.no_grad():
+                    head.weight.zero_()
+                    logits = init[s.name]
+                    head.bias.copy_(logits if logits is not None else torch.zeros(s.width))
+                self.heads[key] = head.to(device=device, dtype=dtype)
+
+    def _start_at(self, head: Encoder, posterior: nn.Module, loc0: torch.Tensor, width: int) -> None:
+        """Make ``q(u | x)`` start at ``N(loc0, init_scale^2 I)`` for every ``x``: zero output
+        weights, the start in the biases. An IAF's steps start with zero output layers, so each is
+        the fixed map ``u -> sigmoid(2) u`` (Pyro's stable update with a zero network), and the
+        base Normal starts where that composition's inverse takes the target."""
+        loc0 = loc0.to(dtype=torch.float32)
+        scale0 = torch.full_like(loc0, self.init_scale)
+        if isinstance(posterior, POSTERIORS["iaf"]):
+            with torch.no_grad():
+                for step in posterior.steps:
+                    last = step.nn.layers[-1]
+                    last.weight.zero_()
+                    last.bias.zero_()
+                flow = ComposeTransform(posterior.transforms(torch.zeros(1, width)))
+                base_loc = flow.inv(loc0[None])[0]
+                base_scale = flow.inv(loc0[None] + scale0[None])[0] - base_loc  # the map is linear
+            loc0, scale0 = base_loc, base_scale
+        with torch.no_grad():
+            head.loc.weight.zero_()
+            head.scale.weight.zero_()
+            head.loc.bias.copy_(loc0)
+            head.scale.bias.copy_(_inverse_softplus(scale0 - 1e-4))  # encoder_features adds 1e-4
 
     def _transform(self, site: SiteInfo):
         """``biject_to`` of the site's support, or ``None`` for an unconstrained (real) site."""
@@ -259,6 +423,12 @@ class AmortizedGuide(nn.Module):
                 f"the encoder takes observations of {self.x_dim} values (flattened), got x of shape {tuple(x.shape)}"
             )
 
+    def _standardize(self, flat: torch.Tensor) -> torch.Tensor:
+        """What the default trunk reads: ``(x - shift) / scale`` (constants fixed by :meth:`setup`)."""
+        if getattr(self, "x_scale", None) is None:
+            return flat
+        return (flat - self.x_shift.detach()) / self.x_scale.detach()
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> dict:
         """Sample every latent site of the model; returns ``{site name: value}``."""
         if not self.built:
@@ -266,7 +436,7 @@ class AmortizedGuide(nn.Module):
         self._check_x(x)
         pyro.module(self.name, self)
         batch = x.shape[0]
-        h = F.relu(self.trunk(x.reshape(batch, -1)))
+        h = F.relu(self.trunk(self._standardize(x.reshape(batch, -1))))
         values, g = {}, 0
         for s in self.sites:  # global latents first, each in its own plates
             if not s.local:
@@ -274,7 +444,9 @@ class AmortizedGuide(nn.Module):
                     values[s.name] = pyro.sample(s.name, self._global_dist(s, g))
                 g += 1
         if any(s.local for s in self.sites):
-            with pyro.plate(DATA_PLATE, batch, dim=self.data_dim):  # one plate for every local latent
+            # one plate for every local latent, mirroring the model's (an unsized one stays unsized)
+            size = (batch,) if self.plate_sized else ()
+            with pyro.plate(self.plate_name, *size, dim=self.data_dim):
                 for i, s in enumerate(self.sites):
                     if s.local:
                         fn, infer = self._local_dist(s, str(i), h)
@@ -317,7 +489,7 @@ class _plates:
     """Enter ``pyro.plate(name, size, dim=dim)`` for each frame, outermost first."""
 
     def __init__(self, frames: tuple):
-        self.plates = [pyro.plate(name, size, dim=dim) for name, size, dim in frames]
+        self.plates = [pyro.plate(name, *((size,) if size != -1 else ()), dim=dim) for name, size, dim in frames]
 
     def __enter__(self):
         for p in self.plates:
