@@ -70,7 +70,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.batches import slice_arguments
 from ppgen.infer.evidence import khat_threshold, kish_ess, psis_khat
-from ppgen.infer.traces import check_positive_int, check_same_latents, plate_nesting_from, trace_particles
+from ppgen.infer.traces import check_positive_int, plate_nesting_from, trace_particles
 from ppgen.runs import seeded
 
 __all__ = ["JointEvidenceResult", "joint_log_evidence", "global_point"]
@@ -94,7 +94,8 @@ class JointEvidenceResult(NamedTuple):
     :param log_px_given_globals: ``log p^(x_n | g*)`` per datapoint, shape ``(N,)`` (float64).
     :param log_px_given_globals_stderr: its delta-method standard error, shape ``(N,)`` (NaN
         for ``K = 1`` with local latents).
-    :param globals_point: ``{site: value}`` of ``g*`` (shaped as drawn under one particle).
+    :param globals_point: ``{site: value}`` of ``g*``, shaped as the guide draws it without
+        particle plates (auxiliary guide sites left out).
     :param num_outer: ``S``.
     :param num_inner: ``K`` (1 when the model has no local latents: the inner term is exact).
     """
@@ -160,6 +161,24 @@ def _split(tr, data_plate: str, latent_only: bool) -> tuple[dict, dict]:
     for name, site in _sample_sites(tr, latent_only):
         (inside if _data_frame(site, data_plate) is not None else outside)[name] = site
     return outside, inside
+
+
+def _check_same_latents(guide_tr, model_tr) -> None:
+    """Model and guide latents must agree; the guide's auxiliary sites (``infer={"is_auxiliary":
+    True}``, e.g. the unconstrained draws of Pyro's ``AutoNormal``) are proposal-only: they
+    enter ``log q`` and are replayed, but have no model counterpart."""
+    def latents(tr, skip_auxiliary):
+        return {
+            name for name, site in _sample_sites(tr, latent_only=True)
+            if not (skip_auxiliary and site["infer"].get("is_auxiliary"))
+        }
+
+    guide_latents, model_latents = latents(guide_tr, True), latents(model_tr, False)
+    if guide_latents != model_latents:
+        raise ValueError(
+            "model and guide must have the same latent sites; model only: "
+            f"{sorted(model_latents - guide_latents)}, guide only: {sorted(guide_latents - model_latents)}"
+        )
 
 
 def _check_full_plate(tr, data_plate: str) -> None:
@@ -250,7 +269,11 @@ def global_point(model: Callable, guide: Callable, data: torch.Tensor, *args, da
         raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
     with poutine.block():
         tr = poutine.trace(_AtCenter(data_plate)(guide)).get_trace(data, *args, **kwargs)
-    return {n: s["value"] for n, s in _split(tr, data_plate, latent_only=True)[0].items()}
+    return {
+        name: site["value"].detach().clone()
+        for name, site in _split(tr, data_plate, latent_only=True)[0].items()
+        if not site["infer"].get("is_auxiliary")
+    }
 
 
 def _inner_log_weights(
@@ -363,7 +386,7 @@ def joint_log_evidence(
             guide_tr = trace_particles(guide, (data, *args), kwargs, sc, full)
             model_tr = trace_particles(model, (data, *args), kwargs, sc, full, replay=guide_tr)
             if num_locals is None:
-                check_same_latents(guide_tr, model_tr)
+                _check_same_latents(guide_tr, model_tr)
                 _check_full_plate(model_tr, data_plate)
                 q_out, q_in = _split(guide_tr, data_plate, latent_only=True)
                 p_out, p_in = _split(model_tr, data_plate, latent_only=False)
@@ -399,7 +422,11 @@ def joint_log_evidence(
         with poutine.block():
             center_tr = trace_particles(_AtCenter(data_plate)(guide), (data, *args), kwargs, 1, full)
         point = _globals_of(center_tr, data_plate)
-        point_values = {name: site["value"] for name, site in point.nodes.items()}
+        point_values = {
+            name: site["value"].detach().clone()
+            for name, site in point.nodes.items()
+            if not site["infer"].get("is_auxiliary")
+        }
         for site in point.nodes.values():
             site["value"] = _as_particle_value(site["value"], site["fn"].event_dim, full)
         _, _, at_point, at_point_se = _inner_pass(

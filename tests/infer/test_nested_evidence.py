@@ -145,6 +145,30 @@ def test_scalar_model_without_locals_is_exact_inside():
     assert torch.allclose(r.log_px_given_globals, log_px_given_mu(x[:, None], m[0]), atol=1e-12, rtol=0)
 
 
+def test_pyro_autonormal_guide_with_auxiliary_sites():
+    """Pyro's AutoNormal draws an auxiliary unconstrained site and a Delta at the latent: both
+    are replayed and scored; set to the exact posterior of x_n ~ N(mu, 2) it is exact."""
+    from pyro.infer.autoguide import AutoNormal
+
+    x = make_data(n=10, d=1)[:, 0]
+
+    def flat_model(x):
+        mu = pyro.sample("mu", dist.Normal(x.new_zeros(()), S0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, math.sqrt(2.0)), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoNormal(flat_model)
+    guide(x)
+    m, sd = posterior_mu(x[:, None])
+    guide.locs.mu = m[0]
+    guide.scales.mu = x.new_tensor(sd)
+    r = joint_log_evidence(flat_model, guide, x, num_outer=20)
+    assert r.log_px == pytest.approx(exact_log_px(x[:, None]), abs=1e-10, rel=0) and r.stderr < 1e-12
+    assert set(r.globals_point) == {"mu"} and float(r.globals_point["mu"]) == pytest.approx(float(m[0]), abs=1e-12)
+    pyro.clear_param_store()
+
+
 def test_discrete_global_sampled_by_the_guide():
     """c ~ Bernoulli(0.3), z_n ~ N(2c, 1), x_n ~ N(z_n, 1): p(X) = sum_c p(c) prod_n N(x_n; 2c, 2)."""
     x = 2.0 + math.sqrt(2.0) * torch.randn(15, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
