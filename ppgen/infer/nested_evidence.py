@@ -37,7 +37,7 @@ Memory. Globals are drawn and scored from one call of the guide and the model on
 data set (their guide may depend on all of it), ``outer_chunk`` draws at a time: one vectorized
 pass over ``outer_chunk * N`` datapoints, whose local draws are discarded. The inner pass holds
 ``num_inner * outer_chunk * batch_size`` local draws (one network pass of that many inputs); the
-weights kept are ``O(S)`` floats plus one ``(outer_chunk, batch_size)`` block. Work is therefore
+weights kept are ``O(S)`` floats plus the ``(outer_chunk, N)`` per-datapoint terms. Work is therefore
 about ``S * N * (K + 1)`` datapoint evaluations. Draws come from one random stream seeded by
 ``seed``; a different ``outer_chunk`` or ``batch_size`` draws different (equally valid) samples.
 
@@ -379,7 +379,7 @@ def joint_log_evidence(
     nesting = plate_nesting_from(model, guide, (data, *args), kwargs)
     full = nesting + 1  # the outer particle plate sits at dim -full
     with seeded(seed, data.device):
-        log_w, inner_var, num_locals = [], [], None
+        log_w, inner_var, num_locals, rounding = [], [], None, 0.0
         for s0 in range(0, num_outer, outer_chunk):
             sc = min(outer_chunk, num_outer - s0)
             # Globals: one pass of guide and model over the whole data set (locals discarded).
@@ -405,11 +405,15 @@ def joint_log_evidence(
                 if num_locals == 0:
                     num_inner = 1  # p(x_n | g) is exact: no inner sampling needed
             log_outer = data.new_zeros((sc,), dtype=torch.float64)
-            for site in _split(model_tr, data_plate, latent_only=False)[0].values():
-                log_outer = log_outer + _reduced_log_prob(site, full, 1, None).double().expand(sc)
+            for sign, sites in ((1.0, _split(model_tr, data_plate, latent_only=False)[0].values()),
+                                (-1.0, _split(guide_tr, data_plate, latent_only=True)[0].values())):
+                for site in sites:
+                    lp = _reduced_log_prob(site, full, 1, None)
+                    # k-hat's equal-weights test needs the rounding of the dtype the model computed in
+                    if lp.is_floating_point():
+                        rounding = max(rounding, torch.finfo(lp.dtype).eps)
+                    log_outer = log_outer + sign * lp.double().expand(sc)
             globals_tr = _globals_of(guide_tr, data_plate)
-            for site in globals_tr.nodes.values():
-                log_outer = log_outer - _reduced_log_prob(site, full, 1, None).double().expand(sc)
             model_tr.nodes.clear()
             log_lik, var, _, _ = _inner_pass(
                 model, guide, data, args, kwargs, globals_tr, sc, num_inner, batch_size, full, data_plate
@@ -435,7 +439,7 @@ def joint_log_evidence(
     if num_locals and num_inner == 1:  # one inner weight: its spread cannot be estimated
         inner_var = [torch.full_like(v, math.nan) for v in inner_var]
         at_point_se = torch.full_like(at_point_se, math.nan)
-    rounding = torch.finfo(data.dtype).eps if data.is_floating_point() else torch.finfo(torch.float64).eps
+    rounding = rounding or torch.finfo(torch.float64).eps
     return JointEvidenceResult(
         log_px=float(torch.logsumexp(log_w, 0) - math.log(num_outer)),
         stderr=float(_delta_stderr(log_w)),
