@@ -4,7 +4,8 @@ A model with latents ``g`` outside the data plate (a global mean, shared weights
 switch) and local latents ``z_n`` inside it has no per-datapoint evidence: the datapoints are
 dependent through ``g``. What exists is the joint evidence
 
-    p(X) = E_{q(g)} [ p(g) / q(g) * prod_n p(x_n | g) ],   p(x_n | g) = E_{q(z | x_n, g)} [ p(x_n, z | g) / q(z | x_n, g) ].
+    p(X)       = E_{q(g)} [ p(g) / q(g) * prod_n p(x_n | g) ],
+    p(x_n | g) = E_{q(z | x_n, g)} [ p(x_n, z | g) / q(z | x_n, g) ].
 
 Both expectations are estimated by importance sampling with the guide as the proposal: ``S``
 outer draws ``g_s ~ q(g)`` (the guide's sites outside the data plate) and, for each ``g_s`` and
@@ -260,14 +261,18 @@ def _as_particle_value(value: torch.Tensor, event_dim: int, full: int) -> torch.
 
 
 @torch.no_grad()
-def global_point(model: Callable, guide: Callable, data: torch.Tensor, *args, data_plate: str = "data", **kwargs) -> dict:
+def global_point(guide: Callable, data: torch.Tensor, *args, data_plate: str = "data", **kwargs) -> dict:
     """``{site: value}`` of the point ``g*`` of the guide's global latents at which
     :func:`joint_log_evidence` reports ``log p(x_n | g*)``: each global site at the mean (mode,
     median; see the module docstring) of its guide distribution given the earlier globals' points.
-    Values are shaped as the guide draws them without particle plates."""
+    Values are shaped as the guide draws them without particle plates. The guide's local draws on
+    the way are discarded (seeded apart from the caller's random stream).
+
+    :param guide: ``guide(data, *args, **kwargs)`` as for :func:`joint_log_evidence`.
+    """
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
-    with poutine.block():
+    with poutine.block(), seeded(0, data.device):
         tr = poutine.trace(_AtCenter(data_plate)(guide)).get_trace(data, *args, **kwargs)
     return {
         name: site["value"].detach().clone()
@@ -315,8 +320,8 @@ def _inner_pass(model, guide, data, args, kwargs, globals_tr, num_outer, num_inn
     for i in range(0, n, batch_size):
         chunk_args, chunk_kwargs = slice_arguments(args, kwargs, n, slice(i, i + batch_size))
         lw = _inner_log_weights(
-            model, guide, data[i : i + batch_size], chunk_args, chunk_kwargs, globals_tr, num_outer, num_inner, full_outer,
-            data_plate,
+            model, guide, data[i : i + batch_size], chunk_args, chunk_kwargs,
+            globals_tr, num_outer, num_inner, full_outer, data_plate,
         ).cpu()  # (K, S_c, B)
         lw = lw.permute(1, 2, 0)  # (S_c, B, K)
         per_point.append(torch.logsumexp(lw, -1) - math.log(num_inner))
@@ -373,9 +378,10 @@ def joint_log_evidence(
         raise ValueError(f"data must have shape (N, ...) with N >= 1, got {tuple(data.shape)}")
     if not isinstance(data_plate, str) or not data_plate:
         raise TypeError(f"data_plate must be the name of the plate over datapoints (a str), got {data_plate!r}")
-    for name, value in (("num_outer", num_outer), ("num_inner", num_inner), ("batch_size", batch_size), ("outer_chunk", outer_chunk)):
+    for name, value in (
+        ("num_outer", num_outer), ("num_inner", num_inner), ("batch_size", batch_size), ("outer_chunk", outer_chunk)
+    ):
         check_positive_int(name, value)
-    n = len(data)
     nesting = plate_nesting_from(model, guide, (data, *args), kwargs)
     full = nesting + 1  # the outer particle plate sits at dim -full
     with seeded(seed, data.device):
@@ -389,7 +395,7 @@ def joint_log_evidence(
                 _check_same_latents(guide_tr, model_tr)
                 _check_full_plate(model_tr, data_plate)
                 q_out, q_in = _split(guide_tr, data_plate, latent_only=True)
-                p_out, p_in = _split(model_tr, data_plate, latent_only=False)
+                _, p_in = _split(model_tr, data_plate, latent_only=False)
                 if not p_in:
                     raise ValueError(
                         f"the model has no sample site inside a pyro.plate({data_plate!r}, ...); name "
