@@ -17,20 +17,25 @@ plate, replayed with the globals fixed at ``g_s``):
     log p^(X)         = logsumexp_s log W_s - log S
 
 Given ``g_s`` the inner estimates of different datapoints use independent draws, so their
-product is unbiased for ``prod_n p(x_n | g_s)`` and ``W_s`` is unbiased for ``p(X)``: the
-estimator is unbiased for ``p(X)``, *not* for ``log p(X)``, which it underestimates in
-expectation (Jensen) by about half the relative variance of the mean of the ``W_s`` (the
-"nested" or "pseudo-marginal" estimator; Tran et al. 2017, "Variational Bayes with intractable
-likelihood"; Rainforth et al. 2018, "On nesting Monte Carlo estimators"). Sites observed outside
-the data plate count with the globals: their log-density enters ``log p(g_s)``.
+product is unbiased for ``prod_n p(x_n | g_s)`` and ``W_s`` is unbiased for ``p(X)``, as an
+unbiased likelihood estimate is in pseudo-marginal MCMC (Andrieu & Roberts 2009, "The
+pseudo-marginal approach for efficient Monte Carlo computations"). Nested Monte Carlo is biased
+in general (Rainforth et al. 2018, "On nesting Monte Carlo estimators"); the product form is what
+keeps this one unbiased. Unbiased for ``p(X)``, *not* for ``log p(X)``: the log underestimates
+it in expectation (Jensen), by about half the squared relative standard error of the mean of the
+``W_s``. Sites observed outside the data plate count with the globals: their log-density enters
+``log p(g_s)``.
 
-S against K. The log of a product of ``N`` inner estimates has variance
-``sum_n Var(log p^(x_n | g))``, about ``N / K`` times the per-datapoint relative variance of one
-inner weight: it grows with ``N`` and is only tamed by ``K``, and once it is above about one nat^2
-the outer weights become heavy-tailed whatever ``S`` is (k-hat rises). The outer spread of
-``p(g) p(X | g) / q(g)`` is tamed only by ``S``. So choose ``K`` first, large enough that
-:attr:`JointEvidenceResult.inner_stderr` (the median over outer draws of the standard error of
-``sum_n log p^(x_n | g_s)``) is well below one nat, then ``S`` until the outer k-hat is trusted.
+S against K. The inner noise of ``log p^(X | g) = sum_n log p^(x_n | g)`` has variance
+``sigma^2 ~= sum_n Var(log p^(x_n | g))``, about ``N / K`` times the relative variance of one
+inner weight: it grows with ``N`` and only ``K`` tames it. Near-Gaussian noise of variance
+``sigma^2`` in a log weight multiplies the outer weights' second moment by ``exp(sigma^2)``, so
+the ``S`` needed for a given standard error grows like ``exp(sigma^2)`` on top of what the outer
+spread of ``p(g) p(X | g) / q(g)`` asks for, and the outer k-hat rises. So choose ``K`` first,
+until :attr:`JointEvidenceResult.inner_stderr` (``sigma``: the median over outer draws of the
+standard error of ``sum_n log p^(x_n | g_s)``) is well below one nat, then ``S`` until the outer
+k-hat is trusted. On the conjugate test model (``N = 20``, ``D = 3``) ``K = 10`` gave
+``sigma = 0.61`` and k-hat 0.31, ``K = 50`` ``sigma = 0.28`` and k-hat 0.07 (``S = 200``).
 The reported standard error is that of the ``S`` outer weights, each of which already carries
 its inner noise, so it covers both sources.
 
