@@ -19,11 +19,12 @@ it through a closure instead of as an argument.
 
 from __future__ import annotations
 
-from typing import Any, Union
+import inspect
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["select_rows", "slice_arguments"]
+__all__ = ["Batch", "as_batch", "select_rows", "slice_arguments"]
 
 Index = Union[slice, torch.Tensor]
 
@@ -82,3 +83,152 @@ def slice_arguments(args: tuple, kwargs: dict, num_rows: int, index: Index) -> t
         tuple(select_rows(a, num_rows, index) for a in args),
         {k: select_rows(v, num_rows, index) for k, v in kwargs.items()},
     )
+
+
+# -- a batch as Pyro users pass it -------------------------------------------------------------
+
+class Batch(NamedTuple):
+    """User data normalised for ``model(*args, **kwargs)``: what :func:`as_batch` returns.
+
+    :param args: positional model arguments (a tensor batch ``x`` is ``(x,)``).
+    :param kwargs: keyword model arguments (a dict batch).
+    :param size: ``N``, the number of datapoints: the common length of dim 0 of every aligned
+        tensor (see :func:`as_batch`).
+    :param form: how the user passed it: ``"tensor"``, ``"tuple"`` or ``"dict"``
+        (:attr:`data` rebuilds that form, e.g. for a ``transform`` the user wrote).
+    """
+
+    args: tuple
+    kwargs: dict
+    size: int
+    form: str
+
+    def rows(self, index: Index) -> "Batch":
+        """The datapoints ``index`` (a ``slice`` or a 1-D integer/bool tensor) of every tensor
+        with ``size`` rows, the other values unchanged (the module's one rule)."""
+        args, kwargs = slice_arguments(self.args, self.kwargs, self.size, index)
+        first = next((a for a in (*args, *kwargs.values()) if _aligned(a)), None)
+        if first is not None:
+            size = first.shape[0]
+        elif isinstance(index, slice):
+            size = len(range(*index.indices(self.size)))
+        else:
+            size = int(index.sum()) if index.dtype == torch.bool else len(index)
+        return Batch(args, kwargs, size, self.form)
+
+    def to(self, device) -> "Batch":
+        """Every tensor (recursively) moved to ``device``."""
+        return Batch(_to(self.args, device), _to(self.kwargs, device), self.size, self.form)
+
+    @property
+    def data(self) -> Any:
+        """The batch in the form the user passed it: a tensor, a tuple or a dict."""
+        if self.form == "tensor":
+            return self.args[0]
+        if self.form == "dict":
+            return dict(self.kwargs)
+        return tuple(self.args)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first aligned tensor (CPU if there is none)."""
+        first = next((a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return first.device if first is not None else torch.device("cpu")
+
+
+def _aligned(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim >= 1
+
+
+def _to(value: Any, device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return type(value)((k, _to(v, device)) for k, v in value.items())
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+def _positional_names(fn: Optional[Callable], count: int) -> list[str]:
+    """``argument 'x' (position 0)`` for each position, from ``fn``'s signature when it has one."""
+    names: list[Optional[str]] = [None] * count
+    if fn is not None:
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        for i, p in enumerate(params[:count]):
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+                names[i] = p.name
+            else:
+                break
+    return [f"argument {n!r} (position {i})" if n else f"positional argument {i}" for i, n in enumerate(names)]
+
+
+def as_batch(data: Any, what: str = "data", model: Optional[Callable] = None) -> Batch:
+    """Normalise user data into model arguments and check that its datapoints line up.
+
+    The three forms Pyro users pass (DESIGN, "user data in one place"):
+
+    - one tensor ``x`` of shape ``(N, ...)``: ``model(x)``;
+    - a tuple (or list) ``(x, y, ...)``: ``model(x, y, ...)``, e.g. images and labels;
+    - a dict ``{"x": x, "y": y}``: ``model(**batch)``.
+
+    Every top-level tensor with at least one dim is *aligned*: it holds one row per datapoint,
+    and all aligned tensors must have the same length ``N`` along dim 0. Anything else passes
+    through unchanged: ``None`` (an unlabelled split, ``model(x, None)``), numbers, 0-dim
+    tensors, modules. Partly labelled data is a label tensor plus a mask tensor, both aligned.
+    A tensor that belongs to the whole dataset (a weight matrix) does not belong in the batch:
+    bind it with ``functools.partial`` or a closure.
+
+    :param data: a tensor, a tuple/list or a dict, as above.
+    :param what: the caller's name for ``data`` in error messages (``"train_data"``).
+    :param model: the model, if known: its signature names the positional arguments in errors.
+    :returns: :class:`Batch` with ``size = N``.
+    :raises TypeError: another kind of ``data``, no tensor in it at all, or a dict with
+        non-string keys.
+    :raises ValueError: no aligned tensor, an empty one, or aligned tensors of different lengths
+        (the message names the arguments and their lengths).
+    """
+    if isinstance(data, Batch):
+        return data
+    if isinstance(data, torch.Tensor):
+        args, kwargs, form = (data,), {}, "tensor"
+        labels = [what]
+    elif isinstance(data, (tuple, list)) and not hasattr(data, "_fields"):
+        args, kwargs, form = tuple(data), {}, "tuple"
+        labels = _positional_names(model, len(args))
+    elif isinstance(data, dict):
+        if not all(isinstance(k, str) for k in data):
+            raise TypeError(f"{what} as a dict must have string keys (the model's keyword arguments), "
+                            f"got keys {list(data)!r}")
+        args, kwargs, form = (), dict(data), "dict"
+        labels = [f"keyword {k!r}" for k in kwargs]
+    else:
+        raise TypeError(
+            f"{what} must be a tensor (N, ...), a tuple of model arguments aligned on dim 0 "
+            f"(model(x, y)) or a dict of keyword arguments (model(**batch)), got {type(data).__name__}"
+        )
+    lengths = [(label, v.shape[0]) for label, v in zip(labels, (*args, *kwargs.values())) if _aligned(v)]
+    if not lengths and not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
+        raise TypeError(
+            f"{what} must hold the data as torch tensors of shape (N, ...) (one tensor, a tuple or a "
+            f"dict of them), got {form} of {', '.join(type(v).__name__ for v in (*args, *kwargs.values())) or 'nothing'}"
+        )
+    if not lengths:
+        raise ValueError(
+            f"{what} holds no tensor with a datapoint dim (dim 0): give the data as tensors of shape (N, ...)"
+        )
+    size = lengths[0][1]
+    wrong = [(label, n) for label, n in lengths if n != size]
+    if wrong:
+        listed = ", ".join(f"{label} has {n} rows" for label, n in lengths)
+        raise ValueError(
+            f"{what}: tensors passed together must have one row per datapoint, all the same length "
+            f"along dim 0, but {listed}. Slice them to the same datapoints; pass a dataset-level "
+            f"tensor through functools.partial or a closure instead"
+        )
+    if size == 0:
+        raise ValueError(f"{what} is empty (0 datapoints)")
+    return Batch(args, kwargs, size, form)

@@ -6,8 +6,13 @@ For each datapoint ``x_n`` the guide proposes ``z_k ~ q(z | x_n)`` and
 
 (Burda et al. 2016, "Importance Weighted Autoencoders"). Pyro's ``Importance`` and
 ``psis_diagnostic`` weight a whole minibatch jointly; here the log weights are kept *per
-datapoint*: every site's ``log_prob`` is summed over all dimensions except the ``"data"`` plate
+datapoint*: every site's ``log_prob`` is summed over all dimensions except the datapoint plate
 (and the particle plate). Particles are vectorized with an extra outermost ``pyro.plate``.
+The data may be one tensor, a tuple of tensors aligned on dim 0 or a dict of keyword arguments,
+sliced alike (:func:`ppgen.infer.batches.as_batch`); the datapoint plate is the one named
+``data_plate`` (default ``"data"``), else the model's single plate of the chunk's size
+(:func:`ppgen.infer.traces.find_data_plate`). Networks run in eval mode
+(:func:`ppgen.infer.networks.eval_mode`), their previous modes restored afterwards.
 
 Work is chunked over datapoints (``batch_size``) and over particles (``particle_chunk``), so
 memory is ``O(batch_size * K)`` floats for the weights plus one network pass of
@@ -32,8 +37,9 @@ import math
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-from ppgen.infer.batches import slice_arguments
-from ppgen.infer.traces import check_positive_int, per_datapoint_log_weights, plate_nesting_from
+from ppgen.infer.batches import as_batch, slice_arguments
+from ppgen.infer.networks import eval_mode
+from ppgen.infer.traces import DATA, check_positive_int, find_data_plate, log_weights_of, per_datapoint_log_weights
 from ppgen.runs import seeded
 
 __all__ = [
@@ -229,7 +235,7 @@ def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict
 def log_evidence(
     model: Callable,
     guide: Callable,
-    data: torch.Tensor,
+    data,
     num_samples: int = 1000,
     *args,
     batch_size: int = 100,
@@ -237,57 +243,66 @@ def log_evidence(
     ladder: Optional[Sequence[int]] = None,
     seed: Optional[int] = 0,
     progress: bool = False,
+    data_plate: str = DATA,
     **kwargs,
 ) -> EvidenceResult:
-    """Importance-sampled ``log p(x_n)`` for every row of ``data`` (Burda et al. 2016).
+    """Importance-sampled ``log p(x_n)`` for every datapoint of ``data`` (Burda et al. 2016).
 
-    :param model: Pyro model ``model(x, *args, **kwargs)`` with a ``pyro.plate("data", len(x))``.
-        Every tensor in ``args``/``kwargs`` whose dim 0 has length ``N`` (labels, masks,
-        covariates) is sliced with the data, chunk by chunk; other arguments are passed unchanged
+    :param model: Pyro model, called as ``model(x, *args, **kwargs)`` for a tensor ``data``,
+        ``model(*data, *args, **kwargs)`` for a tuple and ``model(*args, **data, **kwargs)`` for a
+        dict, with its datapoints in one plate (``data_plate``). Every tensor in
+        ``args``/``kwargs`` whose dim 0 has length ``N`` (labels, masks, covariates) is sliced
+        with the data, chunk by chunk; other arguments are passed unchanged
         (:func:`ppgen.infer.batches.slice_arguments`).
     :param guide: its guide (the proposal ``q(z | x)``), same signature and latent sites.
-    :param data: tensor of shape ``(N, ...)`` on the device the model runs on.
+    :param data: a tensor ``(N, ...)``, a tuple of model arguments aligned on dim 0 (``None``
+        entries pass unchanged: an unlabelled split) or a dict of keyword arguments
+        (:func:`ppgen.infer.batches.as_batch`), on the device the model runs on.
     :param num_samples: ``K >= 1`` proposals per datapoint.
     :param batch_size: datapoints per chunk.
     :param particle_chunk: particles drawn per vectorized pass (bounds network memory).
     :param ladder: ``K`` values for the IWAE bound (default :func:`iwae_ladder_sizes`).
     :param seed: seeds torch for the draws (the caller's random state is restored); ``None``
         uses the current state.
+    :param data_plate: name of the plate over datapoints (default ``"data"``); a model with no
+        plate of that name uses its single plate of the chunk's size, and none or several is an
+        error (:func:`ppgen.infer.traces.find_data_plate`).
     :returns: :class:`EvidenceResult`.
     """
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
-    if data.ndim < 1 or len(data) == 0:
-        raise ValueError(f"data must have shape (N, ...) with N >= 1, got {tuple(data.shape)}")
-    n = len(data)
+    batch = as_batch(data, "data", model)
+    n = batch.size
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
     check_positive_int("particle_chunk", particle_chunk)
     ladder = iwae_ladder_sizes(num_samples) if ladder is None else sorted(set(ladder))
     if not ladder or any(isinstance(j, bool) or not isinstance(j, int) or not 1 <= j <= num_samples for j in ladder):
         raise ValueError(f"ladder must hold integers in [1, num_samples={num_samples}], got {ladder!r}")
-    with seeded(seed, data.device):
+    with seeded(seed, batch.device), eval_mode(model, guide):
         parts: dict = {}
-        nesting = None
-        starts = range(0, len(data), batch_size)
+        plate = nesting = None
+        starts = range(0, n, batch_size)
         if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="evidence", unit="chunk")
         for i in starts:
-            x = data[i : i + batch_size]
+            chunk = batch.rows(slice(i, i + batch_size))
             # Per-datapoint arguments (dim 0 of length N) follow the data's rows; others pass as is.
-            chunk_args, chunk_kwargs = slice_arguments(args, kwargs, n, slice(i, i + batch_size))
-            if nesting is None:  # one row is enough
-                probe_args, probe_kwargs = slice_arguments(args, kwargs, n, slice(i, i + 1))
-                nesting = plate_nesting_from(model, guide, (x[:1], *probe_args), probe_kwargs)
-            log_w = torch.empty(len(x), num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
+            extra_args, extra_kwargs = slice_arguments(args, kwargs, n, slice(i, i + batch_size))
+            call_args, call_kwargs = (*chunk.args, *extra_args), {**chunk.kwargs, **extra_kwargs}
+            if plate is None:  # found once, on the first chunk, off the random stream
+                found = find_data_plate(model, guide, call_args, call_kwargs, chunk.size, data_plate)
+                plate, nesting = found.data_plate, found.nesting
+            log_w = torch.empty(chunk.size, num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
             rounding = 0.0
             for k0 in range(0, num_samples, particle_chunk):
                 kc = min(particle_chunk, num_samples - k0)
-                lw, _ = per_datapoint_log_weights(
-                    model, guide, x, kc, *chunk_args, max_plate_nesting=nesting, **chunk_kwargs
-                )
+                lw, _ = log_weights_of(model, guide, call_args, call_kwargs, kc, nesting, data_plate=plate)
+                if lw.shape[-1] != chunk.size:
+                    raise ValueError(
+                        f"the {plate!r} plate has {lw.shape[-1]} entries but the chunk has {chunk.size} "
+                        f"datapoints: the datapoint plate must have one entry per row of the data"
+                    )
                 # k-hat's equal-weights test needs the rounding of the dtype the model computed in
                 rounding = max(rounding, torch.finfo(lw.dtype).eps if lw.is_floating_point() else 0.0)
                 log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
@@ -298,5 +313,3 @@ def log_evidence(
     ladder_means = {j: float(sum(p[j] for p in parts["ladder"]) / n) for j in ladder}
     out = {key: torch.cat(parts[key]) for key in ("log_px", "stderr", "ess", "khat", "elbo")}
     return EvidenceResult(ladder=ladder_means, num_samples=num_samples, **out)
-
-

@@ -1,9 +1,13 @@
-"""The SVI training loop: any Pyro model/guide pair with a ``"data"`` plate over datapoints.
+"""The SVI training loop: any Pyro model/guide pair with a plate over datapoints.
 
-The model and guide are called on minibatches ``x`` of shape ``(B, ...)`` and declare
-``pyro.plate("data", B)``. The loop scales every site inside that plate by ``N / B`` so the loss
-is an unbiased estimate of the full-dataset negative ELBO (global latents are counted once), and
-reports the ELBO per datapoint in nats.
+The data is one tensor ``x`` (``model(x)``), a tuple of tensors aligned on dim 0 (``model(x, y)``)
+or a dict (``model(**batch)``); every aligned tensor is cut into the same minibatches of ``B``
+rows (:func:`ppgen.infer.batches.as_batch`). The plate that holds the datapoints is found once,
+before the first step (:func:`ppgen.infer.traces.find_data_plate`: the one named ``data_plate``,
+default ``"data"``, else the single plate of size ``B``; none or several is an error). The loop
+scales every site inside that plate by ``N / B`` so the loss is an unbiased estimate of the
+full-dataset negative ELBO (global latents are counted once), and reports the ELBO per datapoint
+in nats. Validation runs the networks in eval mode (:func:`ppgen.infer.networks.eval_mode`).
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import contextlib
 import dataclasses
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
-from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
 
 from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.traces import DATA_SCALE_KEY, plate_nesting_from
+from ppgen.infer.batches import Batch, as_batch
+from ppgen.infer.networks import eval_mode
+from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, find_data_plate
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -70,23 +75,28 @@ class SVIResult(NamedTuple):
     val_elbo: Optional[float]
 
 
-class DataScale(Messenger):
-    """Multiply the log-density of every site inside the ``"data"`` plate by ``scale``.
+class DataScale(DataPlate):
+    """Multiply the log-density of every site inside the datapoint plate by ``scale``.
 
     Used with ``scale = N / B`` to turn a minibatch ELBO into an unbiased full-dataset estimate.
     Sites of a plate that already subsamples itself (``subsample_size``) are left alone.
     The factor is also recorded in ``msg["_ppgen_data_scale"]`` (``ppgen.infer.traces.DATA_SCALE_KEY``), so
     per-datapoint bounds (``iwae``, ``dreg``, ``vimco``) can keep it outside their logsumexp
-    while other ``poutine.scale`` factors (e.g. KL warm-up) stay inside each log weight.
+    while other ``poutine.scale`` factors (e.g. KL warm-up) stay inside each log weight. As a
+    :class:`ppgen.infer.traces.DataPlate` it also records the plate's name in each sample site.
+
+    :param scale: the factor, ``N / B`` in the loop.
+    :param data_plate: name of the plate over datapoints (:func:`ppgen.infer.traces.find_data_plate`).
     """
 
-    def __init__(self, scale: float):
-        super().__init__()
+    def __init__(self, scale: float, data_plate: str = DATA):
+        super().__init__(data_plate)
         self.scale = scale
 
     def _process_message(self, msg: dict) -> None:
+        super()._process_message(msg)
         for frame in msg["cond_indep_stack"]:
-            if frame.name == "data" and (frame.full_size is None or frame.full_size == frame.size):
+            if frame.name == self.data_plate and (frame.full_size is None or frame.full_size == frame.size):
                 msg["scale"] = self.scale * msg["scale"]
                 msg[DATA_SCALE_KEY] = self.scale * msg.get(DATA_SCALE_KEY, 1.0)
                 return
@@ -96,22 +106,28 @@ class DataScale(Messenger):
 def evaluate_elbo(
     model: Callable,
     guide: Callable,
-    data: torch.Tensor,
+    data,
     batch_size: int = 1000,
     num_particles: int = 1,
     seed: int = 0,
 ) -> float:
-    """Mean ELBO per datapoint (nats) of ``data`` (shape ``(N, ...)``), estimated with
-    ``num_particles`` reparameterized samples per datapoint under a fixed seed, leaving the
-    caller's random state untouched."""
-    if len(data) == 0:
-        raise ValueError("cannot evaluate the ELBO of an empty dataset")
+    """Mean ELBO per datapoint (nats) of ``data``, estimated with ``num_particles``
+    reparameterized samples per datapoint under a fixed seed, leaving the caller's random state
+    untouched. Networks run in eval mode (:func:`ppgen.infer.networks.eval_mode`; BatchNorm's
+    running statistics, no dropout) and get their previous modes back afterwards.
+
+    :param data: a tensor ``(N, ...)``, a tuple of model arguments aligned on dim 0, or a dict
+        of keyword arguments (:func:`ppgen.infer.batches.as_batch`); cut into chunks of
+        ``batch_size`` rows, every aligned tensor alike.
+    """
+    batch = as_batch(data, "data", model)
     elbo = Trace_ELBO(num_particles=num_particles)
     total = 0.0
-    with seeded(seed, data.device):
-        for i in range(0, len(data), batch_size):
-            total += -elbo.loss(model, guide, data[i : i + batch_size])
-    return total / len(data)
+    with seeded(seed, batch.device), eval_mode(model, guide):
+        for i in range(0, batch.size, batch_size):
+            chunk = batch.rows(slice(i, i + batch_size))
+            total += -elbo.loss(model, guide, *chunk.args, **chunk.kwargs)
+    return total / batch.size
 
 
 def _state(optimizer: torch.optim.Optimizer, guide: Callable, epoch: int, step: int, **partial_epoch) -> dict:
@@ -151,10 +167,11 @@ def make_svi_step(
     model: Callable,
     guide: Callable,
     config: SVIConfig,
-    example: torch.Tensor,
+    example,
     scale: float = 1.0,
     job: Distributed = Distributed(0, 1, 0),
-) -> tuple[Callable[[torch.Tensor], float], torch.optim.Optimizer]:
+    data_plate: str = DATA,
+) -> tuple[Callable, torch.optim.Optimizer]:
     """One SVI update as a function of a batch, and the optimizer it steps.
 
     Clears Pyro's param store, registers every parameter with one trace of model and guide on
@@ -166,26 +183,42 @@ def make_svi_step(
     ``step.guide`` is the guide as the estimator sees it (:func:`prepare_guide`); if it has
     ``training_state()``/``load_training_state(state)`` (e.g. a learned baseline), :func:`train_svi`
     checkpoints that state too.
+
+    :param example: a batch as the model takes it: a tensor, a tuple of model arguments aligned
+        on dim 0, or a dict of keyword arguments (:func:`ppgen.infer.batches.as_batch`); ``step``
+        takes batches of the same form.
+    :param data_plate: name of the plate over datapoints; if the model has none of that name,
+        the single plate of the example's batch size (:func:`ppgen.infer.traces.find_data_plate`).
+        ``step.data_plate`` is the plate used. With ``scale != 1`` a missing or ambiguous plate
+        is an error (the minibatch would silently go unscaled).
     """
     pyro.clear_param_store()
+    example = as_batch(example, "example", model)
     # Vectorized particles and TraceEnum_ELBO (at any particle count) need the plate nesting. Pyro
     # would guess it at the first step by running guide and model once on the training RNG stream,
     # so a resumed run would draw other numbers than the uninterrupted one. Found here off the RNG,
     # for every estimator (a user-registered ELBO may guess too); a non-vectorized Trace_ELBO
     # ignores it.
-    nesting = plate_nesting_from(model, guide, (example,), {})
+    found = find_data_plate(model, guide, example.args, example.kwargs, example.size, data_plate,
+                            required=scale != 1.0)
+    plate, nesting = found.data_plate or data_plate, found.nesting
     elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():
-        Trace_ELBO().loss(model, guide, example)
+        Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     optimizer = adam(params, config.lr)
 
-    def step(x: torch.Tensor) -> float:
+    def step(x) -> float:
         # Model, guide and data were validated by the registration pass above; re-checking every
         # distribution's arguments each step costs about 5% of a VAE step (bench/svi_step.py).
-        with DataScale(scale), pyro.validation_enabled(False):
-            loss = elbo.loss_and_grads(model, train_guide, x)
+        if isinstance(x, torch.Tensor):
+            args, kwargs = (x,), {}
+        else:
+            batch = x if isinstance(x, Batch) else as_batch(x, "batch", model)
+            args, kwargs = batch.args, batch.kwargs
+        with DataScale(scale, plate), pyro.validation_enabled(False):
+            loss = elbo.loss_and_grads(model, train_guide, *args, **kwargs)
         if job.world > 1:
             (loss,) = job.average(params, loss)
             loss = float(loss)
@@ -195,33 +228,43 @@ def make_svi_step(
         return loss
 
     step.guide = train_guide  # type: ignore[attr-defined]
+    step.data_plate = plate  # type: ignore[attr-defined]
     return step, optimizer
 
 
 def train_svi(
     model: Callable,
     guide: Callable,
-    train_data: torch.Tensor,
-    val_data: Optional[torch.Tensor] = None,
+    train_data,
+    val_data=None,
     config: SVIConfig = SVIConfig(),
     run: Optional[Run] = None,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     progress: bool = True,
     step_context: Optional[Callable[[int], contextlib.AbstractContextManager]] = None,
+    data_plate: str = DATA,
 ) -> SVIResult:
     """Train ``model``/``guide`` by stochastic variational inference.
 
-    :param model: Pyro model taking a batch ``x`` of shape ``(B, ...)``; its datapoints sit in
-        ``pyro.plate("data", B)``.
+    :param model: Pyro model taking a batch (``model(x)``, ``model(x, y)`` or ``model(**batch)``);
+        its datapoints sit in one plate of size ``B`` (see ``data_plate``).
     :param guide: Pyro guide with the same signature.
-    :param train_data: tensor ``(N, ...)``; moved to ``config.device`` (move the networks
-        there yourself).
-    :param val_data: optional tensor ``(N_val, ...)`` scored each epoch (ELBO per datapoint).
+    :param train_data: a tensor ``(N, ...)``, a tuple of model arguments aligned on dim 0
+        (``(x, y)``; ``None`` or a non-tensor entry is passed unchanged, e.g. an unlabelled
+        split), or a dict of keyword arguments (:func:`ppgen.infer.batches.as_batch`). Every
+        aligned tensor is cut into the same minibatches. Moved to ``config.device`` (move the
+        networks there yourself).
+    :param val_data: optional validation data, in the same form, scored each epoch (ELBO per
+        datapoint, networks in eval mode: :func:`evaluate_elbo`).
     :param run: run directory for metrics and a checkpoint per epoch; with ``run.resume`` the
         loop continues from the checkpoint, with parameters, optimizer and RNG states restored.
-    :param transform: applied to each training batch (e.g. dynamic binarization).
+    :param transform: applied to each training batch in the form the data was given (a tensor,
+        tuple or dict) and returning that form (e.g. dynamic binarization).
     :param step_context: ``step_context(epoch)`` is entered around every training step of that
         epoch (not around validation), e.g. a KL warm-up schedule (``VAE.objective``).
+    :param data_plate: name of the plate over datapoints, default ``"data"``; a model without a
+        plate of that name uses its single plate of size ``B``. Every site inside it is scaled by
+        ``N / B``; no such plate, or several, is an error unless ``B = N``.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its shard of every global batch
     of ``config.batch_size`` and gradients are averaged (DDP-style, gloo on CPU, NCCL on GPU);
@@ -233,9 +276,8 @@ def train_svi(
     """
     job = distributed(resolve_device(config.device))
     rank, device = job.rank, job.place(resolve_device(config.device))
-    n = len(train_data)
-    if n == 0:
-        raise ValueError("train_data is empty")
+    train = as_batch(train_data, "train_data", model)
+    n = train.size
     if config.batch_size > n:
         raise ValueError(
             f"batch_size {config.batch_size} is larger than the training set ({n} datapoints); "
@@ -244,13 +286,18 @@ def train_svi(
     local = job.shard(config.batch_size)  # this process's shard of each global batch
     if rank != 0:  # only rank 0 validates, writes the run directory and shows progress
         val_data, progress = None, False
-    train_data = train_data.to(device)
-    val_data = val_data.to(device) if val_data is not None else None
+    train = train.to(device)
+    val = as_batch(val_data, "val_data", model).to(device) if val_data is not None else None
+    tensor = train.form == "tensor"  # the common case: index the tensor itself
+
+    def rows(index) -> Any:
+        """The user's form of the datapoints ``index`` (a slice or a tensor of positions)."""
+        return train.args[0][index] if tensor else train.rows(index).data
 
     seed_everything(config.seed + rank)  # different sampling noise per process
-    first = train_data[:local]
+    first = rows(slice(0, local))
     step_fn, optimizer = make_svi_step(
-        model, guide, config, transform(first) if transform is not None else first, n / local, job
+        model, guide, config, transform(first) if transform is not None else first, n / local, job, data_plate
     )
     batches = n // config.batch_size
     # The order of the data is shared by all processes: a generator seeded by (seed, epoch).
@@ -290,7 +337,7 @@ def train_svi(
                        disable=not progress, leave=False)
             for i in bar:
                 start = i * config.batch_size + rank * local
-                x = train_data[perm[start : start + local]]
+                x = rows(perm[start : start + local])
                 with step_context(epoch) if step_context is not None else contextlib.nullcontext():
                     loss = step_fn(transform(x) if transform is not None else x)
                 if not math.isfinite(loss):
@@ -325,14 +372,14 @@ def train_svi(
             if skipped:
                 record["skipped_steps"] = skipped  # this epoch's, not cumulative
             perm = None
-            if val_data is not None:
-                val_elbo = evaluate_elbo(model, guide, val_data)
+            if val is not None:
+                val_elbo = evaluate_elbo(model, guide, val)
                 record["val_elbo"] = val_elbo
             history.append(record)
             if progress:
                 tqdm.write(
                     f"epoch {epoch:3d}  train loss {record['train_loss']:9.3f}  "
-                    + (f"val ELBO {val_elbo:9.3f}  " if val_data is not None else "")
+                    + (f"val ELBO {val_elbo:9.3f}  " if val is not None else "")
                     + f"{seconds:6.1f}s"
                 )
             if run is not None and rank == 0:

@@ -61,8 +61,9 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
+from ppgen.infer.batches import as_batch
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.traces import plate_nesting_from
+from ppgen.infer.traces import DATA, DataPlate, find_data_plate
 
 __all__ = ["GradientStats", "gradient_stats", "param_groups", "format_table"]
 
@@ -136,9 +137,9 @@ def param_groups(name: str) -> tuple[str, str]:
     return group, f"{group}.{layer}"
 
 
-def _collect_params(model: Callable, guide: Callable, args: tuple) -> dict[str, torch.Tensor]:
+def _collect_params(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     with poutine.trace(param_only=True) as capture, torch.no_grad():
-        Trace_ELBO().loss(model, guide, *args)
+        Trace_ELBO().loss(model, guide, *args, **kwargs)
     params = {}
     for name, site in capture.trace.nodes.items():
         value = site["value"].unconstrained()
@@ -168,20 +169,21 @@ def _store_as_found() -> Iterator[None]:
                 store[name] = values[name]
 
 
-def _draw(elbo, model, guide, args, params) -> tuple[dict[str, torch.Tensor], float]:
+def _draw(elbo, model, guide, args, params, kwargs, plate) -> tuple[dict[str, torch.Tensor], float]:
     for p in params.values():
         p.grad = None
     t0 = time.perf_counter()
-    elbo.loss_and_grads(model, guide, *args)
+    with DataPlate(plate):
+        elbo.loss_and_grads(model, guide, *args, **kwargs)
     grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for k, p in params.items()}
     return grads, time.perf_counter() - t0
 
 
-def _reference(model, guide, args, params, draws: int, seed: int):
+def _reference(model, guide, args, kwargs, plate, params, draws: int, seed: int):
     torch.manual_seed(seed + 7919)
     elbo, acc = Trace_ELBO(), {k: _Welford(p) for k, p in params.items()}
     for _ in range(draws):
-        grads, _ = _draw(elbo, model, guide, args, params)
+        grads, _ = _draw(elbo, model, guide, args, params, kwargs, plate)
         for k, g in grads.items():
             acc[k].add(g)
     return {k: a.mean for k, a in acc.items()}, {k: (a.var / draws).sqrt() for k, a in acc.items()}
@@ -211,14 +213,17 @@ def gradient_stats(
     warmup: int = 20,
     seed: int = 0,
     particles: Union[int, Sequence[int]] = 1,
+    data_plate: str = DATA,
 ) -> GradientStats:
     """Measure the gradient estimators ``estimators`` of ``model``/``guide`` at the current
     parameters (Pyro's param store is read, never stepped, and left as it was found).
 
-    :param model: Pyro model; called as ``model(*batch)`` (a tensor batch is ``(batch,)``).
+    :param model: Pyro model; called as ``model(x)`` for a tensor batch, ``model(*batch)`` for a
+        tuple and ``model(**batch)`` for a dict.
     :param guide: Pyro guide with the same signature, written reparameterized; each estimator
         prepares it (:func:`ppgen.infer.estimators.prepare_guide`).
-    :param batch: the data tensor ``(B, ...)``, or a tuple of model arguments.
+    :param batch: the data tensor ``(B, ...)``, a tuple of model arguments aligned on dim 0, or
+        a dict of keyword arguments (:func:`ppgen.infer.batches.as_batch`).
     :param estimators: names registered in :data:`ppgen.infer.estimators.ESTIMATORS`.
     :param num_draws: ``R``, independent gradient draws per estimator and particle count.
     :param reference: ``"reparam"`` (mean of ``reference_draws`` single-particle reparameterized
@@ -231,9 +236,13 @@ def gradient_stats(
         the K of the bound of Burda et al. 2016; for the others the average of K single-sample
         estimates). A list sweeps: every estimator is measured at each K, rows carry their
         ``particles`` and the ``mean``/``var`` labels read ``"<name> K=<K>"``.
+    :param data_plate: name of the plate over datapoints, for the estimators that read terms per
+        datapoint (iwae, dreg, vimco, score-nn-baseline); a model without a plate of that name
+        uses its single plate of the batch's size (:func:`ppgen.infer.traces.find_data_plate`).
     :returns: :class:`GradientStats`.
     """
-    args = batch if isinstance(batch, tuple) else (batch,)
+    data = as_batch(batch, "batch", model)
+    args, kwargs = data.args, data.kwargs
     if isinstance(estimators, str):
         estimators = [e.strip() for e in estimators.split(",") if e.strip()]
     if not estimators:
@@ -246,13 +255,17 @@ def gradient_stats(
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
     counts, sweep = _particle_counts(particles)
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    device = data.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        params = _collect_params(model, guide, args)  # registers the pair's parameters, as any trace does
+        # The datapoint plate and the plate nesting, from one trace off the random stream; a pair
+        # without a datapoint plate is fine for the estimators that do not need one.
+        found = find_data_plate(model, guide, args, kwargs, data.size, data_plate, required=False)
+        plate = found.data_plate or data_plate
+        params = _collect_params(model, guide, args, kwargs)  # registers the pair's parameters, as any trace does
         if isinstance(reference, str):
             if reference != "reparam":
                 raise ValueError(f"reference must be 'reparam' or a dict of exact gradients, got {reference!r}")
-            ref, ref_se = _reference(model, guide, args, params, reference_draws, seed)
+            ref, ref_se = _reference(model, guide, args, kwargs, plate, params, reference_draws, seed)
         elif isinstance(reference, Mapping):
             missing = set(params) - set(reference)
             if missing:
@@ -262,7 +275,7 @@ def gradient_stats(
             ref_se = {k: torch.zeros_like(v) for k, v in ref.items()}
         else:
             raise TypeError(f"reference must be 'reparam' or a dict, got {type(reference).__name__}")
-        nesting = plate_nesting_from(model, guide, args, {}) if max(counts) > 1 else None
+        nesting = found.nesting if max(counts) > 1 else None
         means, variances, rows = {}, {}, []
         for est in estimators:
             for k in counts:
@@ -272,13 +285,13 @@ def gradient_stats(
                     elbo = make_elbo(est, k, k > 1, nesting if k > 1 else None)
                     prepared = prepare_guide(est, guide)
                     for _ in range(warmup):
-                        _draw(elbo, model, prepared, args, params)
+                        _draw(elbo, model, prepared, args, params, kwargs, plate)
                     acc = {name: _Welford(p) for name, p in params.items()}
                     halves = [{name: _Welford(p) for name, p in params.items()} for _ in range(2)]
                     sq_err = {name: torch.zeros((), dtype=torch.float64) for name in params}
                     seconds = 0.0
                     for r in range(num_draws):
-                        grads, dt = _draw(elbo, model, prepared, args, params)
+                        grads, dt = _draw(elbo, model, prepared, args, params, kwargs, plate)
                         seconds += dt
                         for name, g in grads.items():
                             acc[name].add(g)

@@ -41,6 +41,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import nn
 
+from ppgen.infer.traces import data_plate_name
 from ppgen.runs import seeded
 
 __all__ = ["ScoreFunctionMessenger", "Reinforce_ELBO", "NNBaselineGuide", "nn_baseline"]
@@ -177,7 +178,8 @@ class NNBaselineGuide:
     (hundreds of nats on images, out of reach of a zero-initialised net at lr 1e-3).
 
     A baseline must not depend on the site's own sample, and it must have the shape of the site's
-    downstream cost (Mnih & Gregor 2014). A site inside ``pyro.plate("data", B)`` has one cost per
+    downstream cost (Mnih & Gregor 2014). A site inside the datapoint plate (``pyro.plate("data", B)``,
+    or the plate the SVI loop found, :func:`ppgen.infer.traces.find_data_plate`) has one cost per
     datapoint, and gets ``b(x)_i = h(x_i)`` placed at the data plate's dim. A *global* site (outside
     the data plate) has one cost per particle, the sum over the whole batch; it gets the scalar
     ``b(x) = sum_i h(x_i)``, a function of the observed batch only and therefore unbiased, which
@@ -247,12 +249,14 @@ class NNBaselineGuide:
                     if net[0].in_features != x[0].numel():
                         raise ValueError(f"the baseline of site {site!r} takes {net[0].in_features} features per "
                                          f"datapoint, the batch has {x[0].numel()}: the state comes from other data")
-                    data = next((f for f in msg["cond_indep_stack"] if f.name == "data"), None)
-                    if data is not None and data.size != x.shape[0]:
+                    # the datapoint plate: named by the SVI loop's DataScale (or a DataPlate), else "data"
+                    plate = data_plate_name(msg)
+                    data = next((f for f in msg["cond_indep_stack"] if f.name == plate), None)
+                    if data is not None and data.size not in (x.shape[0], -1):
                         raise ValueError(
-                            f"score-nn-baseline gives each datapoint of the 'data' plate its own baseline "
+                            f"score-nn-baseline gives each datapoint of the {plate!r} plate its own baseline "
                             f"b(x_i), so site {site!r} needs a data plate of size x.shape[0] = {x.shape[0]}, "
-                            f"got {data.size}: declare pyro.plate('data', x.shape[0]) over the batch")
+                            f"got {data.size}: declare pyro.plate({plate!r}, x.shape[0]) over the batch")
                     head = _Baseline(net, None if data is None else data.dim)
                     msg["infer"] = {**msg["infer"], "baseline": {
                         "nn_baseline": head, "nn_baseline_input": x,
