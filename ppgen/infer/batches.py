@@ -15,6 +15,13 @@ Tuples, lists and dicts are searched recursively (a ``dict`` of per-datapoint te
 entry by entry). The rule is a convention: a dataset-level tensor that happens to have ``N``
 rows (an ``(N, N)`` kernel, say) would be sliced too; give such a tensor another length or pass
 it through a closure instead of as an argument.
+
+The data itself arrives in one of the three forms Pyro users pass: one tensor, a tuple of model
+arguments aligned on dim 0, or a dict of keyword arguments. :func:`as_batch` turns each into a
+:class:`Batch` (``args``, ``kwargs``, the number of datapoints ``N``), checking that every
+top-level tensor has the same ``N`` (a mismatch is an error naming the arguments); ``Batch.rows``
+cuts it by the rule above. The SVI loop, ``evaluate_elbo``, ``log_evidence`` and
+``gradient_stats`` all call it.
 """
 
 from __future__ import annotations
