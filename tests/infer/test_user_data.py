@@ -162,13 +162,32 @@ def test_log_evidence_dict_batch_matches_exact():
     torch.testing.assert_close(ev.log_px, exact_log_p(x, y) * mask, atol=1e-5, rtol=0)
 
 
-def test_iwae_trains_on_the_found_plate():
-    """iwae reads per-datapoint terms of the "obs" plate (no "data" plate anywhere): its
-    K-sample bound is exact for the exact guide, so the epoch loss is again -log p per datapoint."""
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "vimco"])
+def test_multisample_bounds_train_on_the_found_plate(estimator):
+    """The per-datapoint bounds read the "obs" plate (no "data" plate anywhere): the K-sample
+    bound is exact for the exact guide, so the epoch loss is again -log p per datapoint."""
     x, y = _data(40)
     res = train_svi(regression_model, regression_guide, (x, y), None,
-                    SVIConfig(estimator="iwae", particles=4, epochs=1, batch_size=10, lr=1e-12), progress=False)
+                    SVIConfig(estimator=estimator, particles=4, epochs=1, batch_size=10, lr=1e-12), progress=False)
     assert res.history[0]["train_loss"] == pytest.approx(-float(exact_log_p(x, y).mean()), rel=1e-5)
+
+
+def test_gradient_stats_dict_batch_on_the_obs_plate():
+    """gradient_stats on ``model(**batch)`` with the per-datapoint iwae bound in plate "obs":
+    unbiased for the exact gradient of ``-sum_n log p(y_n | x_n)`` in ``a`` (the guide is the
+    exact posterior, so the ELBO and every IWAE bound have the evidence's gradient, Fisher's
+    identity): ``-sum_n (y_n - a x_n) x_n / (1 + s^2)``."""
+    x, y = _data(20)
+    exact = {"a": -((y - A * x) * x).sum() / (1 + S2)}
+    stats = gradient_stats(regression_model, regression_guide, {"x": x, "y": y}, ["reparam", "iwae"],
+                           num_draws=40, reference=exact, warmup=0, particles=[1, 4])
+    for name in ("reparam", "iwae"):
+        for k in (1, 4):
+            row = stats.row(name, "all", particles=k)
+            assert row["max_z"] < 4.0, (name, k, row)
+    # K = 4 averages four independent draws: variance about a quarter
+    ratio = stats.row("iwae", particles=4)["variance"] / stats.row("iwae", particles=1)["variance"]
+    assert 0.1 < ratio < 0.6
 
 
 # -- which plate: named, found by size, ambiguous, missing ----------------------------------------
@@ -308,16 +327,16 @@ def test_evaluation_runs_networks_in_eval_mode_and_restores():
     a lower ELBO (on main: evaluate_elbo ran in train mode)."""
     x = 3.0 + 2.0 * torch.randn(64, generator=torch.Generator().manual_seed(0))
     exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).double()
-    net.train()
-    net.bn.eval()  # a mixed state, to check each module gets its own mode back
+    net.train()  # as training leaves it
     elbo = evaluate_elbo(bn_model, bn_guide, x, batch_size=16, num_particles=20)
-    assert elbo == pytest.approx(float(exact.mean()), abs=0.05)
-    assert net.training and not net.bn.training
-    net.train()
+    assert elbo == pytest.approx(float(exact.mean()), abs=0.05)  # main: -7.63 (train mode)
+    assert net.training and net.bn.training
+    net.bn.eval()  # a mixed state, to check each module gets its own mode back
     ev = log_evidence(bn_model, bn_guide, x, 50, batch_size=16)
     assert float(ev.log_px.mean()) == pytest.approx(float(exact.mean()), abs=1e-3)
     assert float(ev.elbo.mean()) == pytest.approx(float(exact.mean()), abs=0.05)
-    assert net.training and net.bn.training
+    assert net.training and not net.bn.training
+    net.train()
     with pyro.poutine.block():  # what train mode would have given: far below
         train_mode = -Trace_ELBO(num_particles=20).loss(bn_model, bn_guide, x) / len(x)
     assert train_mode < float(exact.mean()) - 1.0
