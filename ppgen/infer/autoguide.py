@@ -64,6 +64,7 @@ __all__ = ["AmortizedGuide", "SiteInfo", "DATA_PLATE"]
 
 DATA_PLATE = "data"
 DISCRETE_MODES = ("enumerate", "score")
+FEATURE_RMS = 3.0  # cap on the root mean square of a row of trunk features (AmortizedGuide._features)
 
 
 class SiteInfo(NamedTuple):
@@ -349,7 +350,7 @@ class AmortizedGuide(nn.Module):
         self.trunk.to(device=device, dtype=dtype)
         try:
             with torch.no_grad():
-                h = self.trunk(flat[:2] if getattr(self, "x_scale", None) is None else self._standardize(flat[:2]))
+                h = self.trunk(self._standardize(flat[:2]))
         except (RuntimeError, ValueError) as err:
             raise ValueError(
                 f"the encoder cannot take the flattened observation of shape {tuple(flat.shape)}: {err}"
@@ -429,6 +430,19 @@ class AmortizedGuide(nn.Module):
             return flat
         return (flat - self.x_shift.detach()) / self.x_scale.detach()
 
+    def _features(self, flat: torch.Tensor) -> torch.Tensor:
+        """The trunk's features ``h (B, H)``, each row scaled down to a root mean square of at
+        most :data:`FEATURE_RMS` (3): unchanged while the features stay moderate, capped when the
+        trunk's weights grow. Adam moves each head weight by ~lr a step, so a head's output moves
+        by up to ~``lr * sum|h|``; uncapped features of magnitude 30-70 moved the heads by tens per
+        step and sent q's scale to ~40 (a loss of 1e10, then NaN, at epoch 43 of the issue-16
+        model at lr 1e-2). Layer normalization bounds them too but discards each row's overall
+        magnitude, which a posterior mean linear in x needs (the linear-Gaussian fullcov ELBO gap
+        grew from 0.05 to 0.21 nats); a cap at rms 1 slowed sharp discrete heads (mixture gap
+        0.015-0.029 against 0.009-0.016 at 3)."""
+        h = F.relu(self.trunk(self._standardize(flat)))
+        return h / (h.pow(2).mean(-1, keepdim=True).sqrt() / FEATURE_RMS).clamp(min=1.0)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> dict:
         """Sample every latent site of the model; returns ``{site name: value}``."""
         if not self.built:
@@ -436,7 +450,7 @@ class AmortizedGuide(nn.Module):
         self._check_x(x)
         pyro.module(self.name, self)
         batch = x.shape[0]
-        h = F.relu(self.trunk(self._standardize(x.reshape(batch, -1))))
+        h = self._features(x.reshape(batch, -1))
         values, g = {}, 0
         for s in self.sites:  # global latents first, each in its own plates
             if not s.local:

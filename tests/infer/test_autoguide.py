@@ -184,7 +184,7 @@ def test_discrete_local_latent_is_enumerated_and_reaches_the_exact_evidence():
                   progress=False)
     assert poutine.trace(guide).get_trace(x[:3]).nodes["c"]["infer"] == {"enumerate": "parallel"}
     enum_elbo = -make_elbo("enum").loss(mixture_model, prepare_guide("enum", guide), x) / len(x)
-    assert exact - 0.02 < enum_elbo <= exact + 1e-4  # measured gap 0.007 nats
+    assert exact - 0.02 < enum_elbo <= exact + 1e-4  # measured gap 0.009-0.016 nats over seeds 0-2
 
 
 def test_discrete_score_flag_gives_a_baseline_instead_of_enumeration():
