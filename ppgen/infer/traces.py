@@ -361,16 +361,15 @@ class PlateInfo(NamedTuple):
 
 
 def _frame_sizes(site: dict) -> list[tuple[str, int]]:
-    """``(name, size)`` of the vectorized plates of a site; an unsized plate
-    (``pyro.plate("data")``, size -1) gets the size of the site's batch shape at its dim."""
+    """``(name, size)`` of the plates of a site (sequential ``for i in pyro.plate(...)`` ones
+    too); an unsized plate (``pyro.plate("data")``, size -1) gets the size of the site's batch
+    shape at its dim."""
     out = []
     value = site["value"]
     batch_ndim = value.ndim - len(getattr(site["fn"], "event_shape", ())) if isinstance(value, torch.Tensor) else 0
     for frame in site["cond_indep_stack"]:
-        if not frame.vectorized or frame.dim is None:
-            continue
         size = frame.size
-        if size == -1 and -frame.dim <= batch_ndim:
+        if size == -1 and frame.dim is not None and -frame.dim <= batch_ndim:
             size = value.shape[batch_ndim + frame.dim]
         out.append((frame.name, int(size)))
     return out

@@ -216,7 +216,9 @@ def gradient_stats(
     data_plate: str = DATA,
 ) -> GradientStats:
     """Measure the gradient estimators ``estimators`` of ``model``/``guide`` at the current
-    parameters (Pyro's param store is read, never stepped, and left as it was found).
+    parameters (Pyro's param store is read, never stepped, and left as it was found). Networks
+    stay in the mode the caller left them (these are gradients of the training objective; call
+    ``.eval()`` first to measure those of the evaluation-mode ELBO).
 
     :param model: Pyro model; called as ``model(x)`` for a tensor batch, ``model(*batch)`` for a
         tuple and ``model(**batch)`` for a dict.

@@ -290,6 +290,26 @@ def test_unsized_and_subsample_plates():
     assert math.isfinite(stats.row("iwae", particles=2)["variance"])
 
 
+def sequential_model(x):
+    for i in pyro.plate("data", x.shape[0]):  # a model that is not vectorized
+        z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+        pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[i])
+
+
+def sequential_guide(x):
+    w = pyro.param("w", torch.tensor(0.0))
+    for i in pyro.plate("data", x.shape[0]):
+        pyro.sample(f"z_{i}", dist.Normal(x[i] / 2 + 0 * w, 0.5 ** 0.5))
+
+
+def test_sequential_data_plate_is_scaled():
+    x = torch.randn(20, generator=torch.Generator().manual_seed(2))
+    exact = dist.Normal(0.0, math.sqrt(2.0)).log_prob(x).double()
+    res = train_svi(sequential_model, sequential_guide, x, None, SVIConfig(epochs=1, batch_size=5, lr=1e-12),
+                    progress=False)
+    assert res.history[0]["train_loss"] == pytest.approx(-float(exact.mean()), rel=1e-5)
+
+
 # -- networks in eval mode for evaluation, and restored --------------------------------------------
 
 class Scaled(torch.nn.Module):
