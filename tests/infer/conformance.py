@@ -18,7 +18,7 @@ time (new entries are covered when they land). Guide kinds:
 - ``autoguide``: :class:`ppgen.infer.autoguide.AmortizedGuide` built from the model.
 
 Particles ``K`` in (1, 4), vectorized, with the ELBO built as :func:`ppgen.infer.svi.make_svi_step`
-builds it. Layouts, each with ``N = 3`` datapoints in ``pyro.plate("data", N)``:
+builds it. Layouts, each with ``N = 3`` datapoints in ``pyro.plate("data", N)`` (``plate2``: "obs"):
 
 - ``scalar``: ``z_n ~ N(0, 1)``, ``x_n ~ N(z_n, 1)``, the latent site under a KL warm-up
   ``poutine.scale(0.5)`` in the model and the hand-written guides (as ``ppgen.models.vae`` does;
@@ -27,7 +27,8 @@ builds it. Layouts, each with ``N = 3`` datapoints in ``pyro.plate("data", N)``:
   multi-sample bounds;
 - ``event``: ``z_n ~ N(0, I_2)`` (``.to_event(1)``), ``x_n ~ N(W z_n + b, I_3)``
   (:class:`ppgen.models.linear_gaussian.LinearGaussian`);
-- ``plate2``: the data plate at ``dim=-2``, ``z_n ~ N(0, I_2)``, and an inner
+- ``plate2``: the datapoint plate at ``dim=-2`` and named ``"obs"`` (not ``"data"``: the user
+  passes ``data_plate="obs"`` to the loop and the autoguide), ``z_n ~ N(0, I_2)``, and an inner
   ``pyro.plate("feature", 3)`` of observations ``x_nj ~ N(w_j . z_n, 1)``;
 - ``global``: a global ``theta ~ N(0, 1)`` and locals ``z_n ~ N(theta 1, I_2)``,
   ``x_n ~ N(W z_n + b, I_3)``; the hand-written guides are hierarchical,
@@ -142,7 +143,7 @@ from torch.nn import functional as F
 from ppgen.infer.autoguide import AmortizedGuide
 from ppgen.infer.estimators import ESTIMATORS, make_elbo, prepare_guide
 from ppgen.infer.svi import DataScale
-from ppgen.infer.traces import plate_nesting_from
+from ppgen.infer.traces import find_data_plate
 from ppgen.models.linear_gaussian import LinearGaussian
 from ppgen.models.posteriors import encoder_features, make_posterior
 from ppgen.nets import Encoder, mlp
@@ -204,7 +205,8 @@ class Layout:
     latent_dim: int  # d of the local latent (0: scalar), or number of classes (discrete)
     data_dim: int = -1
     has_global: bool = False
-    scale: float = 1.0  # N / B of the SVI loop's DataScale on every site in the "data" plate
+    scale: float = 1.0  # N / B of the SVI loop's DataScale on every site in the datapoint plate
+    plate: str = "data"  # name of the plate over datapoints
     latent_scale: float = 1.0  # poutine.scale on the latent site in model and hand-written guides
     discrete: bool = False
     consts: dict = field(default_factory=dict)
@@ -240,13 +242,13 @@ def layout(name: str, dtype: torch.dtype = DTYPE) -> Layout:
         s = 1.0
 
         def model(x):
-            with pyro.plate("data", x.shape[0], dim=-2):
+            with pyro.plate("obs", x.shape[0], dim=-2):  # not called "data": data_plate="obs"
                 z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))  # (N, 1, 2)
                 with pyro.plate("feature", x.shape[1], dim=-1):
                     pyro.sample("x", dist.Normal((z * w).sum(-1), s), obs=x)  # (N, 3)
 
         x = torch.randn(N, 3, generator=g, dtype=dtype) * 1.5
-        return Layout(name, model, x, 3, 2, data_dim=-2, scale=MINIBATCH_SCALE, consts={"W": w, "b": torch.zeros(3, dtype=dtype), "s": s})
+        return Layout(name, model, x, 3, 2, data_dim=-2, scale=MINIBATCH_SCALE, plate="obs", consts={"W": w, "b": torch.zeros(3, dtype=dtype), "s": s})
     if name == "global":
         lg = _linear(3, dtype)
         weight, bias, s = lg.weight, lg.bias, lg.noise
@@ -286,7 +288,7 @@ def user_guide(lay: Layout) -> Callable:
             scale = pyro.param("theta_scale", torch.tensor(0.6, dtype=dt), constraint=dist.constraints.positive)
             theta = pyro.sample("theta", dist.Normal(loc, scale))
             shift = pyro.param("shift", torch.tensor([0.4, -0.3], dtype=dt)) * theta[..., None]
-        with pyro.plate("data", x.shape[0], dim=lay.data_dim):
+        with pyro.plate(lay.plate, x.shape[0], dim=lay.data_dim):
             if lay.discrete:
                 logits = pyro.param("logits", torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.6], [-0.4, 0.2, 0.9]], dtype=dt))
                 pyro.sample("y", dist.Categorical(logits=logits))
@@ -334,7 +336,7 @@ class EncoderGuide(nn.Module):
         if lay.has_global:
             theta = pyro.sample("theta", dist.Normal(self.theta_loc, F.softplus(self.theta_raw)))
             shift = self.shift * theta[..., None]
-        with pyro.plate("data", x.shape[0], dim=lay.data_dim):
+        with pyro.plate(lay.plate, x.shape[0], dim=lay.data_dim):
             if lay.discrete:
                 pyro.sample("y", dist.Categorical(logits=self.logits(flat)))
             elif lay.latent_dim == 0:
@@ -353,7 +355,7 @@ def make_guide(kind: str, lay: Layout) -> Callable:
     if kind in ("encoder", "fullcov", "iaf"):
         return EncoderGuide(lay, "diag" if kind == "encoder" else kind)
     if kind == "autoguide":
-        return AmortizedGuide(lay.model, hidden=(HIDDEN,), name="autoguide")
+        return AmortizedGuide(lay.model, hidden=(HIDDEN,), name="autoguide", data_plate=lay.plate)
     raise ValueError(f"unknown guide kind {kind!r}")
 
 
@@ -452,7 +454,7 @@ def _log_weights(lay: Layout, model_tr, guide_tr, rows: int) -> torch.Tensor:
             lp = site["fn"].log_prob(site["value"]) * site["scale"]  # the model's own scales (warm-up)
             lp = lp.reshape((1,) * (full - lp.ndim) + tuple(lp.shape)).expand(rows, *([-1] * (full - 1)))
             if lay.has_global:  # one weight per draw: data-plate sites scaled by N / B
-                data = any(f.name == "data" for f in site["cond_indep_stack"])
+                data = any(f.name == lay.plate for f in site["cond_indep_stack"])
                 lp = (lay.scale if data else 1.0) * lp.reshape(rows, -1).sum(-1, keepdim=True)
             else:
                 other = [a for a in range(1, full) if a != full + lay.data_dim]
@@ -504,7 +506,7 @@ def score_twin_grads(lay: Layout, guide: Callable, params, k: int, recorded) -> 
         for site in tr.nodes.values():
             if site["type"] != "sample" or site_is_subsample(site) or (sign < 0 and site["is_observed"]):
                 continue
-            in_data = any(f.name == "data" for f in site["cond_indep_stack"])
+            in_data = any(f.name == lay.plate for f in site["cond_indep_stack"])
             lp = site["fn"].log_prob(site["value"])
             lp = lp.reshape((1,) * (full - lp.ndim) + tuple(lp.shape))
             lp = lp.expand(k, *lp.shape[1:])
@@ -641,7 +643,9 @@ def run_cell(estimator: str, guide_kind: str, layout_name: str, k: int, draws: O
                 Trace_ELBO().loss(lay.model, guide, lay.x)
         named = _params()
         params = [p for _, p in named]
-        nesting = plate_nesting_from(lay.model, guide, (lay.x,), {})  # as make_svi_step does
+        # as make_svi_step does, the user naming the datapoint plate (data_plate=...)
+        found = find_data_plate(lay.model, guide, (lay.x,), {}, N, lay.plate, required=lay.scale != 1.0)
+        plate, nesting = found.data_plate or lay.plate, found.nesting
         elbo = make_elbo(estimator, k, k > 1, nesting)
         train_guide = prepare_guide(estimator, guide)
 
@@ -661,7 +665,7 @@ def run_cell(estimator: str, guide_kind: str, layout_name: str, k: int, draws: O
                 seed = base + len(samples) + len(out)
                 torch.manual_seed(seed)
                 recorder = poutine.trace(train_guide) if twinned[0] and scored else train_guide
-                with DataScale(lay.scale), pyro.validation_enabled(False):
+                with DataScale(lay.scale, plate), pyro.validation_enabled(False):
                     elbo.loss_and_grads(lay.model, recorder, lay.x)
                 out.append(_flat_grads(params, [p.grad for p in params]))
                 for p in params:
