@@ -30,16 +30,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--family", default="diag", choices=["diag", "fullcov", "iaf"], help="guide family of both guides")
     p.add_argument("--samples", type=int, default=100, help="K importance samples per test point")
     p.add_argument("--test", type=int, default=1000, help="test points scored")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--smoke", action="store_true", help="digits, 2 epochs, 200 test points, K=20")
+    p.add_argument("--smoke", action="store_true", help="digits, 2 epochs at lr 1e-2, 200 test points, K=20")
     args = p.parse_args(argv)
     if args.smoke:
         args.data, args.epochs, args.samples, args.test, args.hidden, args.latent = "digits", 2, 20, 200, 64, 8
+        # 44 steps: at lr 1e-3 the automatic guide, whose heads start with zero weights (q at the
+        # prior for every x, as AutoNormal starts), is still 7 nats behind the hand-written one's
+        # random heads; at lr 1e-2 both reach -27.1 (measured)
+        args.lr = 1e-2
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data, "dynamic", download=False)
     test = data.test[: args.test]
-    config = SVIConfig(epochs=args.epochs, batch_size=128 if not args.smoke else 64, lr=1e-3, seed=args.seed)
+    config = SVIConfig(epochs=args.epochs, batch_size=128 if not args.smoke else 64, lr=args.lr, seed=args.seed)
     results = {}
     for which in ("hand-written", "automatic"):
         pyro.clear_param_store()
