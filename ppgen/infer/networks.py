@@ -80,7 +80,10 @@ def _walk(obj: Any, found: dict, seen: set, depth: int) -> None:
         if wrapped is not None:
             _walk(wrapped, found, seen, depth)
         return
-    attrs = getattr(obj, "__dict__", None)
+    try:  # a proxy or an extension type may refuse attribute access: it holds no networks we can reach
+        attrs = getattr(obj, "__dict__", None)
+    except Exception:
+        return
     if isinstance(attrs, dict) and depth > 0:
         for item in attrs.values():
             _walk(item, found, seen, depth - 1)
