@@ -27,6 +27,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_mean
 from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.autoguide import AmortizedGuide
+from ppgen.infer.evidence import log_evidence
 from ppgen.infer.svi import SVIConfig, train_svi
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -191,6 +192,25 @@ def test_other_plate_names_and_unsized_plates(plate, sized):
     truth = float(exact(data).mean())
     # measured (both plates): before -9.38, after -5.168, exact -5.157
     assert before < after < truth + 0.02 and truth - after < 0.1, (before, after, truth)
+
+
+def test_plates_of_any_name_or_size_train_and_score_alike_through_ppgen():
+    """The same linear-Gaussian model written with ``pyro.plate("data", N)``, unsized
+    ``pyro.plate("data")`` and ``pyro.plate("documents", N)``: ``train_svi`` (minibatches scaled by
+    N / B) and ``log_evidence`` give the same numbers for all three, and the IS estimate meets the
+    exact evidence (measured -5.222 against -5.220 after 15 epochs; 5 here)."""
+    results = []
+    for plate, sized in (("data", True), ("data", False), ("documents", True)):
+        model, exact, sample = linear_gaussian(plate, sized)
+        x, xv = sample(300), sample(100)
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        guide = AmortizedGuide(model, hidden=(16,))
+        r = train_svi(model, guide, x, xv, SVIConfig(epochs=5, batch_size=50, lr=1e-2), progress=False)
+        ev = log_evidence(model, guide, xv, 200).summary()
+        results.append((r.history[-1]["val_elbo"], ev["log_px"]))
+        assert abs(ev["log_px"] - float(exact(xv).mean())) < 4 * ev["log_px_stderr"] + 0.02, (plate, sized, ev)
+    assert all(abs(a - results[0][0]) < 1e-4 and abs(b - results[0][1]) < 1e-4 for a, b in results), results
 
 
 def test_ambiguous_or_missing_plate_raises_and_data_plate_resolves_it():
