@@ -40,8 +40,9 @@ def _cells():
 def test_cell_holds_or_refuses(estimator, guide, layout, k, one_thread):
     cell = cf.run_cell(estimator, guide, layout, k)
     assert cell.status in ("holds", "refuses"), (
-        f"{cell.name}: {cell.status} (max z {cell.z:.2f}, threshold {cell.threshold:.2f}, "
-        f"reference {cell.reference}): {cell.message}"
+        f"{cell.name}: {cell.status} (z per component {cell.z:.2f}, along the gradient "
+        f"{cell.z_direction:.2f}, paired {cell.z_paired:.2f}; threshold {cell.threshold:.2f}; "
+        f"{cell.draws} draws; reference {cell.reference}): {cell.message}"
     )
 
 
@@ -62,7 +63,7 @@ def test_float64_model_and_guide(estimator, one_thread):
 
 
 # ----------------------------------------------------------------- the harness checks itself
-class _HalfScoreELBO(Trace_ELBO):
+class _HalfGradientELBO(Trace_ELBO):
     """A deliberately wrong estimator: the right loss, half its gradient."""
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
@@ -83,7 +84,7 @@ def _tempered_iwae(**kwargs):
     ("tempered", "plate2", "iaf", 4),  # seen by the paired test only
 ])
 def test_the_harness_finds_a_wrong_estimator(wrong, layout, guide, k, monkeypatch, one_thread):
-    elbo_class = {"half": _HalfScoreELBO, "tempered": _tempered_iwae}[wrong]
+    elbo_class = {"half": _HalfGradientELBO, "tempered": _tempered_iwae}[wrong]
     monkeypatch.setitem(ESTIMATORS, wrong, Estimator(wrong, elbo_class, True, None, "wrong on purpose"))
     if wrong == "tempered":
         monkeypatch.setattr(cf, "MULTI_SAMPLE", cf.MULTI_SAMPLE | {wrong})
