@@ -100,7 +100,8 @@ gradient (a wrong ``N / B`` or ``1 / K`` factor, a halved term) adds up over all
 while the noise averages out, so this sees it long before any single component does. The
 Bonferroni count is ``P + 1`` (``2 P + 1`` with the paired test).
 
-**Power, measured** (deliberately wrong estimators, :mod:`tests.infer.test_conformance`): a
+**Power, measured** (deliberately wrong estimators, at ``R = 40 / 24`` before the score twin;
+:mod:`tests.infer.test_conformance` keeps three of them): a
 pathwise gradient off by a factor 2 is WRONG in every cell; a score-function one in 18 of 30
 user/encoder/autoguide cells (every discrete and scalar one, not the K = 1 continuous ones at
 this ``R``); Pyro's ``RenyiELBO(alpha=0)``, which tempers the bound by putting ``N / B`` inside
