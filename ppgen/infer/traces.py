@@ -185,7 +185,8 @@ def _not_in_data_plate(name: str, plate: str = DATA) -> ValueError:
         f"(importance-sampled evidence, the iwae/dreg/vimco bounds) need every latent and observed "
         f"site in the {plate!r} plate over datapoints. A global latent outside it is shared by all "
         f"datapoints, so the bound does not factor per datapoint: train such a model with "
-        f"'reparam', 'stl' or a score-function estimator instead"
+        f"'reparam', 'stl' or a score-function estimator instead, and estimate its evidence "
+        f"with ppgen.joint_log_evidence (nested importance sampling of the joint log p(x_1..N))"
     )
 
 

@@ -215,6 +215,9 @@ def test_refusals():
     exact = dist.Normal(x.new_zeros(()), math.sqrt(2.0)).log_prob(x).sum(-1)
     assert torch.allclose(log_evidence(local_model, local_guide, x, 4).log_px, exact, atol=1e-10, rtol=0)
     guide = make_guide(x)
+    # The other way round: per-datapoint evidence refuses a global latent and names this tool.
+    with pytest.raises(ValueError, match="joint_log_evidence"):
+        log_evidence(model, guide, x, 4)
     with pytest.raises(ValueError, match="data_plate"):
         joint_log_evidence(model, guide, x, num_outer=2, num_inner=2, data_plate="rows")
     with pytest.raises(ValueError, match="num_inner"):
