@@ -296,3 +296,32 @@ def test_issue_model_long_run_ends_above_autonormal(seed):
     held-out ELBO ends at least as high as AutoNormal's."""
     ours, autonormal = train_both(200, seed)
     assert ours[-1] >= autonormal[-1], (ours[-1], autonormal[-1])
+
+
+def test_input_constants_travel_in_the_checkpoint(tmp_path):
+    """The default trunk's input shift and scale are fixed on the first batch a guide sees; they
+    live in Pyro's param store (never trained: forward() detaches them), so 1 epoch + resume 1
+    epoch, with a fresh guide object, ends on the same parameters as 2 epochs straight."""
+    from ppgen.runs import Run, load_checkpoint
+
+    x = issue_data(200, 0)
+
+    def train(epochs, path, resume=False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        run = Run(path, resume=resume)
+        if not resume:
+            run.save_config({})
+        guide = AmortizedGuide(issue_model, hidden=(16,))
+        res = train_svi(issue_model, guide, x, None, SVIConfig(epochs=epochs, batch_size=50, lr=1e-2), run=run,
+                        progress=False)
+        return res, load_checkpoint(run.checkpoint_path)["params"]
+
+    whole, straight = train(2, tmp_path / "whole")
+    train(1, tmp_path / "split")
+    resumed, split = train(2, tmp_path / "split", resume=True)
+    assert {"autoguide$$$x_shift", "autoguide$$$x_scale"} <= set(straight)
+    assert set(straight) == set(split)
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
