@@ -115,7 +115,8 @@ def test_autoguide_vae_matches_the_hand_written_guide(evidence_calls):
     calls, original = evidence_calls
     r = run("autoguide_vae")
     hand, auto = r["hand-written"], r["automatic"]
-    # same model, same encoder widths and family: the two guides land within a nat (measured 0.13)
+    # same model, same encoder widths and family: the two guides land within a nat (measured at the
+    # smoke run's lr 1e-2: 0.01 nats apart in ELBO, 0.40 in IS log p(x))
     assert abs(hand["elbo"] - auto["elbo"]) < 1.0 and abs(hand["log_px"] - auto["log_px"]) < 1.0
     assert len(calls) == 2
     for call in calls:

@@ -27,14 +27,6 @@ from ppgen.nets import ConvTrunk
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def correlated_linear_gaussian() -> LinearGaussian:
     """A linear-Gaussian model whose posterior is strongly correlated (corr ~ -0.9), so the best
     mean-field guide is 0.9 nats off while a full-covariance guide can be exact."""

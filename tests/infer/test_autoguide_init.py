@@ -33,14 +33,6 @@ from ppgen.infer.svi import SVIConfig, train_svi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    torch.manual_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # ------------------------------------------------------------------------------ initialization
 def prior_model(x):
     """Locals of three supports (positive scalar, real vector, positive vector) and two globals;
