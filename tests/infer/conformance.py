@@ -642,6 +642,13 @@ def run_cell(estimator: str, guide_kind: str, layout_name: str, k: int, draws: O
             guide = make_guide(guide_kind, lay)
             with torch.no_grad():  # register parameters (and validate) as make_svi_step does
                 Trace_ELBO().loss(lay.model, guide, lay.x)
+                if guide_kind == "autoguide":
+                    # AmortizedGuide starts with zero-weight output heads, where the exact gradient of
+                    # its trunk is exactly zero and a bias along that path would go unseen: move every
+                    # parameter off its start, as training would.
+                    for name, p in _params():
+                        if not name.endswith(("x_shift", "x_scale")):  # fixed input standardization
+                            p.add_(0.3 * torch.randn_like(p))
         named = _params()
         params = [p for _, p in named]
         # as make_svi_step does, the user naming the datapoint plate (data_plate=...)
