@@ -53,7 +53,7 @@ class SVIConfig:
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # seeds Python, NumPy, torch and Pyro
     device: str = "cpu"  # "cpu" or "cuda"
-    on_nonfinite: str = "stop"  # NaN/Inf loss: "stop" the run, or "skip" that update
+    on_nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" that update
     keep_checkpoints: bool = False  # also keep checkpoints/epoch-NNN.pt for every epoch
 
     def __post_init__(self) -> None:
@@ -163,6 +163,34 @@ def load_params(params: dict) -> None:
             pyro.param(name, value)
 
 
+def nonfinite_gradient(names: list[str], params: list[torch.Tensor]) -> Optional[str]:
+    """``None`` if every gradient of ``params`` is finite, else ``"gradient of '<name>'"`` for the
+    first parameter (named by ``names``) whose gradient holds a NaN or an infinity.
+
+    One fused pass: the 2-norms of all gradients (``torch._foreach_norm``) are finite exactly when
+    no entry is NaN/inf, unless a sum of squares overflows (entries above ~1e19 in float32); that
+    rare case is told apart by an exact per-tensor check, which runs only when the norms are not
+    finite.
+    """
+    grads = [(n, p.grad) for n, p in zip(names, params) if p.grad is not None]
+    if not grads or bool(torch.stack(torch._foreach_norm([g for _, g in grads])).isfinite().all()):
+        return None
+    for name, g in grads:
+        if not bool(g.isfinite().all()):
+            return f"gradient of {name!r}"
+    return None  # only the sum of squares overflowed: the gradient itself is finite
+
+
+def nonfinite_parameter() -> Optional[str]:
+    """The name of the first parameter in Pyro's param store holding a NaN or an infinity, or
+    ``None``."""
+    store = pyro.get_param_store()
+    for name in store.keys():
+        if not bool(store._params[name].detach().isfinite().all()):
+            return name
+    return None
+
+
 def make_svi_step(
     model: Callable,
     guide: Callable,
@@ -177,8 +205,12 @@ def make_svi_step(
     Clears Pyro's param store, registers every parameter with one trace of model and guide on
     ``example``, and builds a single fused ``torch.optim.Adam`` over all of them. The returned
     ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
-    scaled by ``scale`` (``N / B``), takes the Adam step unless the loss is NaN or infinite, and
-    returns the loss (negative ELBO estimate, full-dataset scale). In a data-parallel ``job``
+    scaled by ``scale`` (``N / B``), takes the Adam step unless the loss or any gradient is NaN or
+    infinite, and returns the loss (negative ELBO estimate, full-dataset scale; NaN when the loss
+    was finite but a gradient was not). ``step.nonfinite`` says why the last update was not
+    applied: ``None`` (it was), ``"loss"`` or ``"gradient of '<param>'"``. The gradient check is
+    one fused ``torch._foreach_norm`` (about 3% of a VAE step on CPU, bench/svi_step.py). In a
+    data-parallel ``job``
     (torch.distributed), gradients and loss are averaged over its processes before the step.
     ``step.guide`` is the guide as the estimator sees it (:func:`prepare_guide`); if it has
     ``training_state()``/``load_training_state(state)`` (e.g. a learned baseline), :func:`train_svi`
@@ -206,6 +238,7 @@ def make_svi_step(
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
+    names = list(capture.trace.nodes)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
     optimizer = adam(params, config.lr)
 
@@ -222,11 +255,18 @@ def make_svi_step(
         if job.world > 1:
             (loss,) = job.average(params, loss)
             loss = float(loss)
-        if math.isfinite(loss):  # a non-finite loss leaves the parameters untouched
+        # A finite loss can still come with a NaN/inf gradient (e.g. a log-density whose
+        # derivative is infinite at the drawn value); Adam would write it into the parameters.
+        # Either leaves the parameters untouched and is reported as a non-finite step (NaN).
+        step.nonfinite = None if math.isfinite(loss) else "loss"
+        if step.nonfinite is None:
+            step.nonfinite = nonfinite_gradient(names, params)
+        if step.nonfinite is None:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss if step.nonfinite in (None, "loss") else math.nan
 
+    step.nonfinite = None  # type: ignore[attr-defined]
     step.guide = train_guide  # type: ignore[attr-defined]
     step.data_plate = plate  # type: ignore[attr-defined]
     return step, optimizer
@@ -345,10 +385,11 @@ def train_svi(
                         skipped += 1
                         continue
                     where = run.checkpoint_path if run is not None else "none (no run directory)"
+                    what = getattr(step_fn, "nonfinite", None) or "loss"
                     raise FloatingPointError(
-                        f"non-finite loss ({loss}) at epoch {epoch}, step {step + 1}; the update was "
-                        f"not applied. Last good checkpoint: {where}. Lower --lr, check the data, "
-                        "or pass --on-nonfinite skip."
+                        f"non-finite {what} ({loss if what == 'loss' else 'NaN/inf'}) at epoch {epoch}, "
+                        f"step {step + 1}; the update was not applied. Last good checkpoint: {where}. "
+                        "Lower --lr, check the data, or pass --on-nonfinite skip."
                     )
                 step += 1
                 done += 1
@@ -372,6 +413,13 @@ def train_svi(
             if skipped:
                 record["skipped_steps"] = skipped  # this epoch's, not cumulative
             perm = None
+            bad = nonfinite_parameter()
+            if bad is not None:  # every applied update had finite gradients: Adam's own overflow
+                raise FloatingPointError(
+                    f"parameter {bad!r} holds NaN/inf after epoch {epoch} although every applied update "
+                    f"had a finite loss and gradient (Adam's moments overflowed); the epoch was not "
+                    f"validated or saved. Lower --lr or check the data's scale."
+                )
             if val is not None:
                 val_elbo = evaluate_elbo(model, guide, val)
                 record["val_elbo"] = val_elbo

@@ -219,3 +219,47 @@ def test_nn_baseline_network_and_its_adam_survive_resume(tmp_path, one_thread):
     _assert_same_state(straight["params"], split["params"], "params")
     _assert_same_state(straight["guide"], split["guide"], "guide")
     assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+
+
+def _sqrt_at_zero_pair():
+    """A model whose loss is finite but whose gradient is not: ``x ~ Normal(sqrt(a) + b, 1)`` with
+    ``a = 0``, where d sqrt(a) / da is infinite. Adam given that gradient writes NaN into ``a``."""
+
+    def model(x):
+        a = pyro.param("a", torch.tensor(0.0))
+        b = pyro.param("b", torch.tensor(0.5))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(torch.sqrt(a) + b, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    return model, guide
+
+
+def test_step_with_a_non_finite_gradient_leaves_the_parameters_alone():
+    from ppgen.infer.svi import make_svi_step
+
+    model, guide = _sqrt_at_zero_pair()
+    x = torch.linspace(-1.0, 2.0, 16)
+    step, _ = make_svi_step(model, guide, SVIConfig(lr=0.1), x)
+    exact = -float(dist.Normal(0.5, 1.0).log_prob(x).sum())  # the loss at a = 0, b = 0.5 (no latents)
+    loss = step(x)
+    assert math.isnan(loss) and step.nonfinite == "gradient of 'a'"
+    store = pyro.get_param_store()
+    assert store["a"].item() == 0.0 and store["b"].item() == 0.5  # untouched (before: a became NaN)
+    # The loss itself was finite: the same pair scored without gradients gives the exact value.
+    assert exact == pytest.approx(-evaluate_elbo(model, guide, x) * len(x), rel=1e-6)
+
+
+def test_non_finite_gradient_is_skipped_or_stops_and_never_reaches_validation():
+    model, guide = _sqrt_at_zero_pair()
+    x = torch.linspace(-1.0, 2.0, 64)
+    config = SVIConfig(epochs=2, batch_size=16, lr=0.1, on_nonfinite="skip")
+    result = train_svi(model, guide, x, x, config, progress=False)
+    # Every step has an infinite gradient for a: all 4 per epoch skipped, parameters as initialised,
+    # and validation scores them exactly (before the fix: a = NaN after the first step).
+    assert [h["skipped_steps"] for h in result.history] == [4, 4]
+    assert result.val_elbo == pytest.approx(float(dist.Normal(0.5, 1.0).log_prob(x).mean()), rel=1e-6)
+    with pytest.raises(FloatingPointError, match="non-finite gradient of 'a'.*epoch 1, step 1"):
+        train_svi(model, guide, x, x, SVIConfig(epochs=1, batch_size=16, lr=0.1), progress=False)
