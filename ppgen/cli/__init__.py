@@ -22,6 +22,7 @@ from ppgen.cli.train import (
     add_train_cvae,
     add_train_gan,
     add_train_m2,
+    add_train_model,
     add_train_score,
     add_train_vae,
     vae_run_config,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_m2(train_sub)
     add_train_gan(train_sub)
     add_train_score(train_sub)
+    add_train_model(train_sub)
     add_sample(sub)
     add_demo(sub)
     add_metrics(sub)

@@ -69,12 +69,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ppgen.runs import Run
 
     family = Run(args.run, resume=True).load_config().get("family")
+    if family == "model":
+        raise ValueError(f"{args.run} holds a declared model (ppgen train model); ppgen sample does not "
+                         "support model runs yet: draw from your model in Python (e.g. pyro.infer.Predictive)")
     if family not in SAMPLERS:
         raise ValueError(f"{args.run} holds a run of family {family!r}; ppgen can sample {', '.join(SAMPLERS)}")
     out = Path(args.out) if args.out else Path(args.run) / "figures" / f"samples-{args.n}.png"
     SAMPLERS[family](args, out)
     print(f"wrote {args.n} samples to {out}")
     return 0
+
+
+def _family(run: str) -> object:
+    """The ``family`` of the run directory ``run`` (config.json)."""
+    from ppgen.runs import Run
+
+    return Run(run, resume=True).load_config().get("family")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -134,11 +144,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_evidence(sub) -> None:
     p = sub.add_parser(
         "evidence",
-        help="importance-sampled log p(x) of a trained VAE run (IWAE ladder, ESS, k-hat, AIS)",
+        help="importance-sampled log p(x) of a trained VAE or model run (IWAE ladder, ESS, k-hat, AIS)",
         description="Per-datapoint log p(x) by importance sampling (Burda et al. 2016), with AIS "
         "and BDMC when --ais-steps > 0. Writes RUN/evidence.json and RUN/figures/{iwae_ladder,khat}.png.",
     )
-    p.add_argument("run", help="run directory of a trained VAE")
+    p.add_argument("run", help="run directory of a trained VAE, or of ppgen train model")
     p.add_argument("--samples", type=positive_int, default=5000, help="K importance samples per datapoint")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--limit", type=positive_int, default=None, help="first N datapoints only (default: all)")
@@ -162,6 +172,13 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         args.samples, args.split, args.limit, args.batch_size, args.particle_chunk,
         args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
     )
+    if _family(args.run) == "model":  # a declared model (ppgen train model)
+        from ppgen.user_models import model_evidence_report
+
+        report = model_evidence_report(args.run, config, progress=not args.no_progress)
+        print(format_report(report))
+        print(f"wrote {Path(args.run) / 'evidence.json'} and figures in {Path(args.run) / 'figures'}")
+        return 0
     vae, run_config, _ = load_vae(args.run, args.device)
     data = getattr(run_config.data.load(False), config.split).to(resolve_device(args.device))
     vae.check_data(data)
@@ -177,11 +194,11 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 def add_variance(sub) -> None:
     p = sub.add_parser(
         "variance",
-        help="gradient variance / SNR / bias of each estimator at a VAE run's checkpoints",
+        help="gradient variance / SNR / bias of each estimator at a VAE or model run's checkpoints",
         description="Draw repeated gradient estimates at fixed parameters (initialization and the "
         "run's checkpoints) and write RUN/variance/{table.md,rows.jsonl,variance.png}.",
     )
-    p.add_argument("run", help="run directory of a trained VAE")
+    p.add_argument("run", help="run directory of a trained VAE, or of ppgen train model")
     p.add_argument("--estimators", type=name_list, default=("reparam", "stl", "score", "score-baseline", "score-nn-baseline"),
                    help="comma-separated estimator names")
     p.add_argument("--checkpoints", default="all", choices=["all", "last", "init"],
@@ -210,6 +227,8 @@ def cmd_variance(args: argparse.Namespace) -> int:
     kwargs["num_draws"] = kwargs.pop("draws")
     # one K: rows and figure keep the estimator names; several: a sweep, labelled "<name> K=<K>"
     kwargs["particles"] = config.particles[0] if len(config.particles) == 1 else list(config.particles)
+    if _family(args.run) == "model":  # a declared model (ppgen train model)
+        from ppgen.user_models import measure_model_run as measure_run
     results = measure_run(args.run, **kwargs)
     out = Path(args.run) / "variance"
     out.mkdir(parents=True, exist_ok=True)

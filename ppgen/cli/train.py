@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ppgen.cli.common import (
     int_list,
@@ -242,4 +243,93 @@ def cmd_train_score(args: argparse.Namespace) -> int:
     last = done.history[-1]
     print(f"epoch {last['epoch']}: {config.objective} loss train {last['train_loss']:.4f}, "
           f"validation {last['val_loss']:.4f}; run written to {done.run.path} (figures in {done.run.figures})")
+    return 0
+
+
+# --------------------------------------------------------------------------- train model (a declared model)
+
+
+def add_train_model(sub) -> None:
+    from ppgen.data import BINARIZATIONS, DATASETS
+    from ppgen.infer.estimators import ESTIMATORS
+    from ppgen.models.posteriors import POSTERIORS
+
+    p = sub.add_parser(
+        "model", help="train your own Pyro model (FILE.py:NAME) by SVI",
+        description="Train a Pyro model/guide pair declared in your own file by SVI into a normal run "
+        "directory, which ppgen evidence, ppgen variance and ppgen report then read. The file is imported "
+        "(it runs, as python FILE.py would): name only files you trust. Resuming imports it again; a "
+        "changed model, guide or data file refuses the resume unless --allow-changed-files.",
+        epilog="example: ppgen train model my_model.py:model --guide my_model.py:guide --data points.npy "
+        "--out runs/mine --epochs 20")
+    p.add_argument("model", metavar="FILE.py:NAME",
+                   help="the Pyro model: a callable in FILE.py (NAME may be dotted, e.g. net.model)")
+    p.add_argument("--guide", default="auto", metavar="FILE.py:NAME|auto",
+                   help="its guide, or auto: an amortized encoder guide built from the model (default: auto)")
+    p.add_argument("--guide-family", default="diag", choices=list(POSTERIORS),
+                   help="--guide auto: posterior family of continuous local latents (default: diag)")
+    p.add_argument("--guide-hidden", type=int_list, default=(400,), help="--guide auto: encoder hidden widths")
+    p.add_argument("--guide-flows", type=positive_int, default=2, help="--guide auto: IAF steps (--guide-family iaf)")
+    p.add_argument("--guide-discrete", default="enumerate", choices=["enumerate", "score"],
+                   help="--guide auto: discrete local latents, enumerated or by score function")
+    p.add_argument("--data", required=True, metavar="NAME|FILE",
+                   help=f"a built-in dataset ({', '.join(DATASETS)}) or a .npy / .npz / .pt file: a tensor (N, ...) "
+                   "passed as model(x), or a dict of tensors aligned on dim 0 passed as model(**batch)")
+    p.add_argument("--data-plate", default="data", help="name of the model's plate over datapoints (default: data)")
+    p.add_argument("--binarize", default=None, choices=BINARIZATIONS,
+                   help="built-in datasets: binarization (default: dynamic); files are used as they are")
+    p.add_argument("--data-dir", default=None, help="folder holding torchvision's dataset folders")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation(/test) split")
+    p.add_argument("--val-fraction", type=positive_float, default=0.1, help="data files: share of rows for validation")
+    p.add_argument("--test-fraction", type=positive_float, default=0.1, help="data files: share of rows for testing")
+    p.add_argument("--no-download", action="store_true", help="never download data")
+    p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
+    p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep checkpoints/epoch-NNN.pt for every epoch (for ppgen variance --checkpoints all)")
+    p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
+                   help="on a NaN/Inf loss: stop the run (default) or skip that update")
+    p.add_argument("--allow-changed-files", action="store_true",
+                   help="--resume even if the model, guide or data file changed (warns; records the new digests)")
+    add_loop_flags(p)
+    p.set_defaults(func=cmd_train_model)
+
+
+def model_run_config(args: argparse.Namespace):
+    """The :class:`ppgen.user_models.ModelRunConfig` that ``ppgen train model`` flags describe."""
+    from ppgen.infer.svi import SVIConfig
+    from ppgen.user_models import FILE_SUFFIXES, ModelDataConfig, ModelRunConfig, resolve_spec
+
+    is_file = Path(args.data).suffix.lower() in FILE_SUFFIXES
+    if is_file and args.binarize not in (None, "none"):
+        raise ValueError(f"--binarize {args.binarize} applies to built-in datasets only; {args.data} is used as it is")
+    data = ModelDataConfig(
+        str(Path(args.data).expanduser().resolve()) if is_file else args.data,
+        args.binarize or ("none" if is_file else "dynamic"),
+        None if is_file else args.data_dir, args.split_seed, args.val_fraction, args.test_fraction,
+    )
+    return ModelRunConfig(
+        model=resolve_spec(args.model, "model"),
+        guide=resolve_spec(args.guide, "guide"),
+        data=data,
+        svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
+                      args.device, args.on_nonfinite, args.keep_checkpoints),
+        data_plate=args.data_plate,
+        guide_family=args.guide_family,
+        guide_hidden=args.guide_hidden,
+        guide_flows=args.guide_flows,
+        guide_discrete=args.guide_discrete,
+    )
+
+
+def cmd_train_model(args: argparse.Namespace) -> int:
+    from ppgen.user_models import train_model
+
+    done = train_model(model_run_config(args), args.out, args.resume, args.overwrite, not args.no_progress,
+                       not args.no_download, args.allow_changed_files)
+    if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    test = [r["test_elbo"] for r in done.run.metrics() if "test_elbo" in r][-1]
+    print(f"validation ELBO {done.result.val_elbo:.3f}, test ELBO {test:.3f} nats per datapoint; "
+          f"run written to {done.run.path}")
     return 0
