@@ -11,7 +11,6 @@ import pyro
 import pytest
 
 FOLDER = Path(__file__).resolve().parent.parent / "examples" / "pyro_models"
-MODELS = ["vae"]
 
 
 def run(name: str) -> dict:
@@ -49,3 +48,26 @@ def test_vae():
     assert out["gradient_variance"]["score"] > 10 * out["gradient_variance"]["reparam"]
     # The automatic guide trains too.
     assert out["auto_elbo"] > out["auto_elbo_before"] + 2.0
+
+
+def test_ss_vae():
+    out = run("ss_vae")
+    check_common(out, train_margin=0.2)
+    assert out["log_px"] > out["evidence_elbo"]
+    # p(x, y) <= p(x): labelled evidence of the same held-out images lies below the unlabelled one.
+    assert out["log_pxy"] < out["log_px"] + 3 * (out["log_pxy_se"] + out["log_px_se"])
+    # Summing the class out beats scoring it.
+    assert out["gradient_variance"]["score-discrete"] > 10 * out["gradient_variance"]["enum"]
+    assert out["auto_elbo"] > out["auto_elbo_before"] + 2.0
+    # Trained only through the unlabelled ELBO (no auxiliary loss), the classifier beats chance.
+    assert out["accuracy"] > 0.15
+
+
+def test_prodlda():
+    out = run("prodlda")
+    if "log_evidence" in out["skipped"]:
+        pytest.xfail(out["skipped"]["log_evidence"])
+    check_common(out, train_margin=5.0)
+    assert out["log_px"] > out["evidence_elbo"]
+    assert out["gradient_variance"]["score"] > 10 * out["gradient_variance"]["reparam"]
+    assert out["auto_elbo"] > out["auto_elbo_before"] + 5.0

@@ -12,6 +12,7 @@ printed, never silently dropped.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Callable, Optional
@@ -55,24 +56,71 @@ def _call_args(data) -> tuple[tuple, dict]:
     return (), dict(data)
 
 
+def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evidence_k, importance_k, data_plate,
+              **evidence_kwargs):
+    from ppgen import joint_log_evidence, log_evidence
+    from ppgen.infer.networks import eval_mode
+
+    one = _rows(held_out, slice(0, 1))
+    if global_latents:
+        n_eval = 8 if smoke else 50
+        part = _rows(held_out, slice(0, n_eval))
+        r = joint_log_evidence(model, guide, part, num_outer=100 if smoke else 300, num_inner=20 if smoke else 50,
+                               data_plate=data_plate)
+        out.update(log_px=r.log_px / n_eval, log_px_se=r.stderr / n_eval, khat_untrusted=float(not r.trusted),
+                   evidence_n=n_eval, evidence_khat=r.khat)
+        mine = joint_log_evidence(model, guide, one, num_outer=importance_k, num_inner=1, data_plate=data_plate,
+                                  seed=1)
+        out["one_ppgen"], out["one_ppgen_se"] = mine.log_px, mine.stderr
+    else:
+        part = _rows(held_out, slice(0, 50 if smoke else 200))
+        r = log_evidence(model, guide, part, evidence_k, data_plate=data_plate, **evidence_kwargs)
+        s = r.summary()
+        out.update(log_px=s["log_px"], log_px_se=s["log_px_stderr"], khat_untrusted=s["khat_share_untrusted"],
+                   evidence_elbo=s["elbo"], evidence_n=s["n"])
+        mine = log_evidence(model, guide, one, importance_k, data_plate=data_plate, seed=1, **evidence_kwargs)
+        out["one_ppgen"], out["one_ppgen_se"] = float(mine.log_px[0]), float(mine.stderr[0])
+    print(f"[{name}] IS log p(x) {out['log_px']:.3f} +- {out['log_px_se']:.3f} per datapoint "
+          f"(n = {out['evidence_n']}); k-hat untrusted share {out['khat_untrusted']:.0%}")
+    args, kwargs = _call_args(one)
+    with eval_mode(model, guide):
+        out["one_importance"], out["one_importance_se"] = importance_log_evidence(model, guide, args, kwargs,
+                                                                                  importance_k)
+    se = math.hypot(out["one_ppgen_se"], out["one_importance_se"])
+    out["one_z"] = (out["one_ppgen"] - out["one_importance"]) / max(se, 1e-12)
+    print(f"[{name}] one datapoint: ppgen {out['one_ppgen']:.3f} +- {out['one_ppgen_se']:.3f}, "
+          f"pyro.infer.Importance {out['one_importance']:.3f} +- {out['one_importance_se']:.3f} (z = {out['one_z']:+.2f})")
+
+
 def run_checks(name: str, model: Callable, guide: Callable, train, held_out, *, smoke: bool,
                epochs: int, lr: float = 1e-3, batch_size: int = 64, estimator: str = "reparam",
                data_plate: str = "data", global_latents: bool = False, evidence_k: int = 500,
                importance_k: int = 2000, autoguide_kwargs: Optional[dict] = None,
                autoguide_data=None, autoguide_estimator: str = "reparam",
                gradient_estimators: tuple = ("reparam", "score"), skip: Optional[dict] = None,
-               seed: int = 0) -> dict:
+               sequential_evidence: Optional[str] = None, seed: int = 0) -> dict:
     """Train, evaluate and compare ``model``/``guide`` with ppgen (module docstring).
 
     :param train: / :param held_out: data in the form the model takes it (tensor, tuple, dict).
     :param skip: ``{step: reason}`` for steps ppgen cannot take on this model; each is printed.
+    :param sequential_evidence: why the model cannot take ppgen's vectorized particle plate; then
+        ``log_evidence`` is asked for its sequential path (``vectorize=False``), or, where this
+        ppgen has none, the evidence steps are skipped with that reason.
     :returns: the measured numbers.
     """
-    from ppgen import AmortizedGuide, SVIConfig, joint_log_evidence, log_evidence, train_svi
+    from ppgen import AmortizedGuide, SVIConfig, log_evidence, train_svi
     from ppgen.infer.svi import evaluate_elbo
     from ppgen.infer.variance import gradient_stats
 
     skip = dict(skip or {})
+    evidence_kwargs: dict = {}
+    if sequential_evidence is not None:
+        if "vectorize" in inspect.signature(log_evidence).parameters:
+            evidence_kwargs["vectorize"] = False
+            print(f"[{name}] log_evidence(..., vectorize=False): {sequential_evidence}")
+        else:
+            skip["log_evidence"] = (f"{sequential_evidence}; this ppgen's log_evidence has no sequential path "
+                                    "(vectorize=False)")
     out: dict = {"model": name, "skipped": skip}
     for step, why in skip.items():
         print(f"[{name}] SKIPPED {step}: {why}")
@@ -87,36 +135,9 @@ def run_checks(name: str, model: Callable, guide: Callable, train, held_out, *, 
           f"({out['train_seconds']:.1f} s)")
 
     # Evidence of held-out data, and of one datapoint against Pyro's sequential Importance.
-    one = _rows(held_out, slice(0, 1))
-    if global_latents:
-        n_eval = 8 if smoke else 50
-        part = _rows(held_out, slice(0, n_eval))
-        r = joint_log_evidence(model, guide, part, num_outer=100 if smoke else 300, num_inner=20 if smoke else 50,
-                               data_plate=data_plate)
-        out.update(log_px=r.log_px / n_eval, log_px_se=r.stderr / n_eval, khat_untrusted=float(not r.trusted),
-                   evidence_n=n_eval, evidence_khat=r.khat)
-        mine = joint_log_evidence(model, guide, one, num_outer=importance_k, num_inner=1, data_plate=data_plate,
-                                  seed=1)
-        out["one_ppgen"], out["one_ppgen_se"] = mine.log_px, mine.stderr
-    else:
-        part = _rows(held_out, slice(0, 50 if smoke else 200))
-        r = log_evidence(model, guide, part, evidence_k, data_plate=data_plate)
-        s = r.summary()
-        out.update(log_px=s["log_px"], log_px_se=s["log_px_stderr"], khat_untrusted=s["khat_share_untrusted"],
-                   evidence_elbo=s["elbo"], evidence_n=s["n"])
-        mine = log_evidence(model, guide, one, importance_k, data_plate=data_plate, seed=1)
-        out["one_ppgen"], out["one_ppgen_se"] = float(mine.log_px[0]), float(mine.stderr[0])
-    print(f"[{name}] IS log p(x) {out['log_px']:.3f} +- {out['log_px_se']:.3f} per datapoint "
-          f"(n = {out['evidence_n']}); k-hat untrusted share {out['khat_untrusted']:.0%}")
-    args, kwargs = _call_args(one)
-    from ppgen.infer.networks import eval_mode
-    with eval_mode(model, guide):
-        out["one_importance"], out["one_importance_se"] = importance_log_evidence(model, guide, args, kwargs,
-                                                                                  importance_k)
-    se = math.hypot(out["one_ppgen_se"], out["one_importance_se"])
-    out["one_z"] = (out["one_ppgen"] - out["one_importance"]) / max(se, 1e-12)
-    print(f"[{name}] one datapoint: ppgen {out['one_ppgen']:.3f} +- {out['one_ppgen_se']:.3f}, "
-          f"pyro.infer.Importance {out['one_importance']:.3f} +- {out['one_importance_se']:.3f} (z = {out['one_z']:+.2f})")
+    if "log_evidence" not in skip:
+        _evidence(name, model, guide, held_out, out, smoke=smoke, global_latents=global_latents,
+                  evidence_k=evidence_k, importance_k=importance_k, data_plate=data_plate, **evidence_kwargs)
 
     # Gradient noise of the trained pair on one minibatch.
     if "gradient_stats" not in skip:
