@@ -30,6 +30,7 @@ CURVE_METRICS = {
     "vae": (("val_elbo",), "validation ELBO (nats)"),
     "gan": (("loss_D", "loss_G"), "loss per step"),
     "score": (("val_loss",), "validation score-matching loss"),
+    "model": (("val_elbo",), "validation ELBO (nats per datapoint)"),  # ppgen train model FILE.py:NAME
 }
 
 
