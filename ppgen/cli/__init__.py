@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ppgen", description="Deep generative models on Pyro: train, sample, evaluate."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="train a model", description="Train a model.")
+    train = sub.add_parser(
+        "train", help="train a model",
+        description="Train a built-in model (vae, cvae, m2, gan, score) or your own Pyro model "
+        "(ppgen train model FILE.py:NAME --guide FILE.py:NAME|auto --data NAME|FILE).")
     train_sub = train.add_subparsers(dest="family", required=True, metavar="FAMILY")
     add_train_vae(train_sub)
     add_train_cvae(train_sub)
