@@ -71,3 +71,13 @@ def test_prodlda():
     assert out["log_px"] > out["evidence_elbo"]
     assert out["gradient_variance"]["score"] > 10 * out["gradient_variance"]["reparam"]
     assert out["auto_elbo"] > out["auto_elbo_before"] + 5.0
+
+
+def test_cvae():
+    out = run("cvae")
+    if "log_evidence" in out["skipped"]:
+        pytest.xfail(out["skipped"]["log_evidence"])
+    check_common(out, train_margin=5.0)
+    assert out["log_px"] > out["evidence_elbo"]
+    assert out["gradient_variance"]["score"] > 10 * out["gradient_variance"]["reparam"]
+    assert out["auto_elbo"] > out["auto_elbo_before"] + 2.0
