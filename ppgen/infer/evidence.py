@@ -29,17 +29,46 @@ ArviZ ``psislw``). An estimate is trusted when its k-hat is at most the sample-s
 such a datapoint is never counted as trusted. Weights equal up to the rounding of the arithmetic
 that made them (an exact proposal, in float32 or float64) have no tail: k-hat is ``-inf``. The
 IWAE bound for a ladder of ``K`` values comes from nested prefixes of the same samples.
+
+Models that cannot take the particle dimension. Some models break under the extra plate:
+boolean-mask indexing (``loc[mask]`` with a ``(B, D)`` mask on ``(K, B, D)`` values), a
+``BatchNorm1d`` that sees the latent (it reads a 3-D ``(K, B, F)`` input as ``(N, C, L)``: a shape
+error, or -- when ``B`` happens to equal ``F`` -- silently wrong numbers), reshapes that assume
+``(B, ...)``, Python control flow on values. ``vectorize=None`` (default) therefore checks each
+datapoint chunk first: one draw of the guide is scored by an ordinary trace and, repeated over two
+particles, by the vectorized one (off the random stream); if the two log weights differ, or the
+vectorized pass raises, the chunk and all later ones run a sequential loop over particles (each an
+ordinary trace of guide and model over the whole chunk, no particle plate), with a warning that
+states why. The loop draws from the same distribution; on CPU, particle by particle from the same
+stream, so it reproduces the vectorized numbers when each draw's size is a multiple of 16.
+``vectorize=True`` trusts the model (no check; errors propagate), ``vectorize=False`` always
+loops. What silently survives the check: a model whose vectorized log weight is right for equal
+particles but wrong for different ones (it mixes particles, e.g. a normalization over dim 0) --
+pass ``vectorize=False`` for such a model. :attr:`EvidenceResult.path` says which path ran.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
+from pyro import poutine
+
 from ppgen.infer.batches import as_batch, slice_arguments
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.traces import DATA, check_positive_int, find_data_plate, log_weights_of, per_datapoint_log_weights
+from ppgen.infer.traces import (
+    DATA,
+    DataPlate,
+    check_positive_int,
+    check_same_latents,
+    find_data_plate,
+    log_density,
+    log_weights_of,
+    particle_sites,
+    per_datapoint_log_weights,
+)
 from ppgen.runs import seeded
 
 __all__ = [
@@ -64,6 +93,10 @@ class EvidenceResult(NamedTuple):
     :param elbo: mean log weight over the ``K`` samples (a ``K``-sample estimate of the ELBO).
     :param ladder: ``{k: mean over datapoints of the k-sample IWAE bound}`` from nested prefixes.
     :param num_samples: ``K``.
+    :param path: how the particles were drawn: ``"vectorized"`` (an outermost particle plate) or
+        ``"sequential"`` (a loop of ordinary traces), see :func:`log_evidence`'s ``vectorize``.
+    :param note: why the sequential loop was taken when it was not asked for (the vectorized
+        pass's error or mismatch), else ``None``.
     """
 
     log_px: torch.Tensor
@@ -73,6 +106,8 @@ class EvidenceResult(NamedTuple):
     elbo: torch.Tensor
     ladder: dict
     num_samples: int
+    path: str = "vectorized"
+    note: Optional[str] = None
 
     def summary(self) -> dict:
         """Dataset-level numbers (nats per datapoint) as plain floats."""
@@ -91,6 +126,7 @@ class EvidenceResult(NamedTuple):
             # k-hat above the threshold, or NaN (K < 10): never counted as trusted.
             "khat_share_untrusted": float(khat_untrusted(self.khat, self.num_samples).double().mean()),
             "ladder": {str(k): v for k, v in self.ladder.items()},
+            "path": self.path,
         }
 
 
@@ -231,6 +267,145 @@ def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict
     }
 
 
+VECTORIZED, SEQUENTIAL = "vectorized", "sequential"
+
+
+def _sequential_log_weights(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int, plate: str,
+                            replay=None) -> tuple[torch.Tensor, dict]:
+    """Log weights ``(B,)`` of one particle: one ordinary trace of the guide (replaying ``replay``
+    if given) and of the model on it, no particle plate; every site summed per datapoint exactly as
+    the vectorized path does (masks honoured, scales ignored). Also returns the guide's draws
+    ``{site name: its guide-trace site}``."""
+    full = nesting + 1
+    proposal = guide if replay is None else poutine.replay(guide, trace=replay)
+    with DataPlate(plate):
+        g = poutine.trace(proposal).get_trace(*args, **kwargs)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
+    check_same_latents(g, m)
+    log_p, _, size = log_density(m, full, 1, observed=True)
+    log_q, _, _ = log_density(g, full, 1, observed=False)
+    draws = {name: dict(site) for name, site in particle_sites(g, observed=False)}
+    m.nodes.clear()
+    g.nodes.clear()
+    if size is None:
+        raise ValueError(f"the model has no sample site inside a pyro.plate({plate!r}, ...)")
+    return torch.as_tensor(log_p - log_q).reshape(-1), draws
+
+
+def _vectorization_problem(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int, plate: str,
+                           size: int, device: torch.device) -> tuple[bool, Optional[str]]:
+    """``(sequential_runs, problem)``: whether an ordinary trace of the chunk runs, and why the
+    vectorized log weights of this chunk cannot be trusted (``None`` if they can).
+
+    One guide draw is scored by an ordinary trace and, repeated over two particles, by the
+    particle plate; both run off the caller's random stream. They must agree to about the square
+    root of the unit roundoff (relative). If the ordinary trace itself fails there is nothing to
+    compare with, and no loop to fall back on: ``(False, None)``."""
+    full = nesting + 1
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            one, draws = _sequential_log_weights(model, guide, args, kwargs, nesting, plate)
+        except Exception:
+            return False, None
+        replay = poutine.Trace()
+        for name, site in draws.items():
+            value = site["value"]
+            batch_dims = value.ndim - len(getattr(site["fn"], "event_shape", ()))
+            if batch_dims >= full:  # more batch dims than plates: the vectorized pass will say so
+                return True, None
+            value = value.reshape((1,) * (full - batch_dims) + tuple(value.shape))
+            replay.add_node(name, **dict(site, value=value.expand(2, *value.shape[1:])))
+        try:
+            two, _ = log_weights_of(model, guide, args, kwargs, 2, nesting, data_plate=plate, replay=replay)
+        except Exception as error:
+            return True, f"{type(error).__name__}: {error}"
+    if tuple(two.shape) != (2, size) or tuple(one.shape) != (size,):
+        return True, (f"log weights of shape {tuple(two.shape)} for 2 particles of {size} datapoints "
+                      f"(expected {(2, size)})")
+    # the coarser of the two dtypes the model computed in sets the tolerance
+    eps = max((torch.finfo(t.dtype).eps for t in (one, two) if t.is_floating_point()),
+              default=torch.finfo(torch.float32).eps)
+    one, two = one.double().cpu(), two.double().cpu()
+    gap = (two - one).abs()
+    bad = ~((gap <= math.sqrt(eps) * (1.0 + one.abs())) | (two == one))
+    if bad.any():
+        where = int(bad.any(0).nonzero()[0])
+        return True, (f"the same draw scores {float(two[0, where]):.6g} with the particle plate but "
+                      f"{float(one[where]):.6g} without it (datapoint {where} of the chunk): the model "
+                      f"mixes the particle dimension into its computation")
+    return True, None
+
+
+def _vectorized_chunk(model, guide, args, kwargs, num_samples, particle_chunk, nesting, plate, size):
+    """Log weights ``(B, K)`` (float64, CPU) by particle plates of ``particle_chunk``, and the unit
+    roundoff of the dtype the model computed in."""
+    log_w = torch.empty(size, num_samples, dtype=torch.float64)
+    rounding = 0.0
+    for k0 in range(0, num_samples, particle_chunk):
+        kc = min(particle_chunk, num_samples - k0)
+        lw, _ = log_weights_of(model, guide, args, kwargs, kc, nesting, data_plate=plate)
+        if lw.shape[-1] != size:
+            raise ValueError(
+                f"the {plate!r} plate has {lw.shape[-1]} entries but the chunk has {size} "
+                f"datapoints: the datapoint plate must have one entry per row of the data"
+            )
+        # k-hat's equal-weights test needs the rounding of the dtype the model computed in
+        rounding = max(rounding, torch.finfo(lw.dtype).eps if lw.is_floating_point() else 0.0)
+        log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
+        del lw
+    return log_w, rounding
+
+
+def _sequential_chunk(model, guide, args, kwargs, num_samples, nesting, plate, size):
+    """Log weights ``(B, K)`` (float64, CPU) by ``K`` ordinary traces of the whole chunk, and the
+    unit roundoff of the dtype the model computed in."""
+    log_w = torch.empty(size, num_samples, dtype=torch.float64)
+    rounding = 0.0
+    for k in range(num_samples):
+        lw, _ = _sequential_log_weights(model, guide, args, kwargs, nesting, plate)
+        if lw.shape != (size,):
+            raise ValueError(
+                f"the {plate!r} plate gives log weights of shape {tuple(lw.shape)} but the chunk has {size} "
+                f"datapoints: the datapoint plate must have one entry per row of the data"
+            )
+        rounding = max(rounding, torch.finfo(lw.dtype).eps if lw.is_floating_point() else 0.0)
+        log_w[:, k] = lw.double().cpu()
+    return log_w, rounding
+
+
+def _chunk_log_weights(model, guide, args, kwargs, num_samples, particle_chunk, nesting, plate, size, device,
+                       vectorize, path):
+    """Log weights ``(B, K)`` of one datapoint chunk by the path ``vectorize`` asks for (``path``:
+    the one taken so far, ``None`` before the first chunk). Returns ``(log_w, rounding, path,
+    problem)``, ``problem`` saying why this chunk fell back to the loop (else ``None``)."""
+    common = (model, guide, args, kwargs)
+    problem = None
+    if path != SEQUENTIAL:
+        fallback = vectorize is None
+        if fallback:
+            fallback, problem = _vectorization_problem(*common, nesting, plate, size, device)
+        if problem is None:
+            state = _rng_state(device)
+            try:
+                log_w, rounding = _vectorized_chunk(*common, num_samples, particle_chunk, nesting, plate, size)
+                return log_w, rounding, VECTORIZED, None
+            except Exception as error:
+                if not fallback:  # forced, or the loop cannot run the model either
+                    if vectorize:
+                        error.add_note("(vectorize=True drew the particles in a plate; a model that cannot take "
+                                       "the particle dimension needs vectorize=False)")
+                    raise
+                problem = f"{type(error).__name__}: {error}"
+                _set_rng_state(state, device)  # the loop starts from where the attempt started
+    try:
+        log_w, rounding = _sequential_chunk(*common, num_samples, nesting, plate, size)
+    except Exception as error:
+        if problem is not None:
+            error.add_note(f"(the vectorized attempt had failed too: {problem})")
+        raise
+    return log_w, rounding, SEQUENTIAL, problem
+
+
 @torch.no_grad()
 def log_evidence(
     model: Callable,
@@ -244,6 +419,7 @@ def log_evidence(
     seed: Optional[int] = 0,
     progress: bool = False,
     data_plate: str = DATA,
+    vectorize: Optional[bool] = None,
     **kwargs,
 ) -> EvidenceResult:
     """Importance-sampled ``log p(x_n)`` for every datapoint of ``data`` (Burda et al. 2016).
@@ -260,14 +436,23 @@ def log_evidence(
         (:func:`ppgen.infer.batches.as_batch`), on the device the model runs on.
     :param num_samples: ``K >= 1`` proposals per datapoint.
     :param batch_size: datapoints per chunk.
-    :param particle_chunk: particles drawn per vectorized pass (bounds network memory).
+    :param particle_chunk: particles drawn per vectorized pass (bounds network memory; the
+        sequential loop draws one particle per pass).
     :param ladder: ``K`` values for the IWAE bound (default :func:`iwae_ladder_sizes`).
     :param seed: seeds torch for the draws (the caller's random state is restored); ``None``
         uses the current state.
     :param data_plate: name of the plate over datapoints (default ``"data"``); a model with no
         plate of that name uses its single plate of the chunk's size, and none or several is an
         error (:func:`ppgen.infer.traces.find_data_plate`).
-    :returns: :class:`EvidenceResult`.
+    :param vectorize: ``None`` (default): particles in a plate when the model takes it -- each
+        chunk is first checked (one draw scored with and without the particle plate, off the random
+        stream) and, if they disagree or the vectorized pass raises, this and every later chunk run
+        the sequential loop from the same random state, with a ``UserWarning`` that states why.
+        ``True``: vectorized, unchecked (errors propagate, suggesting ``vectorize=False``).
+        ``False``: the sequential loop over particles (one ordinary trace of the chunk each): for
+        models that cannot take a particle dimension (BatchNorm on the latent, boolean-mask
+        indexing, Python control flow on values).
+    :returns: :class:`EvidenceResult`; its ``path`` says which way the particles were drawn.
     """
     batch = as_batch(data, "data", model)
     n = batch.size
@@ -277,6 +462,10 @@ def log_evidence(
     ladder = iwae_ladder_sizes(num_samples) if ladder is None else sorted(set(ladder))
     if not ladder or any(isinstance(j, bool) or not isinstance(j, int) or not 1 <= j <= num_samples for j in ladder):
         raise ValueError(f"ladder must hold integers in [1, num_samples={num_samples}], got {ladder!r}")
+    if vectorize not in (None, True, False):
+        raise TypeError(f"vectorize must be None (try, then fall back), True or False, got {vectorize!r}")
+    path = {None: None, True: VECTORIZED, False: SEQUENTIAL}[vectorize]  # None: not yet decided
+    note = None
     with seeded(seed, batch.device), eval_mode(model, guide):
         parts: dict = {}
         plate = nesting = None
@@ -293,23 +482,26 @@ def log_evidence(
             if plate is None:  # found once, on the first chunk, off the random stream
                 found = find_data_plate(model, guide, call_args, call_kwargs, chunk.size, data_plate)
                 plate, nesting = found.data_plate, found.nesting
-            log_w = torch.empty(chunk.size, num_samples, dtype=torch.float64)  # (B, K), filled chunk by chunk
-            rounding = 0.0
-            for k0 in range(0, num_samples, particle_chunk):
-                kc = min(particle_chunk, num_samples - k0)
-                lw, _ = log_weights_of(model, guide, call_args, call_kwargs, kc, nesting, data_plate=plate)
-                if lw.shape[-1] != chunk.size:
-                    raise ValueError(
-                        f"the {plate!r} plate has {lw.shape[-1]} entries but the chunk has {chunk.size} "
-                        f"datapoints: the datapoint plate must have one entry per row of the data"
-                    )
-                # k-hat's equal-weights test needs the rounding of the dtype the model computed in
-                rounding = max(rounding, torch.finfo(lw.dtype).eps if lw.is_floating_point() else 0.0)
-                log_w[:, k0 : k0 + kc] = lw.T.double().cpu()
-                del lw
+            log_w, rounding, path, problem = _chunk_log_weights(
+                model, guide, call_args, call_kwargs, num_samples, particle_chunk, nesting, plate, chunk.size,
+                batch.device, vectorize, path)
+            if problem is not None:
+                note = (f"vectorized particles failed on datapoints {i}..{i + chunk.size - 1} ({problem}); "
+                        "drew the particles sequentially (vectorize=False) from here on")
+                warnings.warn(f"log_evidence: {note}", stacklevel=3)
             stats = _reduce(log_w, ladder, rounding or torch.finfo(torch.float64).eps)
             for key, value in stats.items():
                 parts.setdefault(key, []).append(value)
     ladder_means = {j: float(sum(p[j] for p in parts["ladder"]) / n) for j in ladder}
     out = {key: torch.cat(parts[key]) for key in ("log_px", "stderr", "ess", "khat", "elbo")}
-    return EvidenceResult(ladder=ladder_means, num_samples=num_samples, **out)
+    return EvidenceResult(ladder=ladder_means, num_samples=num_samples, path=path or VECTORIZED, note=note, **out)
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

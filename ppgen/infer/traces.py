@@ -307,15 +307,19 @@ def log_weights_of(
     max_plate_nesting: Optional[int] = None,
     scaled: bool = False,
     data_plate: str = DATA,
+    replay=None,
 ) -> tuple[torch.Tensor, float]:
     """:func:`per_datapoint_log_weights` of ``model(*args, **kwargs)``: the batch already in
-    model arguments (:func:`ppgen.infer.batches.as_batch`)."""
+    model arguments (:func:`ppgen.infer.batches.as_batch`).
+
+    :param replay: a trace whose latent values the guide takes instead of drawing (values with
+        the particle dim, e.g. one draw repeated along it), to score given draws."""
     check_positive_int("num_particles", num_particles)
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting_from(model, guide, args, kwargs)
     full = max_plate_nesting + 1
     with DataPlate(data_plate):
-        guide_tr = trace_particles(guide, args, kwargs, num_particles, full)
+        guide_tr = trace_particles(guide, args, kwargs, num_particles, full, replay=replay)
         model_tr = trace_particles(model, args, kwargs, num_particles, full, replay=guide_tr)
     check_same_latents(guide_tr, model_tr)
     log_p, factor, size = log_density(model_tr, full, num_particles, observed=True, scaled=scaled)
