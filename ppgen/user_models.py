@@ -495,15 +495,22 @@ def load_model_run(path: Union[str, Path], device: str = "cpu") -> tuple[Callabl
 # --------------------------------------------------------------------------- evaluation
 
 
-def model_evidence_report(path: Union[str, Path], config, progress: bool = False) -> dict:
+def model_evidence_report(path: Union[str, Path], config, progress: bool = False,
+                          num_outer: Optional[int] = 100) -> dict:
     """``ppgen evidence`` on a model run: importance-sampled ``log p(x_n)``
     (:func:`ppgen.log_evidence`, with the run's ``data_plate``) on the split ``config.split``,
     written to ``path/evidence.json`` and ``path/figures/{iwae_ladder,khat}.png`` like a VAE run's.
 
     :param config: :class:`ppgen.infer.evidence_report.EvidenceConfig`; AIS (``ais_steps > 0``)
         is not run on model runs and is refused.
-    :raises ValueError: a model with latents outside the data plate (its evidence does not
-        factor per datapoint; the message points to :func:`ppgen.joint_log_evidence`).
+    A model with latents outside the data plate (global latents) has no per-datapoint
+    evidence: with ``num_outer`` it gets the joint ``log p(x_1..N)`` of the split by nested
+    importance sampling (:func:`ppgen.joint_log_evidence`, ``num_outer`` outer draws of the
+    globals, ``config.samples`` inner draws per datapoint), reported per datapoint (divided by
+    ``N``) next to the ELBO of the whole split; the report's ``"evidence"`` is ``"joint"`` then.
+
+    :raises ValueError: global latents and ``num_outer`` None (the message points to
+        :func:`ppgen.joint_log_evidence`), or global latents with dict data.
     """
     from ppgen.infer.evidence import log_evidence
     from ppgen.infer.evidence_report import plot_khat, plot_ladder
@@ -517,16 +524,88 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
         split = _first_rows(split, config.limit)
     split = as_batch(split, f"{config.split} data", model).to(resolve_device(config.device)).data
     t0 = time.perf_counter()
+    global_sites = _global_latents(model, guide, split, run_config.data_plate)
+    if global_sites:
+        if num_outer is None:
+            raise ValueError(
+                f"the model of {path} has latents outside its datapoint plate ({', '.join(global_sites)}): its "
+                "evidence does not factor per datapoint; use ppgen.joint_log_evidence (ppgen evidence "
+                "--outer-samples S: nested importance sampling of the joint log p(x_1..N))"
+            )
+        return _joint_report(model, guide, split, config, run_config, num_outer, path, t0)
     r = log_evidence(model, guide, split, config.samples, batch_size=config.batch_size,
                      particle_chunk=config.particle_chunk, seed=config.seed, progress=progress,
                      data_plate=run_config.data_plate)
-    report = {"config": dataclasses.asdict(config), **r.summary(), "is_seconds": time.perf_counter() - t0}
+    report = {"config": dataclasses.asdict(config), "evidence": "per-datapoint", **r.summary(),
+              "is_seconds": time.perf_counter() - t0}
     out = Path(path)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_ladder(report, out / "figures" / "iwae_ladder.png")
     plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
     return report
+
+
+def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:
+    """Names of the guide's latent sites outside the datapoint plate (off the random stream)."""
+    from pyro.poutine.util import site_is_subsample
+
+    from ppgen.infer.traces import _trace_pair, find_data_plate
+
+    batch = as_batch(data, "data", model)
+    plate = find_data_plate(model, guide, batch.args, batch.kwargs, batch.size, data_plate).data_plate
+    g, _ = _trace_pair(model, guide, batch.args, batch.kwargs)
+    return [name for name, site in g.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+            and not site["infer"].get("is_auxiliary")
+            and all(f.name != plate for f in site["cond_indep_stack"])]
+
+
+def _joint_report(model, guide, data, config, run_config: ModelRunConfig, num_outer: int, path, t0: float) -> dict:
+    """:func:`model_evidence_report` for a model with global latents (nested IS; see there)."""
+    from ppgen.infer.nested_evidence import joint_log_evidence
+
+    if not isinstance(data, torch.Tensor):
+        raise ValueError("joint evidence (a model with global latents) takes one data tensor; this run's data is a "
+                         "dict: call ppgen.joint_log_evidence from Python with your own arguments")
+    r = joint_log_evidence(model, guide, data, num_outer=num_outer, num_inner=config.samples,
+                           batch_size=config.batch_size, seed=config.seed, data_plate=run_config.data_plate)
+    n = len(data)
+    seconds = time.perf_counter() - t0
+    elbo = evaluate_elbo(model, guide, data, batch_size=n, num_particles=10, seed=config.seed)  # globals once
+    report = {
+        "config": {**dataclasses.asdict(config), "outer_samples": num_outer}, "evidence": "joint", "n": n,
+        "num_samples": r.num_inner, "num_outer": r.num_outer, "elbo": elbo,
+        "log_px": r.log_px / n, "log_px_stderr": r.stderr / n, "log_px_joint": r.log_px, "log_px_joint_stderr": r.stderr,
+        "gap": r.log_px / n - elbo, "ess": r.ess, "khat": _finite_or_none(r.khat), "khat_threshold": r.khat_threshold,
+        "khat_share_untrusted": None if r.khat_threshold is None else float(not r.trusted),
+        "inner_stderr": _finite_or_none(r.inner_stderr), "is_seconds": seconds,
+    }
+    (Path(path) / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    return value if math.isfinite(value) else None
+
+
+def format_joint_report(report: dict) -> str:
+    """A plain-text table of a joint-evidence report (:func:`model_evidence_report`, global latents)."""
+    khat = "n/a (fewer than 10 outer draws)" if report["khat"] is None else (
+        f"{report['khat']:.2f} ({'trusted' if not report['khat_share_untrusted'] else 'untrusted'}: "
+        f"threshold {report['khat_threshold']:.2f})")
+    rows = [
+        ("datapoints", f"{report['n']}"),
+        ("ELBO per datapoint", f"{report['elbo']:.3f}"),
+        (f"joint log p(X) / N, S={report['num_outer']} K={report['num_samples']}",
+         f"{report['log_px']:.3f} +- {report['log_px_stderr']:.3f}"),
+        ("joint log p(X)", f"{report['log_px_joint']:.2f} +- {report['log_px_joint_stderr']:.2f}"),
+        ("outer ESS", f"{report['ess']:.1f}"),
+        ("outer k-hat", khat),
+        ("seconds", f"{report['is_seconds']:.1f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def measure_model_run(

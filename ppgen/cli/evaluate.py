@@ -157,6 +157,9 @@ def add_evidence(sub) -> None:
     p.add_argument("--ais-steps", type=int, default=0, help="AIS annealing steps (0: no AIS)")
     p.add_argument("--ais-chains", type=positive_int, default=16, help="AIS chains per datapoint")
     p.add_argument("--ais-limit", type=positive_int, default=100, help="datapoints for AIS and BDMC")
+    p.add_argument("--outer-samples", type=positive_int, default=100,
+                   help="model runs with global latents: S outer draws of the globals for the joint "
+                   "log p(x_1..N) (ppgen.joint_log_evidence; --samples is then K per datapoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -173,11 +176,12 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
     )
     if _family(args.run) == "model":  # a declared model (ppgen train model)
-        from ppgen.user_models import model_evidence_report
+        from ppgen.user_models import format_joint_report, model_evidence_report
 
-        report = model_evidence_report(args.run, config, progress=not args.no_progress)
-        print(format_report(report))
-        print(f"wrote {Path(args.run) / 'evidence.json'} and figures in {Path(args.run) / 'figures'}")
+        report = model_evidence_report(args.run, config, not args.no_progress, args.outer_samples)
+        joint = report["evidence"] == "joint"
+        print(format_joint_report(report) if joint else format_report(report))
+        print(f"wrote {Path(args.run) / 'evidence.json'}" + ("" if joint else f" and figures in {Path(args.run) / 'figures'}"))
         return 0
     vae, run_config, _ = load_vae(args.run, args.device)
     data = getattr(run_config.data.load(False), config.split).to(resolve_device(args.device))
