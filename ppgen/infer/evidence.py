@@ -94,7 +94,8 @@ class EvidenceResult(NamedTuple):
     :param ladder: ``{k: mean over datapoints of the k-sample IWAE bound}`` from nested prefixes.
     :param num_samples: ``K``.
     :param path: how the particles were drawn: ``"vectorized"`` (an outermost particle plate) or
-        ``"sequential"`` (a loop of ordinary traces), see :func:`log_evidence`'s ``vectorize``.
+        ``"sequential"`` (a loop of ordinary traces; also when the loop took over at a later
+        chunk, ``note`` saying from which datapoint on), see :func:`log_evidence`'s ``vectorize``.
     :param note: why the sequential loop was taken when it was not asked for (the vectorized
         pass's error or mismatch), else ``None``.
     """
