@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import pyro
 import torch
+from pyro import poutine
 
 
 def importance_log_evidence(model: Callable, guide: Callable, args: tuple, kwargs: dict,
@@ -60,6 +61,7 @@ def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evide
               **evidence_kwargs):
     from ppgen import joint_log_evidence, log_evidence
     from ppgen.infer.networks import eval_mode
+    from ppgen.infer.svi import evaluate_elbo
 
     one = _rows(held_out, slice(0, 1))
     if global_latents:
@@ -69,9 +71,22 @@ def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evide
                                data_plate=data_plate)
         out.update(log_px=r.log_px / n_eval, log_px_se=r.stderr / n_eval, khat_untrusted=float(not r.trusted),
                    evidence_n=n_eval, evidence_khat=r.khat)
-        mine = joint_log_evidence(model, guide, one, num_outer=importance_k, num_inner=1, data_plate=data_plate,
+        # The ELBO of the same datapoints as one data set (the globals' KL shared by them).
+        out["evidence_elbo"] = evaluate_elbo(model, guide, part, num_particles=200, seed=7)
+        # One datapoint given the globals at the guide's point g*: log p(x_1 | g*), which both
+        # ppgen (inner draws) and Pyro's Importance (the model with g* observed) estimate.
+        mine = joint_log_evidence(model, guide, one, num_outer=1, num_inner=importance_k, data_plate=data_plate,
                                   seed=1)
-        out["one_ppgen"], out["one_ppgen_se"] = mine.log_px, mine.stderr
+        out["one_ppgen"] = float(mine.log_px_given_globals[0])
+        out["one_ppgen_se"] = float(mine.log_px_given_globals_stderr[0])
+        point = {k: v.detach() for k, v in mine.globals_point.items()}
+        log_prior = sum(float(poutine.trace(poutine.condition(model, data=point)).get_trace(one).nodes[k]["fn"]
+                              .log_prob(v).sum()) for k, v in point.items())
+        model_given = poutine.condition(model, data=point)
+        guide_given = poutine.block(poutine.condition(guide, data=point), hide=list(point))
+        with eval_mode(model, guide):
+            lz, se = importance_log_evidence(model_given, guide_given, (one,), {}, importance_k)
+        out["one_importance"], out["one_importance_se"] = lz - log_prior, se
     else:
         part = _rows(held_out, slice(0, 50 if smoke else 200))
         r = log_evidence(model, guide, part, evidence_k, data_plate=data_plate, **evidence_kwargs)
@@ -82,10 +97,11 @@ def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evide
         out["one_ppgen"], out["one_ppgen_se"] = float(mine.log_px[0]), float(mine.stderr[0])
     print(f"[{name}] IS log p(x) {out['log_px']:.3f} +- {out['log_px_se']:.3f} per datapoint "
           f"(n = {out['evidence_n']}); k-hat untrusted share {out['khat_untrusted']:.0%}")
-    args, kwargs = _call_args(one)
-    with eval_mode(model, guide):
-        out["one_importance"], out["one_importance_se"] = importance_log_evidence(model, guide, args, kwargs,
-                                                                                  importance_k)
+    if not global_latents:
+        args, kwargs = _call_args(one)
+        with eval_mode(model, guide):
+            out["one_importance"], out["one_importance_se"] = importance_log_evidence(model, guide, args, kwargs,
+                                                                                      importance_k)
     se = math.hypot(out["one_ppgen_se"], out["one_importance_se"])
     out["one_z"] = (out["one_ppgen"] - out["one_importance"]) / max(se, 1e-12)
     print(f"[{name}] one datapoint: ppgen {out['one_ppgen']:.3f} +- {out['one_ppgen_se']:.3f}, "
