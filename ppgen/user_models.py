@@ -60,6 +60,7 @@ __all__ = [
     "load_model_run",
     "model_evidence_report",
     "measure_model_run",
+    "sample_model_run",
     "FILE_SUFFIXES",
 ]
 
@@ -606,6 +607,66 @@ def format_joint_report(report: dict) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@torch.no_grad()
+def sample_model_run(path: Union[str, Path], n: int, out: Union[str, Path, None] = None, seed: int = 0,
+                     device: str = "cpu") -> tuple[dict, Path]:
+    """``ppgen sample`` on a model run: ``n`` draws from the trained model's joint distribution.
+
+    The model runs under ``poutine.uncondition`` (every observed site is drawn from its
+    distribution instead of scored) on a template batch of ``n`` training datapoints (rows
+    repeated when ``n`` exceeds the split): latents come from the prior, observations from the
+    likelihood. The template gives the batch its shape; a model that reads the *values* of its
+    arguments beyond the observed sites (a conditional model, covariates) is sampled given the
+    template's values there.
+
+    Built-in image data: a PNG grid of the one observed site (``out`` or
+    ``RUN/figures/samples-N.png``). Data files: ``{site: (n, ...)}`` of every observed site, saved
+    with ``torch.save`` (``out`` or ``RUN/samples-N.pt``).
+
+    :returns: ``({observed site: draws}, path written)``.
+    """
+    from pyro import poutine
+
+    from ppgen.infer.traces import check_positive_int
+
+    check_positive_int("n", n)
+    model, _, config, data = load_model_run(path, device)
+    train = as_batch(data.train, "train data", model)
+    template = train.rows(torch.arange(n) % train.size).to(resolve_device(device))
+    torch.manual_seed(seed)
+    trace = poutine.trace(poutine.uncondition(model)).get_trace(*template.args, **template.kwargs)
+    names = _observed_sites(model, template)
+    observed = {name: site["value"].detach().cpu() for name, site in trace.nodes.items() if name in names}
+    if not observed:
+        raise ValueError(f"the model of {path} observes no site (no pyro.sample(..., obs=...)); nothing to draw")
+    if not config.data.is_file:
+        if len(observed) != 1:
+            raise ValueError(f"the model of {path} observes {sorted(observed)}; ppgen sample draws an image grid "
+                             "of one observed site only")
+        (draws,) = observed.values()
+        shape = DataConfig(config.data.name).image_shape
+        if draws.shape != (n, math.prod(shape)):
+            raise ValueError(f"the observed site {next(iter(observed))!r} has shape {tuple(draws.shape)}, not "
+                             f"({n}, {math.prod(shape)}) images of {config.data.name}")
+        from ppgen.plots import save_image_grid
+
+        target = Path(out) if out else Path(path) / "figures" / f"samples-{n}.png"
+        return observed, save_image_grid(draws.clamp(0, 1), shape, target)
+    target = Path(out) if out else Path(path) / f"samples-{n}.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(observed, target)
+    return observed, target
+
+
+def _observed_sites(model: Callable, template) -> set[str]:
+    """Names of the sites ``model`` observes on ``template`` (one conditioned trace, off the random stream)."""
+    from pyro import poutine
+
+    with torch.random.fork_rng(), poutine.block():
+        tr = poutine.trace(model).get_trace(*template.args, **template.kwargs)
+    return {name for name, site in tr.nodes.items() if site["type"] == "sample" and site["is_observed"]}
 
 
 def measure_model_run(

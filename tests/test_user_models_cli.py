@@ -90,6 +90,19 @@ def test_variance_rows_of_a_model_run(tmp_path, points):
         assert by[epoch, "score", "A"]["variance"] > 10 * by[epoch, "reparam", "A"]["variance"]
 
 
+def test_samples_of_a_model_run_follow_its_exact_marginal(tmp_path, points):
+    run = tmp_path / "run"
+    assert _train(points, run, 2) == 0
+    assert main(["sample", str(run), "--n", "4000", "--seed", "1"]) == 0
+    x = torch.load(run / "samples-4000.pt", weights_only=True)["x"].double()
+    p = {k: v.double() for k, v in load_checkpoint(run / "checkpoint.pt")["params"].items()}
+    cov = p["W"] @ p["W"].T + torch.exp(2 * p["log_s"]) * torch.eye(4, dtype=torch.float64)
+    z = (x.mean(0) - p["b"]) / (cov.diagonal() / len(x)).sqrt()
+    assert z.abs().max() < 4  # the draws' mean is b
+    # their covariance is W W^T + s^2 I (sampling error of a 4000-draw covariance: a few percent)
+    assert torch.linalg.norm(torch.cov(x.T) - cov) < 0.1 * torch.linalg.norm(cov)
+
+
 def test_changed_model_file_refuses_resume_unless_allowed(tmp_path, points, capsys):
     copy = tmp_path / "my_model.py"
     copy.write_text(LG.read_text())
@@ -127,8 +140,8 @@ def test_dict_data_with_the_automatic_guide_and_report(tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
     assert rows[0]["family"] == "model" and rows[0]["is_log_px"] == pytest.approx(ev["log_px"])
-    assert main(["sample", str(run)]) == 2
-    assert "does not support model runs yet" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "8"]) == 0  # dict data: the observed sites, as a .pt
+    assert torch.load(run / "samples-8.pt", weights_only=True)["x"].shape == (8, 4)
 
 
 def _exact_dict(run: Path, cfg: ModelRunConfig) -> float:
@@ -231,6 +244,8 @@ def test_pyro_example_vae_end_to_end(tmp_path):
                  "--warmup", "0", "--batch-size", "32", "--checkpoints", "last"]) == 0
     rows = {(r["estimator"], r["name"]): r for r in map(json.loads, (once / "variance" / "rows.jsonl").read_text().splitlines())}
     assert rows["score", "encoder"]["variance"] > 10 * rows["reparam", "encoder"]["variance"]  # measured ~1500x
+    assert main(["sample", str(once), "--n", "16"]) == 0
+    assert (once / "figures" / "samples-16.png").stat().st_size > 0  # built-in images: a grid of the observed site
     assert main(["report", str(once), "--out", str(tmp_path / "report"), "--khat-samples", "0"]) == 0
     row = json.loads((tmp_path / "report" / "report.json").read_text())["rows"][0]
     assert row["family"] == "model" and row["dataset"] == "digits" and row["epochs"] == 2

@@ -22,7 +22,8 @@ def add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained run into a PNG grid")
     p.add_argument("run", help="run directory")
     p.add_argument("--n", type=positive_int, default=64, help="number of samples")
-    p.add_argument("--out", default=None, help="PNG path (default: RUN/figures/samples-N.png)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN/figures/samples-N.png; model runs on a "
+                   "data file: a .pt of the observed sites, default RUN/samples-N.pt)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--langevin-steps", type=positive_int, default=None,
@@ -69,9 +70,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ppgen.runs import Run
 
     family = Run(args.run, resume=True).load_config().get("family")
-    if family == "model":
-        raise ValueError(f"{args.run} holds a declared model (ppgen train model); ppgen sample does not "
-                         "support model runs yet: draw from your model in Python (e.g. pyro.infer.Predictive)")
+    if family == "model":  # a declared model: observed sites drawn under poutine.uncondition
+        from ppgen.user_models import sample_model_run
+
+        draws, written = sample_model_run(args.run, args.n, args.out, args.seed, args.device)
+        print(f"wrote {args.n} draws of {', '.join(draws)} to {written}")
+        return 0
     if family not in SAMPLERS:
         raise ValueError(f"{args.run} holds a run of family {family!r}; ppgen can sample {', '.join(SAMPLERS)}")
     out = Path(args.out) if args.out else Path(args.run) / "figures" / f"samples-{args.n}.png"
