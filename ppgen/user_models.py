@@ -66,6 +66,9 @@ __all__ = [
 
 #: Data file suffixes ppgen reads (see the module docstring).
 FILE_SUFFIXES = (".npy", ".npz", ".pt")
+#: Data dtypes: floating-point tensors are cast to the named one ("keep": as stored). NumPy saves
+#: float64 by default, and a float64 batch meets float32 network weights in most models.
+DTYPES = ("float32", "float64", "keep")
 #: The guide spec that asks for :class:`ppgen.infer.autoguide.AmortizedGuide`.
 AUTO = "auto"
 
@@ -84,6 +87,7 @@ class ModelDataConfig:
     val_fraction: float = 0.1  # files: share of rows held out for validation
     test_fraction: float = 0.1  # files: share of rows held out for testing (ppgen evidence --split test)
     sha256: Optional[str] = None  # files: digest of the data file, recorded when the run starts
+    dtype: str = "float32"  # floating-point tensors cast to "float32" (torch's default) or "float64", or "keep"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +109,8 @@ class ModelDataConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{field} must be a number in (0, 1), got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must leave rows to train on, got "
@@ -340,11 +346,11 @@ def load_model_data(config: ModelDataConfig, download: bool = True) -> ModelData
     """Load a built-in dataset's splits, or read a data file and split its rows by ``split_seed``."""
     if not config.is_file:
         data = DataConfig(config.name, config.binarization, config.data_dir, config.split_seed).load(download)
-        return ModelData(data.train, data.val, data.test, data.dynamic)
+        return ModelData(*(_cast(x, config.dtype) for x in (data.train, data.val, data.test)), data.dynamic)
     path = Path(config.name)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
-    batch = as_batch(_read_file(path), f"data file {path}")
+    batch = as_batch(_cast(_read_file(path), config.dtype), f"data file {path}")
     if batch.form == "dict" and not batch.kwargs:
         raise ValueError(f"data file {path} holds an empty dict")
     n = batch.size
@@ -358,6 +364,15 @@ def load_model_data(config: ModelDataConfig, download: bool = True) -> ModelData
     val, test, train = perm[:n_val], perm[n_val : n_val + n_test], perm[n_val + n_test :]
     train, val, test = (batch.rows(i.sort().values).data for i in (train, val, test))
     return ModelData(train, val, test, False)
+
+
+def _cast(data: Any, dtype: str) -> Any:
+    """Floating-point tensors of ``data`` (a tensor or a dict of them) cast to ``dtype``; others kept."""
+    if dtype == "keep":
+        return data
+    if isinstance(data, dict):
+        return {k: _cast(v, dtype) for k, v in data.items()}
+    return data.to(getattr(torch, dtype)) if data.is_floating_point() else data
 
 
 def _first_rows(data: Any, count: int) -> Any:

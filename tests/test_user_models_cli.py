@@ -28,7 +28,7 @@ def _points(n: int = 600, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def points(tmp_path) -> Path:
     path = tmp_path / "points.npy"
-    np.save(path, _points().numpy())
+    np.save(path, _points().double().numpy())  # float64, as numpy saves by default: cast to float32 (--dtype)
     return path
 
 
@@ -129,6 +129,7 @@ def test_dict_data_with_the_automatic_guide_and_report(tmp_path, capsys):
     assert main(["train", "model", MODEL, "--guide", "auto", "--guide-hidden", "16", "--data", str(data),
                  "--out", str(run), "--epochs", "2", "--batch-size", "40", "--lr", "0.02", "--no-progress"]) == 0
     cfg = json.loads((run / "config.json").read_text())
+    assert cfg["data"]["dtype"] == "float32" and load_checkpoint(run / "checkpoint.pt")["params"]["W"].dtype == torch.float32
     assert cfg["guide"] == "auto" and cfg["guide_sha256"] is None and cfg["data"]["sha256"]
     assert main(["evidence", str(run), "--samples", "200", "--no-progress"]) == 0
     ev = json.loads((run / "evidence.json").read_text())
@@ -204,6 +205,15 @@ def test_clear_errors_for_bad_specs(tmp_path, points, capsys, spec, words):
     assert _train(points, tmp_path / "bad", 1, model=spec) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def test_data_files_dtype_and_split(points):
+    as32 = load_model_data(ModelDataConfig(str(points), "none"))
+    kept = load_model_data(ModelDataConfig(str(points), "none", dtype="keep"))
+    assert as32.train.dtype == torch.float32 and kept.train.dtype == torch.float64
+    assert (len(as32.train), len(as32.val), len(as32.test)) == (480, 60, 60)
+    rows = torch.cat([kept.train, kept.val, kept.test])  # a partition of the file's rows
+    assert torch.equal(rows[rows[:, 0].argsort()], (x := torch.from_numpy(np.load(points)))[x[:, 0].argsort()])
 
 
 def test_loading_helpers(tmp_path):

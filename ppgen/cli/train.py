@@ -282,6 +282,8 @@ def add_train_model(sub) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation(/test) split")
     p.add_argument("--val-fraction", type=positive_float, default=0.1, help="data files: share of rows for validation")
     p.add_argument("--test-fraction", type=positive_float, default=0.1, help="data files: share of rows for testing")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "keep"],
+                   help="cast floating-point data to float32 (default; numpy saves float64) or float64, or keep it")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
     p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
@@ -306,7 +308,7 @@ def model_run_config(args: argparse.Namespace):
     data = ModelDataConfig(
         str(Path(args.data).expanduser().resolve()) if is_file else args.data,
         args.binarize or ("none" if is_file else "dynamic"),
-        None if is_file else args.data_dir, args.split_seed, args.val_fraction, args.test_fraction,
+        None if is_file else args.data_dir, args.split_seed, args.val_fraction, args.test_fraction, None, args.dtype,
     )
     return ModelRunConfig(
         model=resolve_spec(args.model, "model"),
