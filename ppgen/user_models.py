@@ -517,8 +517,9 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     (:func:`ppgen.log_evidence`, with the run's ``data_plate``) on the split ``config.split``,
     written to ``path/evidence.json`` and ``path/figures/{iwae_ladder,khat}.png`` like a VAE run's.
 
-    :param config: :class:`ppgen.infer.evidence_report.EvidenceConfig`; AIS (``ais_steps > 0``)
-        is not run on model runs and is refused.
+    :param config: :class:`ppgen.infer.evidence_report.EvidenceConfig`; with ``ais_steps > 0``
+        also AIS and BDMC on the first ``ais_limit`` datapoints, as for a VAE run (a model on one
+        data tensor with its datapoints in ``pyro.plate("data")`` only).
     A model with latents outside the data plate (global latents) has no per-datapoint
     evidence: with ``num_outer`` it gets the joint ``log p(x_1..N)`` of the split by nested
     importance sampling (:func:`ppgen.joint_log_evidence`, ``num_outer`` outer draws of the
@@ -531,9 +532,6 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     from ppgen.infer.evidence import log_evidence
     from ppgen.infer.evidence_report import plot_khat, plot_ladder
 
-    if config.ais_steps > 0:
-        raise ValueError("ppgen evidence does not run AIS on model runs yet; leave out --ais-steps "
-                         "(importance sampling with the run's guide only)")
     model, guide, run_config, data = load_model_run(path, config.device)
     split = getattr(data, config.split)
     if config.limit is not None:
@@ -554,12 +552,34 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
                      data_plate=run_config.data_plate)
     report = {"config": dataclasses.asdict(config), "evidence": "per-datapoint", **r.summary(),
               "is_seconds": time.perf_counter() - t0}
+    if config.ais_steps > 0:
+        report.update(_ais(model, split, r, config, run_config))
     out = Path(path)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_ladder(report, out / "figures" / "iwae_ladder.png")
     plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
     return report
+
+
+def _ais(model: Callable, data: Any, r, config, run_config: ModelRunConfig) -> dict:
+    """The ``"ais"`` and ``"bdmc"`` entries of an evidence report, as ``ppgen evidence`` writes
+    them for a VAE run (:func:`ppgen.infer.ais.ais_log_evidence`, :func:`ppgen.infer.ais.bdmc`)."""
+    from ppgen.infer.ais import ais_log_evidence, bdmc
+
+    if not isinstance(data, torch.Tensor) or run_config.data_plate != "data":
+        raise ValueError("AIS (--ais-steps) takes a model(x) on one data tensor with its datapoints in "
+                         "pyro.plate('data', ...); this run's data or plate differs: leave out --ais-steps")
+    sub = data[: config.ais_limit]
+    t0 = time.perf_counter()
+    a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed)
+    b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
+    return {
+        "ais": {"n": len(sub), "log_px": float(a.log_px.mean()), "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
+                "elbo_same_points": float(r.elbo[: len(sub)].mean()), "accept": float(a.accept.mean()),
+                "seconds": time.perf_counter() - t0},
+        "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap},
+    }
 
 
 def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:
