@@ -279,3 +279,27 @@ def test_pyro_example_vae_end_to_end(tmp_path):
     assert row["family"] == "model" and row["dataset"] == "digits" and row["epochs"] == 2
     assert row["is_log_px"] == pytest.approx(ev["log_px"])
     assert (tmp_path / "report" / "figures" / "training-curves.png").exists()  # val_elbo by step, as for a VAE
+
+
+def test_interrupted_model_run_resumes_mid_epoch_bit_for_bit(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during epoch 2 of a run on dynamically binarized digits, then --resume, which imports
+    the file again: the same parameters as the uninterrupted run."""
+    import ppgen.user_models as um
+    from conftest import sigint_on_call
+
+    example = Path(__file__).parents[1] / "examples" / "pyro_models" / "vae.py"
+    flags = ["train", "model", f"{example}:model", "--guide", f"{example}:guide", "--data", "digits",
+             "--lr", "0.01", "--epochs", "2", "--no-progress"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*flags, "--out", str(whole)]) == 0
+    per_epoch = Run(whole, resume=True).metrics()[0]["step"]
+    # binarize's first call makes the registration batch, then one call per step
+    monkeypatch.setattr(um, "binarize", sigint_on_call(um.binarize, 1 + per_epoch + 4))
+    assert main([*flags, "--out", str(cut)]) == 130
+    assert f"stopped at epoch 2, step {per_epoch + 4}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main([*flags, "--out", str(cut), "--resume"]) == 0
+    a, b = (load_checkpoint(p / "checkpoint.pt")["params"] for p in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["train_loss"] for r in Run(whole, resume=True).metrics() if "train_loss" in r] == \
+        [r["train_loss"] for r in Run(cut, resume=True).metrics() if "train_loss" in r]
