@@ -441,6 +441,11 @@ def train_model(
     if rank == 0:
         run.save_config(config_to_dict(config))
     data = load_model_data(config.data, download)
+    if config.guide == AUTO and isinstance(data.train, dict) and "x" not in data.train:
+        raise ValueError(
+            f"--guide auto encodes the model's argument x, but the data file's dict has keys {sorted(data.train)}: "
+            "store the observations under 'x' (model(x=..., ...)) or write a guide (--guide FILE.py:NAME)"
+        )
     model, guide = build_pair(config, device)
     result = train_svi(model, guide, data.train, data.val, config.svi, run=run,
                        transform=binarize if data.dynamic else None, progress=progress, data_plate=config.data_plate)
@@ -584,13 +589,17 @@ def _ais(model: Callable, data: Any, r, config, run_config: ModelRunConfig) -> d
 
 def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:
     """Names of the guide's latent sites outside the datapoint plate (off the random stream)."""
+    from pyro import poutine
     from pyro.poutine.util import site_is_subsample
 
-    from ppgen.infer.traces import _trace_pair, find_data_plate
+    from ppgen.infer.networks import eval_mode
+    from ppgen.infer.traces import find_data_plate
 
     batch = as_batch(data, "data", model)
     plate = find_data_plate(model, guide, batch.args, batch.kwargs, batch.size, data_plate).data_plate
-    g, _ = _trace_pair(model, guide, batch.args, batch.kwargs)
+    cuda = [batch.device] if batch.device.type == "cuda" else []
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=cuda), eval_mode(model, guide):
+        g = poutine.trace(guide).get_trace(*batch.args, **batch.kwargs)
     return [name for name, site in g.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
             and not site["infer"].get("is_auxiliary")

@@ -245,6 +245,12 @@ def test_loading_helpers(tmp_path):
         ModelDataConfig("nope")
     with pytest.raises(ValueError, match="built-in datasets only"):
         ModelDataConfig(str(tmp_path / "d.npy"), "dynamic")
+    wrong_key = tmp_path / "y.pt"
+    torch.save({"y": _points(100)}, wrong_key)
+    with pytest.raises(ValueError, match="encodes the model's argument x"):
+        from ppgen.user_models import train_model
+
+        train_model(ModelRunConfig(MODEL, "auto", ModelDataConfig(str(wrong_key), "none")), tmp_path / "r", progress=False)
     pickled = tmp_path / "obj.pt"
     torch.save({"x": [1, 2]}, pickled)
     with pytest.raises((ValueError, TypeError), match="obj.pt"):
