@@ -191,7 +191,7 @@ def test_global_latent_gets_the_joint_evidence(tmp_path, points, capsys):
     run = tmp_path / "g"
     assert _train(points, run, 15, "--lr", "0.1", model=f"{src}:model", guide=f"{src}:guide") == 0
     from ppgen.infer.evidence_report import EvidenceConfig
-    from ppgen.user_models import model_evidence_report
+    from ppgen.user_model_eval import model_evidence_report
 
     with pytest.raises(ValueError, match="joint_log_evidence"):  # no outer draws asked: refused, with the way out
         model_evidence_report(run, EvidenceConfig(samples=10), num_outer=None)

@@ -71,7 +71,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     family = Run(args.run, resume=True).load_config().get("family")
     if family == "model":  # a declared model: observed sites drawn under poutine.uncondition
-        from ppgen.user_models import sample_model_run
+        from ppgen.user_model_eval import sample_model_run
 
         draws, written = sample_model_run(args.run, args.n, args.out, args.seed, args.device)
         print(f"wrote {args.n} draws of {', '.join(draws)} to {written}")
@@ -180,7 +180,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
     )
     if _family(args.run) == "model":  # a declared model (ppgen train model)
-        from ppgen.user_models import format_joint_report, model_evidence_report
+        from ppgen.user_model_eval import format_joint_report, model_evidence_report
 
         report = model_evidence_report(args.run, config, not args.no_progress, args.outer_samples)
         joint = report["evidence"] == "joint"
@@ -235,9 +235,10 @@ def cmd_variance(args: argparse.Namespace) -> int:
     kwargs["num_draws"] = kwargs.pop("draws")
     # one K: rows and figure keep the estimator names; several: a sweep, labelled "<name> K=<K>"
     kwargs["particles"] = config.particles[0] if len(config.particles) == 1 else list(config.particles)
+    measure = measure_run
     if _family(args.run) == "model":  # a declared model (ppgen train model)
-        from ppgen.user_models import measure_model_run as measure_run
-    results = measure_run(args.run, **kwargs)
+        from ppgen.user_model_eval import measure_model_run as measure
+    results = measure(args.run, **kwargs)
     out = Path(args.run) / "variance"
     out.mkdir(parents=True, exist_ok=True)
     lines, rows = [], []
