@@ -26,9 +26,9 @@ def check_common(out: dict, train_margin: float) -> None:
     assert out["elbo"] > out["elbo_before"] + train_margin
     # ppgen's vectorized IS and Pyro's sequential Importance agree on one datapoint within 3 SE.
     assert abs(out["one_z"]) < 3.0, out
-    # The IS estimate lies above the ELBO of independent draws (the held-out validation ELBO),
-    # within its standard error and the ELBO's own noise.
-    assert out["log_px"] > out["elbo"] - 3 * out["log_px_se"] - 0.5
+    # The IS estimate lies above the ELBO of the same datapoints from independent draws (20
+    # particles each), within its standard error and the ELBO's own noise.
+    assert out["log_px"] > out["part_elbo"] - 3 * out["log_px_se"] - 0.1
 
 
 def test_every_model_has_smoke_and_main():

@@ -72,7 +72,7 @@ def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evide
         out.update(log_px=r.log_px / n_eval, log_px_se=r.stderr / n_eval, khat_untrusted=float(not r.trusted),
                    evidence_n=n_eval, evidence_khat=r.khat)
         # The ELBO of the same datapoints as one data set (the globals' KL shared by them).
-        out["evidence_elbo"] = evaluate_elbo(model, guide, part, num_particles=200, seed=7)
+        out["evidence_elbo"] = out["part_elbo"] = evaluate_elbo(model, guide, part, num_particles=200, seed=7)
         # One datapoint given the globals at the guide's point g*: log p(x_1 | g*), which both
         # ppgen (inner draws) and Pyro's Importance (the model with g* observed) estimate.
         mine = joint_log_evidence(model, guide, one, num_outer=1, num_inner=importance_k, data_plate=data_plate,
@@ -93,10 +93,12 @@ def _evidence(name, model, guide, held_out, out, *, smoke, global_latents, evide
         s = r.summary()
         out.update(log_px=s["log_px"], log_px_se=s["log_px_stderr"], khat_untrusted=s["khat_share_untrusted"],
                    evidence_elbo=s["elbo"], evidence_n=s["n"])
+        # The ELBO of the same datapoints from independent draws (Trace_ELBO, no particle plate).
+        out["part_elbo"] = evaluate_elbo(model, guide, part, num_particles=20, seed=7)
         mine = log_evidence(model, guide, one, importance_k, data_plate=data_plate, seed=1, **evidence_kwargs)
         out["one_ppgen"], out["one_ppgen_se"] = float(mine.log_px[0]), float(mine.stderr[0])
-    print(f"[{name}] IS log p(x) {out['log_px']:.3f} +- {out['log_px_se']:.3f} per datapoint "
-          f"(n = {out['evidence_n']}); k-hat untrusted share {out['khat_untrusted']:.0%}")
+    print(f"[{name}] IS log p(x) {out['log_px']:.3f} +- {out['log_px_se']:.4f} per datapoint "
+          f"(n = {out['evidence_n']}; their ELBO {out['part_elbo']:.3f}); k-hat untrusted share {out['khat_untrusted']:.0%}")
     if not global_latents:
         args, kwargs = _call_args(one)
         with eval_mode(model, guide):
@@ -112,12 +114,13 @@ def run_checks(name: str, model: Callable, guide: Callable, train, held_out, *, 
                epochs: int, lr: float = 1e-3, batch_size: int = 64, estimator: str = "reparam",
                data_plate: str = "data", global_latents: bool = False, evidence_k: int = 500,
                importance_k: int = 2000, autoguide_kwargs: Optional[dict] = None,
-               autoguide_data=None, autoguide_estimator: str = "reparam",
+               autoguide_data=None, autoguide_estimator: str = "reparam", autoguide_svi: Optional[dict] = None,
                gradient_estimators: tuple = ("reparam", "score"), skip: Optional[dict] = None,
                sequential_evidence: Optional[str] = None, seed: int = 0) -> dict:
     """Train, evaluate and compare ``model``/``guide`` with ppgen (module docstring).
 
     :param train: / :param held_out: data in the form the model takes it (tensor, tuple, dict).
+    :param autoguide_svi: ``SVIConfig`` fields that differ for the automatic guide's training.
     :param skip: ``{step: reason}`` for steps ppgen cannot take on this model; each is printed.
     :param sequential_evidence: why the model cannot take ppgen's vectorized particle plate; then
         ``log_evidence`` is asked for its sequential path (``vectorize=False``), or, where this
@@ -172,9 +175,11 @@ def run_checks(name: str, model: Callable, guide: Callable, train, held_out, *, 
         pyro.set_rng_seed(seed)
         auto(*_call_args(_rows(auto_train, slice(0, 2)))[0], **_call_args(_rows(auto_train, slice(0, 2)))[1])
         out["auto_elbo_before"] = evaluate_elbo(model, auto, auto_held)
-        cfg = SVIConfig(estimator=autoguide_estimator, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+        cfg = SVIConfig(**{"estimator": autoguide_estimator, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                           "seed": seed, **(autoguide_svi or {})})
         out["auto_elbo"] = train_svi(model, auto, auto_train, auto_held, cfg, progress=False,
                                      data_plate=data_plate).val_elbo
         print(f"[{name}] AmortizedGuide held-out ELBO {out['auto_elbo_before']:.2f} -> {out['auto_elbo']:.2f}")
     out["seconds"] = time.perf_counter() - start
+    print(f"[{name}] {out['seconds']:.1f} s in all")
     return out

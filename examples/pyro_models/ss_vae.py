@@ -94,7 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                      lr=3e-3, estimator="enum", gradient_estimators=("enum", "score-discrete"),
                      autoguide_estimator="enum", importance_k=1000 if args.smoke else 5000)
     # log p(x, y) of labelled held-out images can be no larger than log p(x) of the same images.
-    r = log_evidence(model, guide, (data.val[:50], one_hot(data.val_labels[:50])), 500).summary()
+    n = out["evidence_n"]  # the held-out images whose log p(x) run_checks estimated
+    r = log_evidence(model, guide, (data.val[:n], one_hot(data.val_labels[:n])), 500).summary()
     out["log_pxy"], out["log_pxy_se"] = r["log_px"], r["log_px_stderr"]
     out["accuracy"] = float((ss_vae.classify(data.val) == data.val_labels).float().mean())
     print(f"[ss_vae] labelled held-out log p(x, y) {out['log_pxy']:.3f} +- {out['log_pxy_se']:.3f}; "
