@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 X_DIM, Z_DIM, HIDDEN = 64, 4, 64
