@@ -107,9 +107,6 @@ def load(name: str):
     return module
 
 
-@pytest.mark.xfail(strict=True, reason="defect: train_svi with SVIConfig(particles > 1) runs ProdLDA's decoder "
-                   "BatchNorm1d on (K, B, V) values; with B = V it silently normalises over the wrong axis "
-                   "(no check like log_evidence's, no warning)")
 def test_prodlda_vectorized_particles_are_checked():
     import warnings
 
@@ -128,9 +125,6 @@ def test_prodlda_vectorized_particles_are_checked():
     assert any("particle" in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: train_svi with SVIConfig(particles > 1) on the CVAE, whose "
-                   "torch.cat([zs, xs]) cannot take the particle plate, ends in torch's 'Tensors must have same "
-                   "number of dimensions: got 3 and 2', not a ppgen error naming the particle plate or particles=1")
 def test_cvae_vectorized_particles_error_speaks_to_the_user():
     from ppgen import SVIConfig, load_dataset, train_svi
 
@@ -139,3 +133,7 @@ def test_cvae_vectorized_particles_error_speaks_to_the_user():
     train = (m.mask_quadrants(data.train[:128]), data.train[:128])
     with pytest.raises(ValueError, match="particle"):
         train_svi(m.model, m.guide, train, None, SVIConfig(epochs=1, batch_size=64, particles=2), progress=False)
+    from ppgen.infer.variance import gradient_stats
+
+    with pytest.raises(ValueError, match="particle"):  # the gradient statistics refuse it the same way
+        gradient_stats(m.model, m.guide, train, ["reparam"], num_draws=2, reference_draws=2, warmup=0, particles=2)

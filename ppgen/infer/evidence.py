@@ -54,20 +54,17 @@ import warnings
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
-from pyro import poutine
 
 from ppgen.infer.batches import as_batch, slice_arguments
 from ppgen.infer.networks import eval_mode
 from ppgen.infer.traces import (
     DATA,
-    DataPlate,
     check_positive_int,
-    check_same_latents,
     find_data_plate,
-    log_density,
     log_weights_of,
-    particle_sites,
     per_datapoint_log_weights,
+    sequential_log_weights,
+    vectorization_problem,
 )
 from ppgen.runs import seeded
 
@@ -271,72 +268,6 @@ def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict
 VECTORIZED, SEQUENTIAL = "vectorized", "sequential"
 
 
-def _sequential_log_weights(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int, plate: str,
-                            replay=None) -> tuple[torch.Tensor, dict]:
-    """Log weights ``(B,)`` of one particle: one ordinary trace of the guide (replaying ``replay``
-    if given) and of the model on it, no particle plate; every site summed per datapoint exactly as
-    the vectorized path does (masks honoured, scales ignored). Also returns the guide's draws
-    ``{site name: its guide-trace site}``."""
-    full = nesting + 1
-    proposal = guide if replay is None else poutine.replay(guide, trace=replay)
-    with DataPlate(plate):
-        g = poutine.trace(proposal).get_trace(*args, **kwargs)
-        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*args, **kwargs)
-    check_same_latents(g, m)
-    log_p, _, size = log_density(m, full, 1, observed=True)
-    log_q, _, _ = log_density(g, full, 1, observed=False)
-    draws = {name: dict(site) for name, site in particle_sites(g, observed=False)}
-    m.nodes.clear()
-    g.nodes.clear()
-    if size is None:
-        raise ValueError(f"the model has no sample site inside a pyro.plate({plate!r}, ...)")
-    return torch.as_tensor(log_p - log_q).reshape(-1), draws
-
-
-def _vectorization_problem(model: Callable, guide: Callable, args: tuple, kwargs: dict, nesting: int, plate: str,
-                           size: int, device: torch.device) -> tuple[bool, Optional[str]]:
-    """``(sequential_runs, problem)``: whether an ordinary trace of the chunk runs, and why the
-    vectorized log weights of this chunk cannot be trusted (``None`` if they can).
-
-    One guide draw is scored by an ordinary trace and, repeated over two particles, by the
-    particle plate; both run off the caller's random stream. They must agree to about the square
-    root of the unit roundoff (relative). If the ordinary trace itself fails there is nothing to
-    compare with, and no loop to fall back on: ``(False, None)``."""
-    full = nesting + 1
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            one, draws = _sequential_log_weights(model, guide, args, kwargs, nesting, plate)
-        except Exception:
-            return False, None
-        replay = poutine.Trace()
-        for name, site in draws.items():
-            value = site["value"]
-            batch_dims = value.ndim - len(getattr(site["fn"], "event_shape", ()))
-            if batch_dims >= full:  # more batch dims than plates: the vectorized pass will say so
-                return True, None
-            value = value.reshape((1,) * (full - batch_dims) + tuple(value.shape))
-            replay.add_node(name, **dict(site, value=value.expand(2, *value.shape[1:])))
-        try:
-            two, _ = log_weights_of(model, guide, args, kwargs, 2, nesting, data_plate=plate, replay=replay)
-        except Exception as error:
-            return True, f"{type(error).__name__}: {error}"
-    if tuple(two.shape) != (2, size) or tuple(one.shape) != (size,):
-        return True, (f"log weights of shape {tuple(two.shape)} for 2 particles of {size} datapoints "
-                      f"(expected {(2, size)})")
-    # the coarser of the two dtypes the model computed in sets the tolerance
-    eps = max((torch.finfo(t.dtype).eps for t in (one, two) if t.is_floating_point()),
-              default=torch.finfo(torch.float32).eps)
-    one, two = one.double().cpu(), two.double().cpu()
-    gap = (two - one).abs()
-    bad = ~((gap <= math.sqrt(eps) * (1.0 + one.abs())) | (two == one))
-    if bad.any():
-        where = int(bad.any(0).nonzero()[0])
-        return True, (f"the same draw scores {float(two[0, where]):.6g} with the particle plate but "
-                      f"{float(one[where]):.6g} without it (datapoint {where} of the chunk): the model "
-                      f"mixes the particle dimension into its computation")
-    return True, None
-
-
 def _vectorized_chunk(model, guide, args, kwargs, num_samples, particle_chunk, nesting, plate, size):
     """Log weights ``(B, K)`` (float64, CPU) by particle plates of ``particle_chunk``, and the unit
     roundoff of the dtype the model computed in."""
@@ -363,7 +294,7 @@ def _sequential_chunk(model, guide, args, kwargs, num_samples, nesting, plate, s
     log_w = torch.empty(size, num_samples, dtype=torch.float64)
     rounding = 0.0
     for k in range(num_samples):
-        lw, _ = _sequential_log_weights(model, guide, args, kwargs, nesting, plate)
+        lw, _ = sequential_log_weights(model, guide, args, kwargs, nesting, plate)
         if lw.shape != (size,):
             raise ValueError(
                 f"the {plate!r} plate gives log weights of shape {tuple(lw.shape)} but the chunk has {size} "
@@ -384,7 +315,7 @@ def _chunk_log_weights(model, guide, args, kwargs, num_samples, particle_chunk, 
     if path != SEQUENTIAL:
         fallback = vectorize is None
         if fallback:
-            fallback, problem = _vectorization_problem(*common, nesting, plate, size, device)
+            fallback, problem = vectorization_problem(*common, nesting, plate, size, device)
         if problem is None:
             state = _rng_state(device)
             try:

@@ -28,7 +28,7 @@ from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
 from ppgen.infer.batches import Batch, as_batch
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, find_data_plate
+from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, check_vectorizable, find_data_plate
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -235,6 +235,9 @@ def make_svi_step(
                             required=scale != 1.0)
     plate, nesting = found.data_plate or data_plate, found.nesting
     elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
+    if getattr(elbo, "vectorize_particles", False) and found.data_plate is not None:
+        check_vectorizable(model, guide, example.args, example.kwargs, nesting, plate, example.size,
+                           example.device, f"estimator {config.estimator!r} with {config.particles} particle(s)")
     train_guide = prepare_guide(config.estimator, guide)
     with poutine.trace(param_only=True) as capture, torch.no_grad():
         Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)

@@ -63,7 +63,7 @@ from pyro.infer import Trace_ELBO
 
 from ppgen.infer.batches import as_batch
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.traces import DATA, DataPlate, find_data_plate
+from ppgen.infer.traces import DATA, DataPlate, check_vectorizable, find_data_plate
 
 __all__ = ["GradientStats", "gradient_stats", "param_groups", "format_table"]
 
@@ -278,13 +278,17 @@ def gradient_stats(
         else:
             raise TypeError(f"reference must be 'reparam' or a dict, got {type(reference).__name__}")
         nesting = found.nesting if max(counts) > 1 else None
-        means, variances, rows = {}, {}, []
+        means, variances, rows, checked = {}, {}, [], False
         for est in estimators:
             for k in counts:
                 label = f"{est} K={k}" if sweep else est
                 with _store_as_found():  # this estimator's baselines start from the caller's store
                     torch.manual_seed(seed)
                     elbo = make_elbo(est, k, k > 1, nesting if k > 1 else None)
+                    if getattr(elbo, "vectorize_particles", False) and found.data_plate is not None and not checked:
+                        check_vectorizable(model, guide, args, kwargs, found.nesting, plate, data.size, device,
+                                           f"estimator {est!r} with {k} particle(s)")
+                        checked = True
                     prepared = prepare_guide(est, guide)
                     for _ in range(warmup):
                         _draw(elbo, model, prepared, args, params, kwargs, plate)
