@@ -57,14 +57,13 @@ import torch
 
 from ppgen.infer.batches import as_batch, slice_arguments
 from ppgen.infer.networks import eval_mode
+from ppgen.infer.particles import sequential_log_weights, vectorization_problem
 from ppgen.infer.traces import (
     DATA,
     check_positive_int,
     find_data_plate,
     log_weights_of,
     per_datapoint_log_weights,
-    sequential_log_weights,
-    vectorization_problem,
 )
 from ppgen.runs import seeded
 

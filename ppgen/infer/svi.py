@@ -28,7 +28,8 @@ from ppgen.devices import Distributed, adam, distributed, resolve_device
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
 from ppgen.infer.batches import Batch, as_batch
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, check_vectorizable, find_data_plate
+from ppgen.infer.particles import check_vectorizable
+from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, find_data_plate
 from ppgen.runs import (
     Interrupted,
     Run,

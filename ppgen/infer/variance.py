@@ -63,7 +63,8 @@ from pyro.infer import Trace_ELBO
 
 from ppgen.infer.batches import as_batch
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.traces import DATA, DataPlate, check_vectorizable, find_data_plate
+from ppgen.infer.particles import check_vectorizable
+from ppgen.infer.traces import DATA, DataPlate, find_data_plate
 
 __all__ = ["GradientStats", "gradient_stats", "param_groups", "format_table"]
 
