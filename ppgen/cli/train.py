@@ -14,23 +14,30 @@ from ppgen.cli.common import (
     data_config,
 )
 
-# --------------------------------------------------------------------------- train vae
 
 
-def add_train_vae(sub) -> None:
+def add_svi_flags(p) -> None:
+    """The SVI loop's flags shared by ``ppgen train vae`` and ``ppgen train model``."""
     from ppgen.infer.estimators import ESTIMATORS
 
-    p = sub.add_parser("vae", help="train a VAE by SVI", description="Train a VAE by SVI.")
-    add_data_flags(p)
-    p.add_argument("--latent-dim", type=positive_int, default=20)
-    p.add_argument("--hidden", type=int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
-    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
     p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
     p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep checkpoints/epoch-NNN.pt for every epoch (for ppgen variance --checkpoints all)")
     p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
                    help="on a NaN/Inf loss: stop the run (default) or skip that update")
+
+
+# --------------------------------------------------------------------------- train vae
+
+
+def add_train_vae(sub) -> None:
+    p = sub.add_parser("vae", help="train a VAE by SVI", description="Train a VAE by SVI.")
+    add_data_flags(p)
+    p.add_argument("--latent-dim", type=positive_int, default=20)
+    p.add_argument("--hidden", type=int_list, default=(400,), help="hidden widths, e.g. 400 or 512,256")
+    p.add_argument("--arch", default="mlp", choices=["mlp", "conv"])
+    add_svi_flags(p)
     add_vae_zoo_flags(p)
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_vae)
@@ -251,7 +258,6 @@ def cmd_train_score(args: argparse.Namespace) -> int:
 
 def add_train_model(sub) -> None:
     from ppgen.data import BINARIZATIONS, DATASETS
-    from ppgen.infer.estimators import ESTIMATORS
     from ppgen.models.posteriors import POSTERIORS
 
     p = sub.add_parser(
@@ -285,12 +291,7 @@ def add_train_model(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "keep"],
                    help="cast floating-point data to float32 (default; numpy saves float64) or float64, or keep it")
     p.add_argument("--no-download", action="store_true", help="never download data")
-    p.add_argument("--estimator", default="reparam", help=f"one of: {', '.join(ESTIMATORS)}")
-    p.add_argument("--particles", type=positive_int, default=1, help="samples per gradient estimate")
-    p.add_argument("--keep-checkpoints", action="store_true",
-                   help="keep checkpoints/epoch-NNN.pt for every epoch (for ppgen variance --checkpoints all)")
-    p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
-                   help="on a NaN/Inf loss: stop the run (default) or skip that update")
+    add_svi_flags(p)
     p.add_argument("--allow-changed-files", action="store_true",
                    help="--resume even if the model, guide or data file changed (warns; records the new digests)")
     add_loop_flags(p)
