@@ -42,7 +42,7 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
         :func:`ppgen.joint_log_evidence`), or global latents with dict data.
     """
     from ppgen.infer.evidence import log_evidence
-    from ppgen.infer.evidence_report import plot_khat, plot_ladder
+    from ppgen.infer.evidence_report import write_report
 
     model, guide, run_config, data = load_model_run(path, config.device)
     split = getattr(data, config.split)
@@ -66,32 +66,19 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
               "is_seconds": time.perf_counter() - t0}
     if config.ais_steps > 0:
         report.update(_ais(model, split, r, config, run_config))
-    out = Path(path)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_ladder(report, out / "figures" / "iwae_ladder.png")
-    plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
+    write_report(report, r, path)
     return report
 
 
 def _ais(model: Callable, data: Any, r, config, run_config: ModelRunConfig) -> dict:
     """The ``"ais"`` and ``"bdmc"`` entries of an evidence report, as ``ppgen evidence`` writes
     them for a VAE run (:func:`ppgen.infer.ais.ais_log_evidence`, :func:`ppgen.infer.ais.bdmc`)."""
-    from ppgen.infer.ais import ais_log_evidence, bdmc
+    from ppgen.infer.evidence_report import ais_entries
 
     if not isinstance(data, torch.Tensor) or run_config.data_plate != "data":
         raise ValueError("AIS (--ais-steps) takes a model(x) on one data tensor with its datapoints in "
                          "pyro.plate('data', ...); this run's data or plate differs: leave out --ais-steps")
-    sub = data[: config.ais_limit]
-    t0 = time.perf_counter()
-    a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed)
-    b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
-    return {
-        "ais": {"n": len(sub), "log_px": float(a.log_px.mean()), "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
-                "elbo_same_points": float(r.elbo[: len(sub)].mean()), "accept": float(a.accept.mean()),
-                "seconds": time.perf_counter() - t0},
-        "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap},
-    }
+    return ais_entries(model, data, r, config)
 
 
 def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:

@@ -63,26 +63,38 @@ def evidence_report(
     )
     report = {"config": dataclasses.asdict(config), **r.summary(), "is_seconds": time.perf_counter() - t0}
     if config.ais_steps > 0:
-        sub = data[: config.ais_limit]
-        t0 = time.perf_counter()
-        a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed)
-        report["ais"] = {
-            "n": len(sub),
-            "log_px": float(a.log_px.mean()),
-            "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
-            "elbo_same_points": float(r.elbo[: len(sub)].mean()),
-            "accept": float(a.accept.mean()),
-            "seconds": time.perf_counter() - t0,
-        }
-        b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
-        report["bdmc"] = {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}
+        report.update(ais_entries(model, data, r, config))
     if out is not None:
-        out = Path(out)
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
-        plot_ladder(report, out / "figures" / "iwae_ladder.png")
-        plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
+        write_report(report, r, out)
     return report
+
+
+def ais_entries(model, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
+    """The ``"ais"`` and ``"bdmc"`` entries of an evidence report: AIS and BDMC on the first
+    ``config.ais_limit`` datapoints of ``data``, next to the IS result ``r`` on the same points."""
+    sub = data[: config.ais_limit]
+    t0 = time.perf_counter()
+    a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed)
+    ais = {
+        "n": len(sub),
+        "log_px": float(a.log_px.mean()),
+        "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
+        "elbo_same_points": float(r.elbo[: len(sub)].mean()),
+        "accept": float(a.accept.mean()),
+        "seconds": time.perf_counter() - t0,
+    }
+    b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
+    return {"ais": ais, "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}}
+
+
+def write_report(report: dict, r, out: Union[str, Path]) -> None:
+    """``out/evidence.json`` and the figures ``out/figures/{iwae_ladder,khat}.png`` of ``report``
+    and its IS result ``r``."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_ladder(report, out / "figures" / "iwae_ladder.png")
+    plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
 
 
 def format_report(report: dict) -> str:
