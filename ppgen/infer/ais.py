@@ -31,6 +31,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
+from ppgen.infer.evidence import log_mean_exp
 from ppgen.infer.traces import _PARTICLES, _data_frame, _plate_nesting, check_positive_int
 from ppgen.runs import seeded
 
@@ -180,12 +181,6 @@ def _run(target, z, lik, betas, step_size, leapfrog, target_accept):
     return log_w, torch.stack(accepts).mean(0), eps.double().cpu()
 
 
-def _summarize(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = log_w.shape[0]
-    w = torch.exp(log_w - log_w.max(0, keepdim=True).values)
-    return (torch.logsumexp(log_w, 0) - math.log(k)).cpu(), (w.std(0, unbiased=False) / w.mean(0) / math.sqrt(k)).cpu()
-
-
 @torch.no_grad()
 def ais_log_evidence(
     model: Callable,
@@ -232,15 +227,15 @@ def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, 
             z = {n: tr.nodes[n]["value"] for n in target.latents}
             _, lik = target.parts(z)
             log_w, acc, eps = _run(target, z, lik, betas, step_size, leapfrog, target_accept)
-            for key, value in zip(("log_px", "stderr"), _summarize(log_w)):
-                out[key].append(value)
+            for key, value in zip(("log_px", "stderr"), log_mean_exp(log_w, 0)):
+                out[key].append(value.cpu())
             out["accept"].append(acc)
             out["step_size"].append(eps)
             if reverse:
                 z = {n: v.expand(k, *v.shape) for n, v in z_star.items()}
                 _, lik = target.parts(z)
                 log_w, _, _ = _run(target, z, lik, betas.flip(0), step_size, leapfrog, target_accept)
-                out["upper"].append(-_summarize(log_w)[0])
+                out["upper"].append(-log_mean_exp(log_w, 0)[0].cpu())
     if reverse:
         return BDMCResult(torch.cat(out["sims"]), torch.cat(out["log_px"]), torch.cat(out["upper"]))
     return AISResult(*(torch.cat(out[key]) for key in ("log_px", "stderr", "accept", "step_size")))

@@ -75,6 +75,7 @@ __all__ = [
     "khat_threshold",
     "khat_untrusted",
     "kish_ess",
+    "log_mean_exp",
     "iwae_ladder_sizes",
 ]
 
@@ -247,16 +248,22 @@ def iwae_ladder_sizes(num_samples: int) -> list[int]:
     return sizes
 
 
+def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance-sampling estimate ``log mean_k w_k`` along ``dim`` of log weights ``log_w``,
+    and its delta-method standard error ``sd(w) / (sqrt(K) mean(w))`` (computed with the largest
+    weight scaled to 1, so nothing overflows). Shared by IS, AIS and nested IS."""
+    k = log_w.shape[dim]
+    w = torch.exp(log_w - log_w.max(dim, keepdim=True).values)
+    return torch.logsumexp(log_w, dim) - math.log(k), w.std(dim, unbiased=False) / w.mean(dim) / math.sqrt(k)
+
+
 def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict:
     """Per-datapoint statistics of log weights of shape ``(B, K)`` (float64), computed by
     arithmetic of unit roundoff ``rounding``."""
-    k = log_w.shape[-1]
-    lse = torch.logsumexp(log_w, -1)
-    w = torch.exp(log_w - log_w.max(-1, keepdim=True).values)  # <= 1, largest is 1
-    ratio = w.std(-1, unbiased=False) / w.mean(-1)
+    log_px, stderr = log_mean_exp(log_w)
     return {
-        "log_px": lse - math.log(k),
-        "stderr": ratio / math.sqrt(k),
+        "log_px": log_px,
+        "stderr": stderr,
         "ess": kish_ess(log_w),
         "khat": psis_khat(log_w, rounding),
         "elbo": log_w.mean(-1),

@@ -75,7 +75,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.batches import slice_arguments
-from ppgen.infer.evidence import khat_threshold, kish_ess, psis_khat
+from ppgen.infer.evidence import khat_threshold, kish_ess, log_mean_exp, psis_khat
 from ppgen.infer.traces import check_positive_int, plate_nesting_from, trace_particles
 from ppgen.runs import seeded
 
@@ -311,12 +311,6 @@ def _inner_log_weights(
     return total.expand(num_inner, num_outer, len(x))
 
 
-def _delta_stderr(log_w: torch.Tensor) -> torch.Tensor:
-    """``sd(w) / (sqrt(M) mean(w))`` along the last axis of log weights (``M`` weights)."""
-    w = torch.exp(log_w - log_w.max(-1, keepdim=True).values)
-    return w.std(-1, unbiased=False) / w.mean(-1) / math.sqrt(log_w.shape[-1])
-
-
 def _inner_pass(model, guide, data, args, kwargs, globals_tr, num_outer, num_inner, batch_size, full_outer, data_plate):
     """Sum over datapoints of ``log p^(x_n | g_s)`` ``(S_c,)``, the variance of that sum from the
     inner draws ``(S_c,)``, and the per-datapoint terms ``(S_c, N)``."""
@@ -329,8 +323,9 @@ def _inner_pass(model, guide, data, args, kwargs, globals_tr, num_outer, num_inn
             globals_tr, num_outer, num_inner, full_outer, data_plate,
         ).cpu()  # (K, S_c, B)
         lw = lw.permute(1, 2, 0)  # (S_c, B, K)
-        per_point.append(torch.logsumexp(lw, -1) - math.log(num_inner))
-        per_point_se.append(_delta_stderr(lw))
+        log_p, se = log_mean_exp(lw)
+        per_point.append(log_p)
+        per_point_se.append(se)
     log_p, se = torch.cat(per_point, -1), torch.cat(per_point_se, -1)
     return log_p.sum(-1), se.pow(2).sum(-1), log_p, se
 
@@ -451,9 +446,10 @@ def joint_log_evidence(
         inner_var = [torch.full_like(v, math.nan) for v in inner_var]
         at_point_se = torch.full_like(at_point_se, math.nan)
     rounding = rounding or torch.finfo(torch.float64).eps
+    log_px, stderr = log_mean_exp(log_w)
     return JointEvidenceResult(
-        log_px=float(torch.logsumexp(log_w, 0) - math.log(num_outer)),
-        stderr=float(_delta_stderr(log_w)),
+        log_px=float(log_px),
+        stderr=float(stderr),
         ess=float(kish_ess(log_w)),
         khat=float(psis_khat(log_w, rounding)),
         khat_threshold=khat_threshold(num_outer) if num_outer >= 10 else None,
