@@ -58,6 +58,7 @@ import torch
 from ppgen.infer.batches import as_batch, slice_arguments
 from ppgen.infer.networks import eval_mode
 from ppgen.infer.particles import sequential_log_weights, vectorization_problem
+from ppgen.infer.proposals import as_proposal, local_pair, proposal_log_weights
 from ppgen.infer.traces import (
     DATA,
     check_positive_int,
@@ -95,6 +96,9 @@ class EvidenceResult(NamedTuple):
         chunk, ``note`` saying from which datapoint on), see :func:`log_evidence`'s ``vectorize``.
     :param note: why the sequential loop was taken when it was not asked for (the vectorized
         pass's error or mismatch), else ``None``.
+    :param proposal: the proposal's name (``"guide"``: the guide's own traces).
+    :param local: per-datapoint ``(N,)`` statistics the proposal found (a refined one: ``elbo_q``,
+        ``elbo_qstar`` and their ``_se``; :mod:`ppgen.infer.proposals`), else ``None``.
     """
 
     log_px: torch.Tensor
@@ -106,6 +110,8 @@ class EvidenceResult(NamedTuple):
     num_samples: int
     path: str = "vectorized"
     note: Optional[str] = None
+    proposal: str = "guide"
+    local: Optional[dict] = None
 
     def summary(self) -> dict:
         """Dataset-level numbers (nats per datapoint) as plain floats."""
@@ -125,6 +131,7 @@ class EvidenceResult(NamedTuple):
             "khat_share_untrusted": float(khat_untrusted(self.khat, self.num_samples).double().mean()),
             "ladder": {str(k): v for k, v in self.ladder.items()},
             "path": self.path,
+            "proposal": self.proposal,
         }
 
 
@@ -358,6 +365,7 @@ def log_evidence(
     progress: bool = False,
     data_plate: str = DATA,
     vectorize: Optional[bool] = None,
+    proposal=None,
     **kwargs,
 ) -> EvidenceResult:
     """Importance-sampled ``log p(x_n)`` for every datapoint of ``data`` (Burda et al. 2016).
@@ -390,6 +398,11 @@ def log_evidence(
         ``False``: the sequential loop over particles (one ordinary trace of the chunk each): for
         models that cannot take a particle dimension (BatchNorm on the latent, boolean-mask
         indexing, Python control flow on values).
+    :param proposal: ``None`` or ``"guide"`` (default): draw from the guide's traces, as above.
+        Else a :class:`ppgen.infer.proposals.Proposal` (``Refined()``, ``Widened(Refined(), 1.25)``,
+        ``StudentT``, ``Defensive``) for a model with one local latent site: its draws are
+        vectorized (``vectorize=False`` is refused) and its per-datapoint statistics land in
+        :attr:`EvidenceResult.local`.
     :returns: :class:`EvidenceResult`; its ``path`` says which way the particles were drawn.
     """
     batch = as_batch(data, "data", model)
@@ -403,6 +416,11 @@ def log_evidence(
     if vectorize not in (None, True, False):
         raise TypeError(f"vectorize must be None (try, then fall back), True or False, got {vectorize!r}")
     path = {None: None, True: VECTORIZED, False: SEQUENTIAL}[vectorize]  # None: not yet decided
+    proposal = as_proposal(proposal)
+    if proposal is not None and vectorize is False:
+        raise ValueError("vectorize=False draws the guide's particles one trace at a time; a proposal object "
+                         "draws vectorized particles only: pass proposal=None for a model that cannot take them")
+    pair = None
     note = None
     with seeded(seed, batch.device), eval_mode(model, guide):
         parts: dict = {}
@@ -420,9 +438,19 @@ def log_evidence(
             if plate is None:  # found once, on the first chunk, off the random stream
                 found = find_data_plate(model, guide, call_args, call_kwargs, chunk.size, data_plate)
                 plate, nesting = found.data_plate, found.nesting
-            log_w, rounding, path, problem = _chunk_log_weights(
-                model, guide, call_args, call_kwargs, num_samples, particle_chunk, nesting, plate, chunk.size,
-                batch.device, vectorize, path)
+                if proposal is not None:
+                    pair = local_pair(model, guide, call_args, call_kwargs, plate, nesting)
+            if proposal is not None:
+                prepared = proposal.prepare(pair, call_args, call_kwargs)
+                log_w, rounding = proposal_log_weights(pair, prepared, call_args, call_kwargs, num_samples,
+                                                       particle_chunk)
+                for key, value in prepared.stats.items():
+                    parts.setdefault("local." + key, []).append(value.detach().double().cpu())
+                path, problem = VECTORIZED, None
+            else:
+                log_w, rounding, path, problem = _chunk_log_weights(
+                    model, guide, call_args, call_kwargs, num_samples, particle_chunk, nesting, plate, chunk.size,
+                    batch.device, vectorize, path)
             if problem is not None:
                 note = (f"vectorized particles failed on datapoints {i}..{i + chunk.size - 1} ({problem}); "
                         "drew the particles sequentially (vectorize=False) from here on")
@@ -432,7 +460,9 @@ def log_evidence(
                 parts.setdefault(key, []).append(value)
     ladder_means = {j: float(sum(p[j] for p in parts["ladder"]) / n) for j in ladder}
     out = {key: torch.cat(parts[key]) for key in ("log_px", "stderr", "ess", "khat", "elbo")}
-    return EvidenceResult(ladder=ladder_means, num_samples=num_samples, path=path or VECTORIZED, note=note, **out)
+    local = {key[6:]: torch.cat(v) for key, v in parts.items() if key.startswith("local.")} or None
+    return EvidenceResult(ladder=ladder_means, num_samples=num_samples, path=path or VECTORIZED, note=note,
+                          proposal="guide" if proposal is None else proposal.name, local=local, **out)
 
 
 def _rng_state(device: torch.device) -> tuple:
