@@ -4,8 +4,9 @@
   mean exact data log-density of the samples.
 - Images: Frechet distance in the feature space of a small classifier that ppgen trains on the
   same dataset and caches (the usual MNIST-family stand-in for the Inception FID of Heusel et
-  al. 2017), and the Parzen-window log-likelihood of Goodfellow et al. 2014 (bandwidth chosen on
-  validation data).
+  al. 2017); in the same feature space, precision and recall (Kynkaenniemi et al. 2019) and the
+  label balance of the samples (:mod:`ppgen.metrics_pr`); and the Parzen-window log-likelihood
+  of Goodfellow et al. 2014 (bandwidth chosen on validation data).
 
 - Any generator ``z -> x``: annealed-importance-sampling log-likelihood with Gaussian observation
   noise (Wu et al. 2017), through :func:`ppgen.infer.ais.ais_log_evidence`.
@@ -23,11 +24,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppgen.data import TOY_RADIUS, TOY_STD, DataConfig, Dataset, default_data_dir, toy_log_density
+from ppgen.metrics_pr import label_histogram, precision_recall, total_variation
 from ppgen.nets import mlp
 
 __all__ = [
     "mode_coverage", "toy_log_likelihood", "frechet_distance", "FeatureClassifier", "feature_classifier",
-    "classifier_frechet_distance", "parzen_log_likelihood", "choose_parzen_bandwidth", "parzen_evaluation",
+    "classifier_frechet_distance", "classifier_metrics", "parzen_log_likelihood", "choose_parzen_bandwidth", "parzen_evaluation",
     "RUN_SAMPLERS", "image_metrics", "run_metrics", "generator_model", "generator_ais_log_likelihood",
 ]
 
@@ -162,6 +164,40 @@ def classifier_frechet_distance(classifier: FeatureClassifier, samples: torch.Te
     return frechet_distance(classifier.features(samples.to(device)).cpu(), classifier.features(reference.to(device)).cpu())
 
 
+@torch.no_grad()
+def _features_and_labels(classifier: FeatureClassifier, x: torch.Tensor, chunk: int = 4096):
+    """Features ``(N, F)`` and predicted classes ``(N,)`` of ``x`` (N, D), on the classifier's device."""
+    device = next(classifier.parameters()).device
+    feats, labels = [], []
+    for b in range(0, x.shape[0], chunk):
+        f = classifier.features(x[b : b + chunk].to(device))
+        feats.append(f)
+        labels.append(classifier.head(f).argmax(1))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def classifier_metrics(classifier: FeatureClassifier, samples: torch.Tensor, reference: torch.Tensor,
+                       k: int = 3) -> dict:
+    """Everything measured in the classifier's feature space for ``samples`` (N, D) against
+    ``reference`` (M, D), features computed once on the classifier's device:
+
+    - ``frechet_distance`` (lower is better);
+    - ``precision``, ``recall`` (Kynkaenniemi et al. 2019, ``k``-NN manifolds; ``pr_k``);
+    - ``label_tv``: total variation between the predicted-class shares of the samples
+      (``label_hist_samples``) and of the reference (``label_hist_data``), in [0, 1].
+    """
+    _check_2d(samples, "samples", classifier.x_dim)
+    _check_2d(reference, "reference", classifier.x_dim)
+    f_s, y_s = _features_and_labels(classifier, samples)
+    f_r, y_r = _features_and_labels(classifier, reference)
+    pr = precision_recall(f_r, f_s, k)
+    classes = classifier.head.out_features
+    h_s, h_r = label_histogram(y_s, classes), label_histogram(y_r, classes)
+    return {"frechet_distance": frechet_distance(f_s.cpu(), f_r.cpu()), "precision": pr.precision,
+            "recall": pr.recall, "pr_k": k, "label_tv": total_variation(h_s, h_r),
+            "label_hist_samples": h_s.tolist(), "label_hist_data": h_r.tolist()}
+
+
 # --------------------------------------------------------------------------- Parzen windows
 
 
@@ -254,13 +290,16 @@ RUN_SAMPLERS = {"vae": _vae_samples, "gan": _gan_samples, "score": _score_sample
 
 def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
                   device: str = "cpu") -> dict:
-    """Classifier Frechet distance to the test split and Parzen log-likelihood of the test split
-    (bandwidth chosen on ``n_val`` validation images) for ``samples`` (N, D) of grey levels."""
+    """For ``samples`` (N, D) of grey levels against the test split: :func:`classifier_metrics`
+    (Frechet distance, precision, recall, label balance), the same for the validation split as a
+    yardstick (``*_val_vs_test``), and the Parzen log-likelihood of the test split (bandwidth
+    chosen on ``n_val`` validation images)."""
     _check_2d(samples, "samples", data.dim)
     clf, acc = feature_classifier(data, cache_dir, device=device)
     ll, se, sigma = parzen_evaluation(samples.to(device), data.val[:n_val].to(device), data.test.to(device))
-    return {"frechet_distance": classifier_frechet_distance(clf, samples, data.test),
-            "frechet_distance_val_vs_test": classifier_frechet_distance(clf, data.val, data.test),
+    yardstick = classifier_metrics(clf, data.val, data.test)
+    return {**classifier_metrics(clf, samples, data.test),
+            **{f"{key}_val_vs_test": yardstick[key] for key in ("frechet_distance", "precision", "recall", "label_tv")},
             "classifier_test_accuracy": acc, "parzen_log_likelihood": ll, "parzen_stderr": se,
             "parzen_sigma": sigma, "n_samples": samples.shape[0]}
 
