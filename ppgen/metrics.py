@@ -289,7 +289,7 @@ RUN_SAMPLERS = {"vae": _vae_samples, "gan": _gan_samples, "score": _score_sample
 
 
 def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", k: int = 3) -> dict:
     """For ``samples`` (N, D) of grey levels against the test split: :func:`classifier_metrics`
     (Frechet distance, precision, recall, label balance), the same for the validation split as a
     yardstick (``*_val_vs_test``), and the Parzen log-likelihood of the test split (bandwidth
@@ -297,15 +297,15 @@ def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache
     _check_2d(samples, "samples", data.dim)
     clf, acc = feature_classifier(data, cache_dir, device=device)
     ll, se, sigma = parzen_evaluation(samples.to(device), data.val[:n_val].to(device), data.test.to(device))
-    yardstick = classifier_metrics(clf, data.val, data.test)
-    return {**classifier_metrics(clf, samples, data.test),
+    yardstick = classifier_metrics(clf, data.val, data.test, k)
+    return {**classifier_metrics(clf, samples, data.test, k),
             **{f"{key}_val_vs_test": yardstick[key] for key in ("frechet_distance", "precision", "recall", "label_tv")},
             "classifier_test_accuracy": acc, "parzen_log_likelihood": ll, "parzen_stderr": se,
             "parzen_sigma": sigma, "n_samples": samples.shape[0]}
 
 
 def run_metrics(path: Union[str, Path], n: int = 10000, n_val: int = 1000, cache_dir: Union[str, Path, None] = None,
-                seed: int = 0, device: str = "cpu", download: bool = True) -> dict:
+                seed: int = 0, device: str = "cpu", download: bool = True, k: int = 3) -> dict:
     """Sample-quality metrics of the run in ``path`` (any family in :data:`RUN_SAMPLERS`), measured
     against the grey-level test split of the run's dataset (whatever binarization it trained on)."""
     import dataclasses
@@ -317,7 +317,7 @@ def run_metrics(path: Union[str, Path], n: int = 10000, n_val: int = 1000, cache
         raise ValueError(f"{path} holds a run of family {family!r}; metrics exist for {', '.join(RUN_SAMPLERS)}")
     samples, data_config = RUN_SAMPLERS[family](Path(path), n, device, seed)
     data = dataclasses.replace(data_config, binarization="none").load(download)
-    return {"family": family, "dataset": data.name, **image_metrics(samples, data, n_val, cache_dir, device)}
+    return {"family": family, "dataset": data.name, **image_metrics(samples, data, n_val, cache_dir, device, k)}
 
 
 # --------------------------------------------------------------------------- AIS for generators

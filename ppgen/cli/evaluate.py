@@ -96,8 +96,11 @@ def _family(run: str) -> object:
 
 def add_metrics(sub) -> None:
     p = sub.add_parser("metrics", help="sample-quality metrics of a trained run (stored as RUN/metrics.json)",
-                       description="Classifier Frechet distance and Parzen log-likelihood of a run's samples.")
-    p.add_argument("run", help="run directory (family vae or gan)")
+                       description="In a feature classifier's space: Frechet distance, precision and recall "
+                       "(Kynkaenniemi et al. 2019) and label balance of a run's samples against the test split; "
+                       "and the Parzen log-likelihood. Writes RUN/metrics.json and RUN/figures/label_balance.png.")
+    p.add_argument("run", help="run directory (family vae, gan or score)")
+    p.add_argument("--k", type=positive_int, default=3, help="neighbour whose distance sets each ball (precision/recall)")
     p.add_argument("--n", type=positive_int, default=10000, help="samples drawn from the model")
     p.add_argument("--n-val", type=positive_int, default=1000, help="validation images for the Parzen bandwidth")
     p.add_argument("--cache-dir", default=None, help="folder of cached feature classifiers")
@@ -112,11 +115,19 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
     from ppgen.metrics import run_metrics
 
-    result = run_metrics(args.run, args.n, args.n_val, args.cache_dir, args.seed, args.device, not args.no_download)
+    from ppgen.metrics_pr import plot_label_balance
+
+    result = run_metrics(args.run, args.n, args.n_val, args.cache_dir, args.seed, args.device, not args.no_download,
+                         args.k)
     for key, value in result.items():
+        if isinstance(value, list):
+            value = "[" + ", ".join(f"{v:.3f}" for v in value) + "]"
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     (Path(args.run) / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"stored in {Path(args.run) / 'metrics.json'}")
+    png = plot_label_balance({"test set": result["label_hist_data"], f"{result['family']} samples": result["label_hist_samples"]},
+                             Path(args.run) / "figures" / "label_balance.png",
+                             title=f"{args.run}: label total variation {result['label_tv']:.3f}")
+    print(f"stored in {Path(args.run) / 'metrics.json'}; label balance chart {png}")
     return 0
 
 
