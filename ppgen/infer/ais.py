@@ -1,29 +1,43 @@
 """Annealed importance sampling (AIS) of per-datapoint ``log p(x)``, and bidirectional Monte Carlo.
 
-AIS (Neal 2001) moves ``K`` chains per datapoint from the prior ``p(z)`` to the posterior
-``p(z | x)`` through the geometric path ``f_t(z) = p(z) p(x | z)^beta_t``,
-``0 = beta_0 < ... < beta_T = 1``, with one HMC transition per step, and accumulates
+AIS (Neal 2001) moves ``K`` chains per datapoint from a normalized start density ``q(z)`` to the
+posterior ``p(z | x)`` through the geometric path
 
-    log w = sum_t (beta_t - beta_{t-1}) log p(x | z_{t-1}),
+    f_t(z) = q(z)^(1 - beta_t) p(x, z)^beta_t,    0 = beta_0 < ... < beta_T = 1,
+
+with one HMC transition leaving ``f_t`` invariant per step, and accumulates, from ``z_0 ~ q``,
+
+    log w = sum_t (beta_t - beta_{t-1}) [log p(x, z_{t-1}) - log q(z_{t-1})],
 
 an unbiased estimate of ``p(x)`` in ``w``: ``logsumexp_k log w_k - log K`` is a stochastic lower
-bound. Running the same chain backwards from an exact posterior sample gives an unbiased
+bound. By default ``q`` is the prior ``p(z)``, and the path is ``p(z) p(x | z)^beta_t``. With
+``start`` it is a per-datapoint distribution, e.g. the encoder's ``q(z | x)`` or a refined local
+``q*``: the closer ``q`` is to the posterior, the fewer steps reach a given accuracy (Wu et al.
+2017, sec. 5, start from the encoder to evaluate VAEs). An exact posterior start gives every chain
+the weight ``p(x)``, with zero variance at any ``T``. ``q`` must be normalized, real-valued and
+held fixed (its parameters are computed once per datapoint chunk, without gradient); its
+``log_prob`` enters every HMC gradient, so a density that is costly to evaluate at arbitrary
+points (an inverse autoregressive flow inverts sequentially) makes every leapfrog step costly.
+
+Running the same chain backwards from an exact posterior sample to ``q`` gives an unbiased
 estimate of ``1 / p(x)``, hence a stochastic *upper* bound; exact posterior samples are available
 for data simulated from the model, so the pair sandwiches the true ``log p(x)``: bidirectional
 Monte Carlo (Grosse et al. 2015; Wu et al. 2017, "On the quantitative analysis of decoder-based
-generative models", who also adapt the HMC step size toward a target acceptance rate).
+generative models", who also adapt the HMC step size toward a target acceptance rate). With
+``start`` both chains use it: the forward one starts at ``q(z | x*)``, the reverse one ends there.
 
 Works on any Pyro model whose latent sites are real-valued and sit, with the observations, in a
 single ``pyro.plate("data", B)`` (no other plates): the log-densities are read from Pyro traces.
 A latent may be a scalar, a vector or a matrix per datapoint (event shape ``()``, ``(d,)`` or
 ``(d1, d2)``; declare event dims with ``.to_event``). Many datapoints and chains run in parallel
-as one ``(K, B, *event)`` batch.
+as one ``(K, B, *event)`` batch. Networks reachable from the model and ``start`` run in eval mode
+(:func:`ppgen.infer.networks.eval_mode`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import pyro
 import torch
@@ -32,10 +46,14 @@ from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.evidence import log_mean_exp
+from ppgen.infer.networks import eval_mode
 from ppgen.infer.traces import _PARTICLES, _data_frame, _plate_nesting, check_positive_int
 from ppgen.runs import seeded
 
-__all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "ais_log_evidence", "bdmc"]
+__all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "guide_start", "ais_log_evidence", "bdmc"]
+
+# start(x) -> {latent site name: distribution of batch shape (B,)}, see ais_log_evidence.
+Start = Callable[[torch.Tensor], Mapping[str, torch.distributions.Distribution]]
 
 
 class AISResult(NamedTuple):
@@ -84,10 +102,50 @@ def _is_real(support) -> bool:
     return support is constraints.real
 
 
-class _Target:
-    """Per-datapoint ``log p(z)`` and ``log p(x | z)`` of ``model`` read from its traces."""
+def guide_start(guide: Callable) -> Start:
+    """A ``start`` for :func:`ais_log_evidence` from an amortized Pyro guide ``guide(x)``: the
+    distribution of each sample site of one trace of ``guide(x_batch)``, batch shape ``(B,)``
+    (e.g. ``vae.guide``, giving the encoder's ``q(z | x)``)."""
+    if not callable(guide):
+        raise TypeError(f"guide must be callable guide(x), got {type(guide).__name__}")
 
-    def __init__(self, model: Callable, data: torch.Tensor, num_chains: int):
+    def start(x: torch.Tensor) -> dict:
+        with poutine.block(), torch.no_grad():
+            tr = poutine.trace(guide).get_trace(x)
+        return {
+            name: site["fn"] for name, site in tr.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        }
+
+    return start
+
+
+def _start_dists(start: Start, x: torch.Tensor, trace, latents: list) -> dict:
+    """``start(x)`` checked against the model's latent sites in ``trace`` (batch ``B = len(x)``)."""
+    qs = start(x)
+    if not isinstance(qs, Mapping):
+        raise TypeError(f"start(x) must return a dict {{site name: distribution}}, got {type(qs).__name__}")
+    if set(qs) != set(latents):
+        raise ValueError(f"start(x) must give one distribution per latent site {sorted(latents)}, got {sorted(qs)}")
+    for name in latents:
+        q, site = qs[name], trace.nodes[name]["fn"]
+        if not isinstance(q, torch.distributions.Distribution):
+            raise TypeError(f"start(x)[{name!r}] must be a torch Distribution, got {type(q).__name__}")
+        if tuple(q.batch_shape) != (len(x),) or q.event_shape != site.event_shape:
+            raise ValueError(
+                f"start(x)[{name!r}] must have batch shape ({len(x)},) and event shape "
+                f"{tuple(site.event_shape)} (the model's site), got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
+            )
+        if not _is_real(q.support):
+            raise ValueError(f"start(x)[{name!r}] must be a distribution on the reals, got support {q.support}")
+    return {name: qs[name] for name in latents}
+
+
+class _Target:
+    """Per-datapoint log densities of the path's two ends, read from ``model``'s traces: the start
+    ``log q(z)`` (the prior ``log p(z)`` when ``start`` is None) and ``log p(x, z) - log q(z)``."""
+
+    def __init__(self, model: Callable, data: torch.Tensor, num_chains: int, start: Optional[Start] = None):
         self.model, self.data, self.k = model, data, num_chains
         with poutine.block(), torch.no_grad():
             tr = poutine.trace(model).get_trace(data)
@@ -105,14 +163,23 @@ class _Target:
                 self.latents.append(name)
         if not self.latents:
             raise ValueError("the model has no latent sample site")
+        self.start = None if start is None else _start_dists(start, data, tr, self.latents)
 
     def trace(self, z: Optional[dict] = None, data: Optional[torch.Tensor] = None):
         fn = self.model if z is None else poutine.condition(self.model, data=z)
         with pyro.plate(_PARTICLES, self.k, dim=-2):
             return poutine.trace(fn).get_trace(self.data if data is None else data)
 
+    def initial(self) -> dict:
+        """``z_0 ~ q``: one ``(K, B, *event)`` tensor per latent site."""
+        if self.start is None:
+            tr = self.trace()
+            return {n: tr.nodes[n]["value"] for n in self.latents}
+        return {n: q.sample((self.k,)) for n, q in self.start.items()}
+
     def parts(self, z: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log p(z), log p(x | z))``, each of shape ``(K, B)``."""
+        """``(log q(z), log p(x, z) - log q(z))``, each of shape ``(K, B)``; for the prior start
+        ``(log p(z), log p(x | z))``."""
         tr = self.trace(z)
         prior, lik = 0.0, 0.0
         for name, site in tr.nodes.items():
@@ -123,7 +190,10 @@ class _Target:
                 prior = prior + lp
             else:
                 lik = lik + lp
-        return prior, lik
+        if self.start is None:
+            return prior, lik
+        log_q = sum(q.log_prob(z[n]) for n, q in self.start.items())
+        return log_q, prior + lik - log_q
 
 
 def _kinetic(p: dict) -> torch.Tensor:
@@ -133,12 +203,12 @@ def _kinetic(p: dict) -> torch.Tensor:
 
 
 def _hmc(target: _Target, z: dict, beta: float, eps: torch.Tensor, leapfrog: int):
-    """One HMC transition per chain, leaving ``p(z) p(x|z)^beta`` invariant; ``eps`` is ``(B,)``."""
+    """One HMC transition per chain, leaving ``q(z)^(1 - beta) p(x, z)^beta`` invariant; ``eps`` is ``(B,)``."""
 
     def energy_grad(z):
         z = {k: v.detach().requires_grad_(True) for k, v in z.items()}
         with torch.enable_grad():
-            prior, lik = target.parts(z)
+            prior, lik = target.parts(z)  # (log q, log p(x, z) - log q)
             u = -(prior + beta * lik)
             grads = torch.autograd.grad(u.sum(), list(z.values()))
         return u.detach(), dict(zip(z, grads)), prior.detach(), lik.detach()
@@ -192,6 +262,7 @@ def ais_log_evidence(
     target_accept: float = 0.65,
     batch_size: int = 100,
     seed: Optional[int] = 0,
+    start: Optional[Start] = None,
 ) -> AISResult:
     """Per-datapoint AIS estimate of ``log p(x)`` (Neal 2001; Wu et al. 2017).
 
@@ -203,28 +274,33 @@ def ais_log_evidence(
     :param step_size: initial HMC step size, adapted per datapoint toward ``target_accept``.
     :param batch_size: datapoints run in parallel.
     :param seed: torch seed (the caller's random state is restored); ``None`` keeps the state.
+    :param start: where the path starts: ``None`` for the prior ``p(z)``, else a callable
+        ``start(x_batch) -> {latent site name: distribution}``, called once per datapoint chunk
+        ``x_batch`` of shape ``(B, ...)``, each distribution normalized, on the reals, of batch
+        shape ``(B,)`` and the site's event shape (e.g. :func:`guide_start` of an encoder guide).
     """
-    return _chunked(model, data, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, False)
+    return _chunked(model, data, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, False, start)
 
 
-def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, seed, reverse):
+def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, seed, reverse, start):
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
         raise ValueError(f"data must be a non-empty tensor of shape (N, ...), got {getattr(data, 'shape', data)!r}")
     for name, value in (("num_chains", k), ("leapfrog", leapfrog), ("batch_size", batch_size)):
         check_positive_int(name, value)
     if not 0 < target_accept < 1 or not step_size > 0:
         raise ValueError(f"need 0 < target_accept < 1 and step_size > 0, got {target_accept}, {step_size}")
+    if start is not None and not callable(start):
+        raise TypeError(f"start must be None (the prior) or a callable start(x) -> {{site: distribution}}, got {type(start).__name__}")
     betas = sigmoid_schedule(t)
     out = {"log_px": [], "stderr": [], "accept": [], "step_size": [], "sims": [], "upper": []}
-    with seeded(seed, data.device):
+    with seeded(seed, data.device), eval_mode(model, *([start] if start is not None else [])):
         for i in range(0, len(data), batch_size):
             x = data[i : i + batch_size]
             if reverse:
                 x, z_star = _simulate(model, x)
                 out["sims"].append(x)
-            target = _Target(model, x, k)
-            tr = target.trace()
-            z = {n: tr.nodes[n]["value"] for n in target.latents}
+            target = _Target(model, x, k, start)
+            z = target.initial()
             _, lik = target.parts(z)
             log_w, acc, eps = _run(target, z, lik, betas, step_size, leapfrog, target_accept)
             for key, value in zip(("log_px", "stderr"), log_mean_exp(log_w, 0)):
@@ -267,11 +343,15 @@ def bdmc(
     target_accept: float = 0.65,
     batch_size: int = 100,
     seed: Optional[int] = 0,
+    start: Optional[Start] = None,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015) on data simulated from ``model``.
 
     Simulates one ``(z*, x*)`` per row of ``like`` (shape ``(N, ...)``, values unused), then runs
     forward AIS on ``x*`` (lower bound) and reverse AIS from ``z*`` (upper bound). Arguments as in
-    :func:`ais_log_evidence`; the gap ``upper - lower`` bounds the AIS error on such data.
+    :func:`ais_log_evidence`; the gap ``upper - lower`` bounds the AIS error on such data. With
+    ``start``, ``start(x*)`` is where the forward chain starts and the reverse chain ends (its
+    weights then estimate ``1 / p(x*)`` as ``q`` is normalized), so the gap measures AIS from that
+    start.
     """
-    return _chunked(model, like, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, True)
+    return _chunked(model, like, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, True, start)
