@@ -19,7 +19,7 @@ import torch
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from ppgen.data import TOY_RADIUS, TOY_STD, toy_sample
-    from ppgen.langevin import GaussianMixture, annealed_langevin
+    from ppgen.score import GaussianMixture, annealed_langevin
     from ppgen.metrics import mode_coverage
     from ppgen.score import ScoreNet, geometric_sigmas, ncsn_loss
 

@@ -199,8 +199,7 @@ def score_step(ctx: DemoContext) -> list[str]:
     samples) and a small U-Net on the 8x8 digits (sample grid)."""
     import torch
 
-    from ppgen.langevin import GaussianMixture
-    from ppgen.score_train import ScoreConfig, train_score
+    from ppgen.score import GaussianMixture, ScoreConfig, train_score
 
     rows = []
     toy = ScoreConfig(data="8gaussians", toy_n=10000, objective="dsm", hidden=(128, 128), sigma_max=3.0,

@@ -279,7 +279,7 @@ def _gan_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tens
 
 
 def _score_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tensor, "DataConfig"]:
-    from ppgen.score_train import run_samples
+    from ppgen.score import run_samples
 
     return run_samples(path, n, device, seed)  # annealed Langevin draws
 

@@ -152,7 +152,7 @@ def collect_run(path: PathLike, config: ReportConfig, figures: PathLike) -> dict
                          _copy(path / "variance" / "variance.png", figures / f"{name}-variance.png")))
     per_epoch = 0
     if family == "score":
-        from ppgen.score_train import ScoreConfig, load_data
+        from ppgen.score import ScoreConfig, load_data
 
         per_epoch = steps_per_epoch(len(load_data(config_from_dict(ScoreConfig, cfg), download=False)[0]), cfg["batch_size"])
     return {"row": row, "figures": out_figs, "curves": curve_series(family, records, per_epoch), "notes": notes}

@@ -17,7 +17,7 @@ from torch import nn
 
 from ppgen.infer.evidence import log_evidence
 from ppgen.infer.svi import SVIConfig, train_svi
-from ppgen.langevin import GaussianMixture, langevin
+from ppgen.score import GaussianMixture, langevin
 from ppgen.models.linear_gaussian import LinearGaussian
 from ppgen.score import ism_loss, ssm_loss
 

@@ -52,7 +52,7 @@ def _initial_weights(family: str, path) -> dict:
         seed_everything(config.loop.seed)
         nets = config.build(64, (1, 8, 8))
     else:
-        from ppgen.score_train import load_score
+        from ppgen.score import load_score
 
         config = load_score(path)[1]
         seed_everything(config.seed)

@@ -28,7 +28,7 @@ def runs(tmp_path_factory) -> dict:
     from ppgen.adversarial import GANConfig, LoopConfig, train_gan
     from ppgen.infer.evidence_report import EvidenceConfig, evidence_report
     from ppgen.metrics import run_metrics
-    from ppgen.score_train import ScoreConfig, train_score
+    from ppgen.score import ScoreConfig, train_score
 
     root = tmp_path_factory.mktemp("report-runs")
     vae_cfg = VAERunConfig(DataConfig("digits"), VAEConfig(latent_dim=2, hidden=(32,)),

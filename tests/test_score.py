@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ppgen.langevin import GaussianMixture, annealed_langevin, langevin
+from ppgen.score import GaussianMixture, annealed_langevin, langevin
 from ppgen.score import (
     ScoreNet,
     UNetScore,
@@ -165,9 +165,9 @@ def test_given_noise_splits_a_batch_exactly(objective):
     # What data-parallel training rests on: the loss of a batch is the mean of the losses of its
     # halves when each half gets its rows of the batch's noise; and drawing that noise in the loop
     # (ScoreConfig.draw_noise) gives the numbers the objective draws itself from the same seed.
-    from ppgen.score_train import ScoreConfig
+    from ppgen.score import ScoreConfig
 
-    config = ScoreConfig(objective=objective, hidden=(16,), projections=3, n_sigmas=4)
+    config = ScoreConfig(objective=objective, hidden=(16,), projections=3, sigma_max=1.0, n_sigmas=4)
     torch.manual_seed(0)
     net, x = config.build(), torch.randn(8, 2)
     noise = config.draw_noise(8, 2, torch.Generator().manual_seed(1))
@@ -197,7 +197,7 @@ def test_noise_of_the_wrong_shape_is_named():
 
 
 def _toy_config(**kw):
-    from ppgen.score_train import ScoreConfig
+    from ppgen.score import ScoreConfig
 
     base = dict(data="8gaussians", toy_n=1000, objective="dsm", hidden=(32,), sigma_max=2.0, sigma_min=0.1,
                 n_sigmas=4, epochs=3, batch_size=250, lr=3e-3, langevin_steps=5)
@@ -205,17 +205,17 @@ def _toy_config(**kw):
 
 
 def test_resume_continues_the_same_run(tmp_path):
-    from ppgen.score_train import load_score, train_score
+    from ppgen.score import load_score, train_score
 
     full = train_score(_toy_config(), tmp_path / "full", progress=False, figures=False)
     train_score(_toy_config(epochs=2), tmp_path / "part", progress=False, figures=False)
     resumed = train_score(_toy_config(), tmp_path / "part", resume=True, progress=False, figures=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["val_loss"] == pytest.approx(full.history[-1]["val_loss"], rel=1e-5)
-    net, config, _ = load_score(tmp_path / "part")
-    x = torch.randn(5, 2)
-    s = torch.full((5,), 0.1)
-    assert torch.allclose(net(x, s), full.net(x, s), atol=1e-6)
+    x, s = torch.randn(5, 2), torch.full((5,), 0.1)
+    for averaged, want in ((False, full.net), (True, full.sampler)):  # live weights, and the EMA that samples
+        net, config, _ = load_score(tmp_path / "part", averaged=averaged)
+        assert torch.allclose(net(x, s), want(x, s), atol=1e-6)
     with pytest.raises(ValueError, match="cannot resume"):
         train_score(_toy_config(lr=1e-2), tmp_path / "part", resume=True, progress=False, figures=False)
 
@@ -223,7 +223,7 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
     from conftest import sigint_on_call
     from ppgen.runs import Interrupted
-    from ppgen.score_train import ScoreConfig, train_score
+    from ppgen.score import ScoreConfig, train_score
 
     full = train_score(_toy_config(), tmp_path / "full", progress=False, figures=False)
     monkeypatch.setattr(ScoreConfig, "loss", sigint_on_call(ScoreConfig.loss, 4 + 1 + 2))  # 4 batches + val
@@ -238,7 +238,7 @@ def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_at_the_end_of_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from ppgen.runs import Run
-    from ppgen.score_train import ScoreConfig, train_score
+    from ppgen.score import ScoreConfig, train_score
 
     calls = {"n": 0}
     loss = ScoreConfig.loss
@@ -258,7 +258,7 @@ def test_non_finite_loss_stops_at_the_end_of_the_epoch_and_keeps_the_last_good_c
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
-    from ppgen.score_train import train_score
+    from ppgen.score import train_score
 
     with pytest.raises(ValueError, match="batch_size 2000 is larger than the training set \\(1000 points\\)"):
         train_score(_toy_config(batch_size=2000), tmp_path / "run", progress=False, figures=False)

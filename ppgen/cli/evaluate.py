@@ -58,7 +58,7 @@ SAMPLERS["gan"] = sample_gan
 
 
 def sample_score_run(args: argparse.Namespace, out: Path) -> None:
-    from ppgen.score_train import sample_run
+    from ppgen.score import sample_run
 
     sample_run(args.run, out, args.n, args.langevin_steps, args.seed, args.device)
 

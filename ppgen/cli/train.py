@@ -175,7 +175,9 @@ def cmd_train_m2(args: argparse.Namespace) -> int:
 
 
 def add_train_gan(sub) -> None:
-    from ppgen.adversarial import LOSSES
+    from ppgen.adversarial import LOSSES, LoopConfig
+
+    plain = LoopConfig()  # the defaults of the stabilizer flags are the config's
 
     p = sub.add_parser("gan", help="train a GAN by the adversarial loop",
                        description="Train a GAN: decoder-class generator vs encoder-trunk discriminator.")
@@ -189,6 +191,14 @@ def add_train_gan(sub) -> None:
     p.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default: --lr)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both optimizers")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both optimizers")
+    p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=plain.spectral_norm,
+                   help=f"spectral normalization of every discriminator layer (default: {plain.spectral_norm})")
+    p.add_argument("--r1-gamma", type=float, default=plain.r1_gamma, metavar="GAMMA",
+                   help=f"R1 penalty GAMMA/2 E||grad_x d(x)||^2 on real data; 0: off (default: {plain.r1_gamma})")
+    p.add_argument("--ema-decay", type=float, default=plain.ema_decay, metavar="D",
+                   help=f"average of the generator's weights used for sampling; 0: off (default: {plain.ema_decay})")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=plain.ema_warmup,
+                   help=f"EMA decay min(D, (1+t)/(10+t)) at generator step t (default: {plain.ema_warmup})")
     add_loop_flags(p)
     p.set_defaults(lr=2e-4, func=cmd_train_gan)  # --lr is the generator's learning rate
 
@@ -197,7 +207,8 @@ def cmd_train_gan(args: argparse.Namespace) -> int:
     from ppgen.adversarial import GANConfig, LoopConfig, train_gan
 
     loop = LoopConfig(args.loss, args.d_steps, args.epochs, args.batch_size, args.lr,
-                      args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device)
+                      args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device,
+                      args.spectral_norm, args.r1_gamma, args.ema_decay, args.ema_warmup)
     config = GANConfig(data_config(args), args.latent_dim, args.hidden, args.arch, loop)
     _, result, run = train_gan(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
     if run is None:  # a torchrun worker other than rank 0: rank 0 reports
@@ -228,28 +239,50 @@ def add_train_score(sub) -> None:
     p.add_argument("--arch", default="mlp", choices=["mlp", "unet"], help="score network (unet: images, dsm)")
     p.add_argument("--hidden", type=int_list, default=(128, 128), help="MLP hidden widths, e.g. 128,128")
     p.add_argument("--width", type=positive_int, default=32, help="U-Net base channels")
-    p.add_argument("--sigma-max", type=positive_float, default=1.0, help="largest noise level (dsm)")
+    p.add_argument("--sigma-max", type=positive_float, default=None,
+                   help="largest noise level (dsm); default: the largest distance between two training points "
+                        "(Song & Ermon 2020, technique 1)")
     p.add_argument("--sigma-min", type=positive_float, default=0.01, help="smallest noise level (dsm)")
-    p.add_argument("--n-sigmas", type=positive_int, default=10, help="levels of the geometric ladder (dsm)")
+    p.add_argument("--n-sigmas", type=positive_int, default=None,
+                   help="levels of the geometric ladder (dsm); default: the fewest whose adjacent levels overlap by "
+                        "0.5 in the data's dimension (technique 2; 10 for 2-D toys)")
+    p.add_argument("--ladder-subsample", type=positive_int, default=2000,
+                   help="training points on which the technique-1 distance is computed")
     p.add_argument("--projections", type=positive_int, default=1, help="random projections (ssm, ism-hutchinson)")
-    p.add_argument("--langevin-steps", type=positive_int, default=100, help="Langevin steps per noise level")
-    p.add_argument("--eta", type=positive_float, default=0.1, help="Langevin step at the smallest level / sigma_min^2")
+    p.add_argument("--langevin-steps", type=positive_int, default=None,
+                   help="Langevin steps per noise level T (default 5; noise-free objectives: 100 in total)")
+    p.add_argument("--eta", type=positive_float, default=None,
+                   help="Langevin step at the smallest level / sigma_min^2; default: technique 4's rule for the "
+                        "ladder and T (dsm), 0.1 otherwise")
+    p.add_argument("--no-denoise", dest="denoise", action="store_false",
+                   help="skip the final denoising step x + sigma_min^2 s(x, sigma_min)")
+    p.add_argument("--init", default=None, choices=["gaussian", "uniform"],
+                   help="Langevin start: data mean + sigma_max z (default for dsm) or uniform in the data's box")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="decay of the EMA of the weights used for sampling and metrics (0: none)")
+    p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
+                   help="constant EMA decay from the first step (default: min(decay, (1+t)/(10+t)))")
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_score)
 
 
 def cmd_train_score(args: argparse.Namespace) -> int:
-    from ppgen.score_train import ScoreConfig, train_score
+    from ppgen.score import ScoreConfig, train_score
 
-    config = ScoreConfig(args.data, args.data_dir, args.split_seed, args.toy_n, args.objective, args.arch,
-                         args.hidden, args.width, args.sigma_max, args.sigma_min, args.n_sigmas, args.projections,
-                         args.epochs, args.batch_size, args.lr, args.seed, args.device, args.langevin_steps, args.eta)
+    names = ("data", "data_dir", "split_seed", "toy_n", "objective", "arch", "hidden", "width", "sigma_max", "sigma_min",
+             "n_sigmas", "ladder_subsample", "projections", "epochs", "batch_size", "lr", "seed", "device",
+             "langevin_steps", "eta", "denoise", "init", "ema_decay", "ema_warmup")
+    config = ScoreConfig(**{k: getattr(args, k) for k in names})
     done = train_score(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
     if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
-    last = done.history[-1]
+    last, c = done.history[-1], done.config
+    if c.conditional:
+        print(f"noise ladder: {c.n_sigmas} levels from sigma_max {c.sigma_max:.4g} to {c.sigma_min:.4g}; "
+              f"{c.steps} Langevin steps per level, step {c.step_size():.3g} at sigma_min (ladder.json)")
+    ema = f", EMA {last['val_loss_ema']:.4f}" if "val_loss_ema" in last else ""
     print(f"epoch {last['epoch']}: {config.objective} loss train {last['train_loss']:.4f}, "
-          f"validation {last['val_loss']:.4f}; run written to {done.run.path} (figures in {done.run.figures})")
+          f"validation {last['val_loss']:.4f}{ema}; run written to {done.run.path} (figures in {done.run.figures})")
     return 0
 
 

@@ -1,14 +1,28 @@
-"""Training and sampling runs for score models: config, loop, checkpoint/resume, figures.
+"""Training runs for score models: config, loop, checkpoint/resume (samples: :mod:`ppgen.score.samples`).
 
-The loop is plain PyTorch: draw a batch, evaluate one objective of :mod:`ppgen.score`, step
-Adam; once per epoch log the validation loss and write an atomic checkpoint through
-:class:`ppgen.runs.Run` so ``--resume`` continues where the run stopped. Under ``torchrun`` it is
-data-parallel (:mod:`ppgen.devices`): each process trains on its shard of every global batch.
+The loop is plain PyTorch: draw a batch, evaluate one objective of :mod:`ppgen.score.objectives`, step
+Adam, update the moving average of the weights; once per epoch log the validation loss and write
+an atomic checkpoint through :class:`ppgen.runs.Run` so ``--resume`` continues where the run
+stopped. Under ``torchrun`` it is data-parallel (:mod:`ppgen.devices`): each process trains on its
+shard of every global batch.
+
+The stabilizers of Song & Ermon (2020), *Improved techniques for training score-based generative
+models*, each a :class:`ScoreConfig` field and a flag, all on by default for ``dsm``:
+
+- the noise ladder from the data (``sigma_max``/``n_sigmas`` None: techniques 1 and 2, resolved
+  before training by :func:`ppgen.score.ladder.data_noise_ladder`, stored in config.json and described
+  in ladder.json) and the step size from the ladder and ``T`` (``eta`` None: technique 4);
+- the noise-conditional score ``s(x, sigma) = s(x) / sigma`` (technique 3), built into both nets;
+- an EMA of the weights (``ema_decay``; technique 5, :class:`ppgen.ema.EMA`) that sampling,
+  figures and ``ppgen metrics`` use, checkpointed so that resuming continues it exactly;
+- the final denoising step ``x + sigma_min^2 s(x, sigma_min)`` (``denoise``; Jolicoeur-Martineau
+  et al. 2021), and a start at the top level, ``mean + sigma_max z`` (``init``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -18,8 +32,7 @@ import torch
 from torch import nn
 
 from ppgen.data import DATASETS, TOYS, DataConfig, toy_sample
-from ppgen.langevin import annealed_langevin, langevin
-from ppgen.plots import save_figure
+from ppgen.ema import EMA
 from ppgen.devices import adam, distributed, resolve_device
 from ppgen.runs import (
     Interrupted,
@@ -33,10 +46,11 @@ from ppgen.runs import (
     seeded,
     set_rng_state,
 )
-from ppgen.score import OBJECTIVES, ScoreNet, UNetScore, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
+from ppgen.score.ladder import NoiseLadder, data_noise_ladder, langevin_step_size
+from ppgen.score.networks import ScoreNet, UNetScore
+from ppgen.score.objectives import OBJECTIVES, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
 
-__all__ = ["ScoreConfig", "ScoreRun", "train_score", "load_score", "sample_score", "sample_run", "run_samples",
-           "plot_toy_field", "write_figures"]
+__all__ = ["ScoreConfig", "ScoreRun", "train_score", "load_score", "load_data", "resolve_ladder", "ladder_record"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +65,22 @@ class ScoreConfig:
     arch: str = "mlp"  # mlp, or unet (images, dsm only)
     hidden: tuple[int, ...] = (128, 128)  # MLP hidden widths
     width: int = 32  # U-Net base channels
-    sigma_max: float = 1.0  # largest noise level of the dsm ladder
+    sigma_max: Optional[float] = None  # largest dsm noise level; None: largest distance of two training points (technique 1)
     sigma_min: float = 0.01  # smallest noise level of the dsm ladder
-    n_sigmas: int = 10  # number of levels (1: single-level DSM at sigma_max)
+    n_sigmas: Optional[int] = None  # levels (1: DSM at sigma_max); None: fewest meeting the overlap rule (technique 2)
+    ladder_subsample: int = 2000  # training points (seeded by split_seed) on which technique 1's distance is taken
     projections: int = 1  # random projections per point (ssm, ism-hutchinson)
     epochs: int = 10  # passes over the training set
     batch_size: int = 128  # points per step
     lr: float = 1e-3  # Adam learning rate
     seed: int = 0  # seed of initialization, batches and noise
     device: str = "cpu"  # cpu or cuda
-    langevin_steps: int = 100  # Langevin steps per noise level (noise-free objectives: in total)
-    eta: float = 0.1  # Langevin step at the smallest level, in units of sigma_min^2
+    langevin_steps: Optional[int] = None  # T, Langevin steps per level; None: 5 for dsm, 100 in total otherwise
+    eta: Optional[float] = None  # step at the smallest level / sigma_min^2; None: technique 4 (dsm), 0.1 otherwise
+    denoise: bool = True  # end annealed Langevin with x + sigma_min^2 s(x, sigma_min) (Tweedie's posterior mean)
+    init: Optional[str] = None  # Langevin start: gaussian (data mean + sigma_max z) | uniform (data box); None: by objective
+    ema_decay: float = 0.999  # EMA of the weights for sampling and metrics (technique 5); 0: sample the live weights
+    ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, forgetting the initial weights
     family: str = "score"  # model family, for `ppgen sample` and reports
 
     def __post_init__(self) -> None:
@@ -73,11 +92,25 @@ class ScoreConfig:
             raise ValueError(f"arch must be 'mlp' or 'unet', got {self.arch!r}")
         if self.arch == "unet" and (self.objective != "dsm" or self.data in TOYS):
             raise ValueError("arch 'unet' is noise-conditional and takes images: use it with --objective dsm on an image dataset")
-        if not 0 < self.sigma_min <= self.sigma_max:
+        if not 0 < self.sigma_min <= (self.sigma_max or math.inf):
             raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}")
         for name in ("n_sigmas", "projections", "epochs", "batch_size", "langevin_steps", "toy_n"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.ladder_subsample < 2:
+            raise ValueError(f"ladder_subsample must be an integer >= 2, got {self.ladder_subsample}")
+        if self.eta is not None and not self.eta > 0:
+            raise ValueError(f"eta must be positive (or None for technique 4's rule), got {self.eta}")
+        if self.eta is None and self.conditional and self.n_sigmas == 1:
+            raise ValueError("eta None sets the step by technique 4, which needs n_sigmas >= 2; give eta (e.g. 0.1) "
+                             "or more levels")
+        if self.init not in (None, "gaussian", "uniform"):
+            raise ValueError(f"init must be 'gaussian' or 'uniform' (or None), got {self.init!r}")
+        if self.init == "gaussian" and not self.conditional:
+            raise ValueError(f"init 'gaussian' starts at the top noise level; objective {self.objective!r} has no "
+                             "ladder: use init 'uniform'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
     @property
     def conditional(self) -> bool:
@@ -85,7 +118,24 @@ class ScoreConfig:
 
     @property
     def sigmas(self) -> torch.Tensor:
+        """The ladder ``(L,)``, descending; needs ``sigma_max`` and ``n_sigmas`` (:func:`resolve_ladder`)."""
+        if self.sigma_max is None or self.n_sigmas is None:
+            raise ValueError("sigma_max/n_sigmas are None (set from the data): resolve them with "
+                             "ppgen.score.resolve_ladder(config, train) first")
         return geometric_sigmas(self.sigma_max, self.sigma_min, self.n_sigmas)
+
+    @property
+    def steps(self) -> int:
+        """Langevin steps per level (noise-free objectives: in total)."""
+        return self.langevin_steps or (5 if self.conditional else 100)
+
+    def step_size(self, steps: Optional[int] = None) -> float:
+        """Langevin step at the smallest level: ``eta sigma_min^2``, or for ``eta`` None technique 4's
+        ``eps`` for this ladder's ratio and ``steps`` per level (noise-free objectives: ``0.1 sigma_min^2``)."""
+        if self.eta is not None or not self.conditional:
+            return (0.1 if self.eta is None else self.eta) * self.sigma_min**2
+        gamma = (self.sigma_max / self.sigma_min) ** (1 / (self.n_sigmas - 1))
+        return langevin_step_size(self.sigma_min, gamma, steps or self.steps)
 
     @property
     def image_shape(self) -> Optional[tuple[int, ...]]:
@@ -107,7 +157,8 @@ class ScoreConfig:
             return ism_loss(net, x, "hutchinson", self.projections, noise.get("directions"))
         if self.objective == "ssm":
             return ssm_loss(net, x, self.projections, projections=noise.get("directions"))
-        return ncsn_loss(net, x, self.sigmas.to(x.device), noise.get("levels"), noise.get("eps"))
+        sigmas = self.sigmas.to(x.device)
+        return ncsn_loss(net, x, sigmas, noise.get("levels"), noise.get("eps"))
 
     def draw_noise(self, n: int, dim: int, generator: torch.Generator) -> dict:
         """The noise :meth:`loss` needs for ``n`` datapoints of dimension ``dim``, drawn from
@@ -132,6 +183,19 @@ class ScoreRun(NamedTuple):
     run: Optional[Run]  # None in a torchrun process other than rank 0
     train: torch.Tensor  # (N, D) training data
     history: list
+    sampler: Optional[nn.Module] = None  # the net that samples: the EMA of ``net``'s weights, or ``net``
+
+
+def resolve_ladder(config: ScoreConfig, train: torch.Tensor) -> tuple[ScoreConfig, Optional[NoiseLadder]]:
+    """``config`` with ``sigma_max``/``n_sigmas`` set from training data ``train`` (N, D) where None
+    (Song & Ermon 2020, techniques 1-2; :func:`ppgen.score.ladder.data_noise_ladder`), and the ladder's
+    rule values (None for noise-free objectives, which have no ladder). Deterministic: the
+    subsample is seeded by ``split_seed``, so a resumed run resolves to the same ladder."""
+    if not config.conditional:
+        return config, None
+    ladder = data_noise_ladder(train, config.sigma_min, config.sigma_max, config.n_sigmas, config.ladder_subsample,
+                               seed=config.split_seed)
+    return dataclasses.replace(config, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas), ladder
 
 
 def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +206,21 @@ def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor,
     return data.train, data.val
 
 
-_RESUMABLE = {"epochs", "device", "langevin_steps", "eta"}
+def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int) -> dict:
+    """The ladder of config ``asked`` (before :func:`resolve_ladder`) and the rules behind it, as
+    written to ladder.json: ``sigma_max, n_sigmas, gamma, overlap, sigma_min, steps_per_level, eps,
+    rules``."""
+    m = min(n_train, asked.ladder_subsample)
+    rules = {"sigma_max": f"technique 1: largest pairwise distance of {m} of {n_train} training points"
+                          if asked.sigma_max is None else "given",
+             "n_sigmas": "technique 2: fewest levels with overlap >= 0.5" if asked.n_sigmas is None else "given",
+             "eps": "technique 4: variance ratio closest to 1" if asked.eta is None else "eta * sigma_min^2"}
+    done = dataclasses.replace(asked, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
+    return {**ladder._asdict(), "sigma_min": asked.sigma_min, "steps_per_level": done.steps,
+            "eps": done.step_size(), "rules": rules}
+
+
+_RESUMABLE = {"epochs", "device", "langevin_steps", "eta", "denoise", "init"}
 _NOISE_SEED = 1 << 32  # offset of the objective's noise stream from the seed of the weights
 
 
@@ -156,7 +234,8 @@ def train_score(
     figures: bool = True,
 ) -> ScoreRun:
     """Train ``config.build()`` on ``config.objective``, writing run directory ``out``
-    (config.json, metrics.jsonl with one line per epoch, checkpoint.pt, figures/samples.png).
+    (config.json with the ladder resolved by :func:`resolve_ladder`, ladder.json, metrics.jsonl
+    with one line per epoch, checkpoint.pt, figures/samples.png).
 
     Each epoch visits the training set in a permutation seeded by ``(seed, epoch)`` in batches of
     ``config.batch_size`` (the last partial batch is dropped). The objective's noise comes from
@@ -164,6 +243,8 @@ def train_score(
     processes share it: under ``torchrun`` (``WORLD_SIZE`` > 1) each process takes its rows of
     every batch and its noise, gradients and losses are averaged before each Adam step, and only
     rank 0 validates, writes ``out`` and shows progress (other ranks' ``ScoreRun.run`` is None).
+    With ``ema_decay > 0`` the average is updated after every Adam step, validated
+    (``val_loss_ema``), checkpointed, and is ``ScoreRun.sampler``.
 
     The training loss is summed on the device and read once per epoch: a NaN or infinite loss
     stops the run at the end of that epoch (or at an interrupt) with a ``FloatingPointError``
@@ -173,21 +254,25 @@ def train_score(
     job = distributed(resolve_device(config.device))
     rank, device = job.rank, job.place(resolve_device(config.device))
     run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
+    train, val = load_data(config, download)
+    asked, (config, ladder) = config, resolve_ladder(config, train)
     if resume:
         check_resumable(run.load_config(), config_to_dict(config), may_change=_RESUMABLE)
     if rank == 0:
         run.save_config(config_to_dict(config))
-    train, val = load_data(config, download)
+        if ladder is not None:
+            (run.path / "ladder.json").write_text(json.dumps(ladder_record(asked, ladder, len(train)), indent=1))
     n, bs = len(train), config.batch_size
     if bs > n:
         raise ValueError(f"batch_size {bs} is larger than the training set ({n} points); use --batch-size {n} or smaller")
-    steps, lo_hi = n // bs, {"lo": train.min(0).values, "hi": train.max(0).values}  # lo_hi: the data's box
+    steps, lo_hi = n // bs, {"lo": train.min(0).values, "hi": train.max(0).values, "mean": train.mean(0)}  # box, mean
     local = job.shard(bs)  # this process's rows of every batch: [lo, lo + local)
     lo = rank * local
     seed_everything(config.seed)  # the same initial weights in every process
     net = config.build().to(device)
     params = list(net.parameters())
     opt = adam(params, config.lr)
+    ema = EMA(net, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
     noise = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED)
     order = torch.Generator()
     start, history, first = 0, [], 0
@@ -198,6 +283,8 @@ def train_score(
         set_rng_state(ckpt["rng"])
         if "noise" in ckpt:
             noise.set_state(ckpt["noise"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         start, first = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
         if rank == 0:
             run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
@@ -206,7 +293,7 @@ def train_score(
 
     def state(epoch: int, **partial) -> dict:
         return {"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "noise": noise.get_state(), **lo_hi, **partial}
+                "noise": noise.get_state(), **lo_hi, **partial, **({"ema": ema.state_dict()} if ema else {})}
 
     def check(total: torch.Tensor, epoch: int) -> float:
         value = float(total)  # the one host sync of an epoch
@@ -247,123 +334,35 @@ def train_score(
                 loss.backward()
                 (loss,) = job.average(params, loss.detach())  # the mean over the whole batch
                 opt.step()
+                if ema is not None:
+                    ema.update(net)
                 total += loss
             train_loss = check(total, epoch + 1) / (steps - first)
             first = 0
             record = {"epoch": epoch + 1, "step": (epoch + 1) * steps, "train_loss": train_loss}
             if rank == 0:
-                with seeded(12345, device):  # the same validation noise every epoch
-                    record["val_loss"] = float(config.loss(net, x_val).detach())
+                for key, module in (("val_loss", net), ("val_loss_ema", ema and ema.averaged())):
+                    with seeded(12345, device):  # the same validation noise every epoch
+                        record.update({key: float(config.loss(module, x_val).detach())} if module is not None else {})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if rank == 0:
                 run.log(record)
                 run.save_checkpoint(state(epoch + 1))
-    result = ScoreRun(net, config, run if rank == 0 else None, train, history)
+    result = ScoreRun(net, config, run if rank == 0 else None, train, history, ema.averaged() if ema else net)
     if figures and rank == 0:
+        from ppgen.score.samples import write_figures
+
         write_figures(result)
     return result
 
 
-def load_score(path: Union[str, Path], device: str = "cpu") -> tuple[nn.Module, ScoreConfig, dict]:
-    """Rebuild the network of run ``path``; returns ``(net, config, checkpoint)``."""
+def load_score(path: Union[str, Path], device: str = "cpu", averaged: bool = True) -> tuple[nn.Module, ScoreConfig, dict]:
+    """Rebuild the network of run ``path``, with the EMA weights when the run kept them and
+    ``averaged`` (what sampling and metrics use), else the live ones; returns ``(net, config, checkpoint)``."""
     run = Run(path, resume=True)
     config = config_from_dict(ScoreConfig, run.load_config())
     ckpt = run.load_checkpoint(map_location=resolve_device(device))
     net = config.build().to(device)
-    net.load_state_dict(ckpt["net"])
+    net.load_state_dict(ckpt["ema"]["module"] if averaged and "ema" in ckpt else ckpt["net"])
     return net.eval(), config, ckpt
-
-
-def sample_score(
-    net: nn.Module,
-    config: ScoreConfig,
-    n: int,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
-    steps: Optional[int] = None,
-    keep_every: int = 0,
-    seed: int = 0,
-):
-    """Langevin samples from a trained score net, started uniformly in the data's box ``[lo, hi]``.
-
-    Noise-conditional nets use annealed Langevin over ``config.sigmas`` (with a final Tweedie
-    denoising step); noise-free ones plain Langevin with step ``eta * sigma_min^2``.
-
-    :param steps: steps per level (default ``config.langevin_steps``).
-    :returns: :class:`ppgen.langevin.LangevinResult` ``(x (n, D), trajectory)``.
-    """
-    device = next(net.parameters()).device
-    steps = steps or config.langevin_steps
-    g = torch.Generator(device=device).manual_seed(seed)
-    lo, hi = lo.to(device), hi.to(device)
-    x0 = lo + (hi - lo) * torch.rand(n, lo.shape[0], generator=g, device=device)
-    eta = config.eta * config.sigma_min**2
-    if config.conditional:
-        return annealed_langevin(net, x0, config.sigmas.to(device), eta, steps, denoise=True,
-                                 keep_every=keep_every, generator=g)
-    return langevin(net, x0, eta, steps, keep_every=keep_every, generator=g)
-
-
-def plot_toy_field(net: nn.Module, config: ScoreConfig, samples: torch.Tensor, data: torch.Tensor, path: Path) -> Path:
-    """Quiver plot of the learned score (at the smallest noise level) over data and Langevin samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lim = float(data.abs().max()) * 1.15
-    g = torch.linspace(-lim, lim, 25)
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-    device = next(net.parameters()).device
-    with torch.no_grad():
-        args = (torch.full((len(grid),), config.sigma_min, device=device),) if config.conditional else ()
-        s = net(grid.to(device), *args).cpu()
-    s = s / (s.norm(dim=-1, keepdim=True) + 1e-8) * s.norm(dim=-1, keepdim=True).clamp(max=1).pow(0.5)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), dpi=110)
-    axes[0].scatter(*data[:2000].T, s=2, alpha=0.3, c="tab:gray")
-    axes[0].quiver(grid[:, 0], grid[:, 1], s[:, 0], s[:, 1], color="tab:blue", angles="xy")
-    axes[0].set_title(f"learned score ({config.objective}), data in grey")
-    axes[1].scatter(*samples[:2000].cpu().T, s=2, alpha=0.4, c="tab:red")
-    axes[1].set_title("Langevin samples")
-    for ax in axes:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-    return save_figure(fig, path)
-
-
-def write_figures(done: ScoreRun, n: int = 64, path: Optional[Path] = None, steps: Optional[int] = None,
-                  seed: int = 0) -> Path:
-    """Write a sample figure: a scatter + score field for toys, an image grid otherwise."""
-    from ppgen.plots import save_image_grid
-
-    net, config = done.net.eval(), done.config
-    lo, hi = done.train.min(0).values, done.train.max(0).values
-    if config.image_shape is None:
-        x = sample_score(net, config, max(n, 2000), lo, hi, steps, seed=seed).x
-        return plot_toy_field(net, config, x, done.train, path or done.run.figures / "samples.png")
-    x = sample_score(net, config, n, lo, hi, steps, seed=seed).x.clamp(0, 1)
-    return save_image_grid(x.cpu(), config.image_shape, path or done.run.figures / "samples.png")
-
-
-def sample_run(path: Union[str, Path], out: Union[str, Path], n: int = 64, steps: Optional[int] = None,
-               seed: int = 0, device: str = "cpu", download: bool = False) -> Path:
-    """Langevin samples from the score run in ``path`` written to the PNG ``out``."""
-    net, config, _ = load_score(path, device)
-    train = load_data(config, download)[0] if config.image_shape is None else None
-    if train is None:
-        ckpt = Run(path, resume=True).load_checkpoint()
-        train = torch.stack([ckpt["lo"], ckpt["hi"]])  # only its bounding box is used for images
-    return write_figures(ScoreRun(net, config, Run(path, resume=True), train, []), n, Path(out), steps, seed)
-
-
-def run_samples(path: Union[str, Path], n: int, device: str = "cpu", seed: int = 0) -> tuple[torch.Tensor, DataConfig]:
-    """``(samples (n, D) in [0, 1], DataConfig)`` of an image score run, the signature of
-    ``ppgen.metrics.RUN_SAMPLERS`` so ``ppgen metrics`` can score it."""
-    net, config, ckpt = load_score(path, device)
-    if config.image_shape is None:
-        raise ValueError(f"{path} is a 2-D toy run; image metrics need an image dataset")
-    x = torch.cat([sample_score(net, config, min(500, n - i), ckpt["lo"], ckpt["hi"], seed=seed + i).x
-                   for i in range(0, n, 500)])
-    return x.clamp(0, 1).cpu(), DataConfig(config.data, "none", config.data_dir, config.split_seed)

@@ -5,6 +5,7 @@ Unadjusted Langevin dynamics ``x <- x + eta s(x) + sqrt(2 eta) z``, ``z ~ N(0, I
 low-density regions where the score is poorly learned, and it never corrects the relative mode
 weights of its initialization. Annealed Langevin (Song & Ermon 2019, Algorithm 1) runs it down a
 ladder of noise levels, where the heavily noised density joins the modes.
+The ladder and the step sizes can be set from the data: :mod:`ppgen.score.ladder`.
 """
 
 from __future__ import annotations
