@@ -8,6 +8,13 @@ default ``"data"``, else the single plate of size ``B``; none or several is an e
 scales every site inside that plate by ``N / B`` so the loss is an unbiased estimate of the
 full-dataset negative ELBO (global latents are counted once), and reports the ELBO per datapoint
 in nats. Validation runs the networks in eval mode (:func:`ppgen.infer.networks.eval_mode`).
+
+No host sync per step: each step (:class:`ppgen.infer.svi_step.SVIStep`) leaves its loss and
+gradient check on the device and skips a non-finite update there; the loop reads an epoch's
+records once, at its end (or when it checkpoints an interrupt), sums the losses of the applied
+updates and applies ``on_nonfinite``. Under "stop", the first non-finite step also halts every
+later update of the epoch on the device, so the parameters are those of the last good step when
+the error is raised, as if the loop had stopped there.
 """
 
 from __future__ import annotations
@@ -20,16 +27,15 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from ppgen.devices import Distributed, adam, distributed, resolve_device
-from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
-from ppgen.infer.batches import Batch, as_batch
+from ppgen.devices import distributed, resolve_device
+from ppgen.infer.batches import as_batch
+from ppgen.infer.estimators import get_estimator
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.particles import check_vectorizable
-from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, find_data_plate
+from ppgen.infer.svi_step import DataScale, make_svi_step, nonfinite_parameter, record_problem
+from ppgen.infer.traces import DATA
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -41,6 +47,7 @@ from ppgen.runs import (
 )
 
 __all__ = ["SVIConfig", "SVIResult", "DataScale", "train_svi", "make_svi_step", "evaluate_elbo", "load_params"]
+# DataScale and make_svi_step live in ppgen.infer.svi_step (the step), re-exported here.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +63,7 @@ class SVIConfig:
     device: str = "cpu"  # "cpu" or "cuda"
     on_nonfinite: str = "stop"  # NaN/Inf loss or gradient: "stop" the run, or "skip" that update
     keep_checkpoints: bool = False  # also keep checkpoints/epoch-NNN.pt for every epoch
+    compile: bool = False  # torch.compile(fullgraph=True) the step's loss where it can (else eager, one warning)
 
     def __post_init__(self) -> None:
         get_estimator(self.estimator)
@@ -67,6 +75,8 @@ class SVIConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
 
 
 class SVIResult(NamedTuple):
@@ -74,33 +84,6 @@ class SVIResult(NamedTuple):
 
     history: list[dict]
     val_elbo: Optional[float]
-
-
-class DataScale(DataPlate):
-    """Multiply the log-density of every site inside the datapoint plate by ``scale``.
-
-    Used with ``scale = N / B`` to turn a minibatch ELBO into an unbiased full-dataset estimate.
-    Sites of a plate that already subsamples itself (``subsample_size``) are left alone.
-    The factor is also recorded in ``msg["_ppgen_data_scale"]`` (``ppgen.infer.traces.DATA_SCALE_KEY``), so
-    per-datapoint bounds (``iwae``, ``dreg``, ``vimco``) can keep it outside their logsumexp
-    while other ``poutine.scale`` factors (e.g. KL warm-up) stay inside each log weight. As a
-    :class:`ppgen.infer.traces.DataPlate` it also records the plate's name in each sample site.
-
-    :param scale: the factor, ``N / B`` in the loop.
-    :param data_plate: name of the plate over datapoints (:func:`ppgen.infer.traces.find_data_plate`).
-    """
-
-    def __init__(self, scale: float, data_plate: str = DATA):
-        super().__init__(data_plate)
-        self.scale = scale
-
-    def _process_message(self, msg: dict) -> None:
-        super()._process_message(msg)
-        for frame in msg["cond_indep_stack"]:
-            if frame.name == self.data_plate and (frame.full_size is None or frame.full_size == frame.size):
-                msg["scale"] = self.scale * msg["scale"]
-                msg[DATA_SCALE_KEY] = self.scale * msg.get(DATA_SCALE_KEY, 1.0)
-                return
 
 
 @torch.no_grad()
@@ -162,118 +145,6 @@ def load_params(params: dict) -> None:
                 target.copy_(value.to(target.device))
         else:
             pyro.param(name, value)
-
-
-def nonfinite_gradient(names: list[str], params: list[torch.Tensor]) -> Optional[str]:
-    """``None`` if every gradient of ``params`` is finite, else ``"gradient of '<name>'"`` for the
-    first parameter (named by ``names``) whose gradient holds a NaN or an infinity.
-
-    One fused pass: the 2-norms of all gradients (``torch._foreach_norm``) are finite exactly when
-    no entry is NaN/inf, unless a sum of squares overflows (entries above ~1e19 in float32); that
-    rare case is told apart by an exact per-tensor check, which runs only when the norms are not
-    finite.
-    """
-    grads = [(n, p.grad) for n, p in zip(names, params) if p.grad is not None]
-    if not grads or bool(torch.stack(torch._foreach_norm([g for _, g in grads])).isfinite().all()):
-        return None
-    for name, g in grads:
-        if not bool(g.isfinite().all()):
-            return f"gradient of {name!r}"
-    return None  # only the sum of squares overflowed: the gradient itself is finite
-
-
-def nonfinite_parameter() -> Optional[str]:
-    """The name of the first parameter in Pyro's param store holding a NaN or an infinity, or
-    ``None``."""
-    store = pyro.get_param_store()
-    for name in store.keys():
-        if not bool(store._params[name].detach().isfinite().all()):
-            return name
-    return None
-
-
-def make_svi_step(
-    model: Callable,
-    guide: Callable,
-    config: SVIConfig,
-    example,
-    scale: float = 1.0,
-    job: Distributed = Distributed(0, 1, 0),
-    data_plate: str = DATA,
-) -> tuple[Callable, torch.optim.Optimizer]:
-    """One SVI update as a function of a batch, and the optimizer it steps.
-
-    Clears Pyro's param store, registers every parameter with one trace of model and guide on
-    ``example``, and builds a single fused ``torch.optim.Adam`` over all of them. The returned
-    ``step(x)`` computes the estimator's loss and gradients on batch ``x`` with the data plate
-    scaled by ``scale`` (``N / B``), takes the Adam step unless the loss or any gradient is NaN or
-    infinite, and returns the loss (negative ELBO estimate, full-dataset scale; NaN when the loss
-    was finite but a gradient was not). ``step.nonfinite`` says why the last update was not
-    applied: ``None`` (it was), ``"loss"`` or ``"gradient of '<param>'"``. The gradient check is
-    one fused ``torch._foreach_norm`` (about 3% of a VAE step on CPU, bench/svi_step.py). In a
-    data-parallel ``job``
-    (torch.distributed), gradients and loss are averaged over its processes before the step.
-    ``step.guide`` is the guide as the estimator sees it (:func:`prepare_guide`); if it has
-    ``training_state()``/``load_training_state(state)`` (e.g. a learned baseline), :func:`train_svi`
-    checkpoints that state too.
-
-    :param example: a batch as the model takes it: a tensor, a tuple of model arguments aligned
-        on dim 0, or a dict of keyword arguments (:func:`ppgen.infer.batches.as_batch`); ``step``
-        takes batches of the same form.
-    :param data_plate: name of the plate over datapoints; if the model has none of that name,
-        the single plate of the example's batch size (:func:`ppgen.infer.traces.find_data_plate`).
-        ``step.data_plate`` is the plate used. With ``scale != 1`` a missing or ambiguous plate
-        is an error (the minibatch would silently go unscaled).
-    """
-    pyro.clear_param_store()
-    example = as_batch(example, "example", model)
-    # Vectorized particles and TraceEnum_ELBO (at any particle count) need the plate nesting. Pyro
-    # would guess it at the first step by running guide and model once on the training RNG stream,
-    # so a resumed run would draw other numbers than the uninterrupted one. Found here off the RNG,
-    # for every estimator (a user-registered ELBO may guess too); a non-vectorized Trace_ELBO
-    # ignores it.
-    found = find_data_plate(model, guide, example.args, example.kwargs, example.size, data_plate,
-                            required=scale != 1.0)
-    plate, nesting = found.data_plate or data_plate, found.nesting
-    elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
-    if getattr(elbo, "vectorize_particles", False) and found.data_plate is not None:
-        check_vectorizable(model, guide, example.args, example.kwargs, nesting, plate, example.size,
-                           example.device, f"estimator {config.estimator!r} with {config.particles} particle(s)")
-    train_guide = prepare_guide(config.estimator, guide)
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
-        Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
-    names = list(capture.trace.nodes)
-    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-    optimizer = adam(params, config.lr)
-
-    def step(x) -> float:
-        # Model, guide and data were validated by the registration pass above; re-checking every
-        # distribution's arguments each step costs about 5% of a VAE step (bench/svi_step.py).
-        if isinstance(x, torch.Tensor):
-            args, kwargs = (x,), {}
-        else:
-            batch = x if isinstance(x, Batch) else as_batch(x, "batch", model)
-            args, kwargs = batch.args, batch.kwargs
-        with DataScale(scale, plate), pyro.validation_enabled(False):
-            loss = elbo.loss_and_grads(model, train_guide, *args, **kwargs)
-        if job.world > 1:
-            (loss,) = job.average(params, loss)
-            loss = float(loss)
-        # A finite loss can still come with a NaN/inf gradient (e.g. a log-density whose
-        # derivative is infinite at the drawn value); Adam would write it into the parameters.
-        # Either leaves the parameters untouched and is reported as a non-finite step (NaN).
-        step.nonfinite = None if math.isfinite(loss) else "loss"
-        if step.nonfinite is None:
-            step.nonfinite = nonfinite_gradient(names, params)
-        if step.nonfinite is None:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss if step.nonfinite in (None, "loss") else math.nan
-
-    step.nonfinite = None  # type: ignore[attr-defined]
-    step.guide = train_guide  # type: ignore[attr-defined]
-    step.data_plate = plate  # type: ignore[attr-defined]
-    return step, optimizer
 
 
 def train_svi(
@@ -370,6 +241,8 @@ def train_svi(
         history = [r for r in run.metrics() if "train_loss" in r and r.get("epoch", 0) <= start_epoch]
 
     val_elbo = history[-1].get("val_elbo") if history else None
+    names = getattr(step_fn, "names", [])
+    stop_on_bad = config.on_nonfinite == "stop"
     with StopSignal() as stop:
         for epoch in range(start_epoch + 1, config.epochs + 1):
             t0 = time.perf_counter()
@@ -377,31 +250,54 @@ def train_svi(
                 order.manual_seed(config.seed * 100_003 + epoch)
                 perm, first_batch, total = torch.randperm(n, generator=order).to(device), 0, 0.0
                 done, skipped = 0, 0
+            # This epoch's step records, still on the device; read by `settle` (one host read).
+            pending: list = []
+            halt = torch.zeros((), device=device) if stop_on_bad else None
+
+            def settle() -> None:
+                """Read the pending records; add the applied steps' losses; raise on the first
+                non-finite step under on_nonfinite="stop"."""
+                nonlocal step, done, skipped, total
+                if not pending:
+                    return
+                read = torch.stack(pending).tolist() if isinstance(pending[0], torch.Tensor) else list(pending)
+                pending.clear()
+                for record in read:
+                    what = record_problem(record, names) if isinstance(record, list) else record[1]
+                    loss = record[0]
+                    if what is not None:
+                        if not stop_on_bad:
+                            skipped += 1
+                            continue
+                        where = run.checkpoint_path if run is not None else "none (no run directory)"
+                        raise FloatingPointError(
+                            f"non-finite {what} ({loss if what == 'loss' else 'NaN/inf'}) at epoch {epoch}, "
+                            f"step {step + 1}; the update was not applied (nor any later one of the epoch). "
+                            f"Last good checkpoint: {where}. Lower --lr, check the data, or pass "
+                            "--on-nonfinite skip."
+                        )
+                    step += 1
+                    done += 1
+                    total += loss / n
+
             bar = tqdm(range(first_batch, batches), desc=f"epoch {epoch}/{config.epochs}",
                        disable=not progress, leave=False)
             for i in bar:
                 start = i * config.batch_size + rank * local
                 x = rows(perm[start : start + local])
+                x = transform(x) if transform is not None else x
                 with step_context(epoch) if step_context is not None else contextlib.nullcontext():
-                    loss = step_fn(transform(x) if transform is not None else x)
-                if not math.isfinite(loss):
-                    if config.on_nonfinite == "skip":
-                        skipped += 1
-                        continue
-                    where = run.checkpoint_path if run is not None else "none (no run directory)"
-                    what = getattr(step_fn, "nonfinite", None) or "loss"
-                    raise FloatingPointError(
-                        f"non-finite {what} ({loss if what == 'loss' else 'NaN/inf'}) at epoch {epoch}, "
-                        f"step {step + 1}; the update was not applied. Last good checkpoint: {where}. "
-                        "Lower --lr, check the data, or pass --on-nonfinite skip."
-                    )
-                step += 1
-                done += 1
-                total += loss / n
-                if i % 10 == 0:
-                    bar.set_postfix(loss=f"{loss / n:.2f}")
+                    if hasattr(step_fn, "on_device"):
+                        pending.append(step_fn.on_device(x, halt))
+                    else:  # a step function returning its loss as a float: judged at once
+                        loss = step_fn(x)
+                        bad = None if math.isfinite(loss) else (getattr(step_fn, "nonfinite", None) or "loss")
+                        pending.append((loss, bad))
+                        if bad is not None:
+                            settle()
                 requested = job.agree_stop(stop.requested, device)
                 if requested:
+                    settle()
                     if run is None or rank != 0:
                         raise Interrupted(f"{requested}: stopped at epoch {epoch}, step {step}")
                     run.save_checkpoint(_state(optimizer, step_fn.guide, epoch - 1, step, perm=perm, batch=i + 1,
@@ -410,6 +306,7 @@ def train_svi(
                         f"{requested}: stopped at epoch {epoch}, step {step}; checkpoint saved in "
                         f"{run.path}. Resume with the same command plus --resume."
                     )
+            settle()
             seconds = time.perf_counter() - t0
             # Mean loss per datapoint over the updates applied this epoch (NaN if all were skipped).
             train_loss = total / done if done else math.nan

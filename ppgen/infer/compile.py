@@ -1,0 +1,128 @@
+"""What ``torch.compile(fullgraph=True)`` needs from Pyro 1.9.2, applied only around a call.
+
+Dynamo cannot trace a few of Pyro's internals, each harmless to change for the length of one
+loss evaluation. :func:`pyro_compat` swaps them in, and back out on exit, so nothing outside the
+compiled call (evaluation, evidence, other users of Pyro in the process) sees a difference:
+
+=================================================  ===============================================
+Pyro internal                                      stand-in, same values
+=================================================  ===============================================
+``Message(...)``, a ``TypedDict(total=False)``     ``dict(...)`` (what the TypedDict call returns)
+``Messenger.__call__``: a ``partial`` subclass     a closure running ``fn`` inside the messenger
+``@ignore_jit_warnings`` on ``_Subsample.sample``  the undecorated functions (the decorator only
+and ``BroadcastMessenger._pyro_sample``            filters TorchScript tracer warnings)
+``torch_item`` in the ELBOs                        ``x.detach()``: the loss stays a 0-d tensor on
+                                                   the device (no host read, no graph break)
+``warn_if_nan`` in the ELBOs (``sys._getframe``,   nothing: the SVI step checks loss and gradients
+a data-dependent ``if``)                           for NaN/inf itself, on the device
+=================================================  ===============================================
+
+The changes are written for, and checked against, Pyro 1.9.2 (:data:`PYRO_VERSION`); on another
+version :func:`unsupported_reason` says so and the SVI step runs eagerly. ``Trace_ELBO``'s
+``differentiable_loss`` returns ``loss + (surrogate - torch_item(surrogate))``; with the stand-in
+that is ``loss + (surrogate - surrogate.detach())``, the same value and the same gradient.
+
+:func:`pyro_compat` is also used by the eager step for the same ELBOs: with it, the loss of a
+step never leaves the device, compiled or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Any, Callable, Iterator, Optional
+
+import pyro
+
+__all__ = ["PYRO_VERSION", "unsupported_reason", "pyro_compat"]
+
+#: The Pyro release whose internals :func:`pyro_compat` replaces.
+PYRO_VERSION = "1.9.2"
+
+
+def unsupported_reason() -> Optional[str]:
+    """``None`` if the installed Pyro is the one these changes were written for, else why not."""
+    if pyro.__version__ != PYRO_VERSION:
+        return (f"ppgen's torch.compile support is written for Pyro {PYRO_VERSION} internals, "
+                f"found Pyro {pyro.__version__}")
+    return None
+
+
+def _detach(x: Any) -> Any:
+    """``torch_item`` without the host read: a tensor stays a (detached) tensor."""
+    return x.detach() if hasattr(x, "detach") else x
+
+
+def _no_nan_warning(value: Any, msg: str = "", *, filename: Any = None, lineno: Any = None) -> Any:
+    return value
+
+
+def _messenger_call(self, fn: Callable) -> Callable:
+    if not callable(fn):
+        raise ValueError(f"{fn!r} is not callable, did you mean to pass it as a keyword arg?")
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with self:
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _replacements() -> list[tuple[Any, str, Any]]:
+    """``(owner, attribute, stand-in)`` for every change (imported lazily: the modules are
+    Pyro's own)."""
+    from pyro import primitives
+    from pyro.infer import trace_elbo, trace_mean_field_elbo
+    from pyro.poutine import broadcast_messenger, messenger, runtime, subsample_messenger
+
+    subsample_sample = subsample_messenger._Subsample.__dict__["sample"]
+    broadcast = broadcast_messenger.BroadcastMessenger.__dict__["_pyro_sample"].__func__
+    out: list[tuple[Any, str, Any]] = [
+        (runtime, "Message", dict),
+        (primitives, "Message", dict),
+        (subsample_messenger, "Message", dict),
+        (messenger.Messenger, "__call__", _messenger_call),
+        (subsample_messenger._Subsample, "sample", subsample_sample.__wrapped__),
+        (broadcast_messenger.BroadcastMessenger, "_pyro_sample", staticmethod(broadcast.__wrapped__)),
+    ]
+    for module in (trace_elbo, trace_mean_field_elbo):
+        out += [(module, "torch_item", _detach), (module, "warn_if_nan", _no_nan_warning)]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _checked() -> tuple[tuple[Any, str, Any, Any], ...]:
+    """The replacements with the originals they stand for; checked once."""
+    rows = []
+    for owner, name, new in _replacements():
+        if name not in vars(owner):
+            raise RuntimeError(f"Pyro {pyro.__version__}: {owner.__name__}.{name} not found")
+        rows.append((owner, name, vars(owner)[name], new))
+    return tuple(rows)
+
+
+@contextlib.contextmanager
+def pyro_compat() -> Iterator[None]:
+    """Within this block Pyro's internals listed in the module docstring are the traceable
+    stand-ins; on exit (also on error) the originals are back. Not thread-safe (nor is Pyro's
+    global handler stack). Raises ``RuntimeError`` on a Pyro version other than
+    :data:`PYRO_VERSION` (check :func:`unsupported_reason` first)."""
+    reason = unsupported_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    rows = _checked()
+    for owner, name, _, new in rows:
+        setattr(owner, name, new)
+    try:
+        yield
+    finally:
+        for owner, name, old, _ in rows:
+            setattr(owner, name, old)
+
+
+def is_active() -> bool:
+    """Whether :func:`pyro_compat` is in force (for tests)."""
+    from pyro.poutine import runtime
+
+    return runtime.Message is dict and "pyro.poutine.runtime" in sys.modules

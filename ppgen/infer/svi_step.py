@@ -1,0 +1,301 @@
+"""One SVI update as a function of a batch: loss, gradients, the non-finite check and Adam.
+
+The step keeps everything on the device. For the pathwise ELBOs (``Trace_ELBO`` for ``reparam``
+and ``stl``, ``analytic-kl``, and ppgen's multi-sample ``iwae``/``dreg``/``vimco``) the loss is
+Pyro's ``differentiable_loss`` evaluated under :func:`ppgen.infer.compile.pyro_compat`, a 0-d
+tensor, never a Python float. After the backward pass one fused ``torch._foreach_norm(.., inf)``
+gives each gradient's largest absolute entry, which is finite exactly when the gradient holds no
+NaN/inf (a maximum cannot overflow); the loss and those norms form the step's *record*
+``(1 + P,)``. A record with a non-finite entry skips the update on the device: the record's
+verdict is handed to torch's fused Adam as ``found_inf``, which then leaves parameters, moments and
+step count untouched. Nothing is read on the host; :func:`ppgen.infer.svi.train_svi` reads the
+records of an epoch once, at its end (or at a checkpoint), and applies the stop/skip policy.
+
+With ``compile=True`` the loss (and through AOTAutograd its backward) runs as one
+``torch.compile(fullgraph=True)`` graph. Whether that works depends on model, guide and
+estimator; the step compiles on the example batch when it is built, checks the compiled loss and
+gradients against the eager ones on the same random draws (inductor's ``fallback_random``, so
+a compiled run draws the same numbers as an eager one), and on any failure or difference runs
+eagerly and says why in one warning line. Estimators whose Pyro ELBO reads the loss on the host
+inside ``loss_and_grads`` (the score-function family, ``enum``) always run eagerly.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from ppgen.devices import Distributed, adam
+from ppgen.infer.batches import Batch, as_batch
+from ppgen.infer.compile import pyro_compat, unsupported_reason
+from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
+from ppgen.infer.estimators.multisample import DReG_ELBO, IWAE_ELBO, VIMCO_ELBO
+from ppgen.infer.estimators.pathwise import AnalyticKL_ELBO, sticking_the_landing
+from ppgen.infer.particles import check_vectorizable
+from ppgen.infer.traces import DATA, DATA_SCALE_KEY, DataPlate, find_data_plate
+
+if TYPE_CHECKING:
+    from ppgen.infer.svi import SVIConfig
+
+__all__ = ["DataScale", "SVIStep", "make_svi_step", "nonfinite_parameter", "record_problem"]
+
+# ELBO classes (exact types: a subclass may change loss_and_grads) whose differentiable_loss is
+# the whole estimator, so the step can take the loss as a tensor and compile it.
+_DEVICE_LOSS = (Trace_ELBO, AnalyticKL_ELBO, IWAE_ELBO, DReG_ELBO, VIMCO_ELBO)
+
+
+class DataScale(DataPlate):
+    """Multiply the log-density of every site inside the datapoint plate by ``scale``.
+
+    Used with ``scale = N / B`` to turn a minibatch ELBO into an unbiased full-dataset estimate.
+    Sites of a plate that already subsamples itself (``subsample_size``) are left alone.
+    The factor is also recorded in ``msg["_ppgen_data_scale"]`` (``ppgen.infer.traces.DATA_SCALE_KEY``), so
+    per-datapoint bounds (``iwae``, ``dreg``, ``vimco``) can keep it outside their logsumexp
+    while other ``poutine.scale`` factors (e.g. KL warm-up) stay inside each log weight. As a
+    :class:`ppgen.infer.traces.DataPlate` it also records the plate's name in each sample site.
+
+    :param scale: the factor, ``N / B`` in the loop.
+    :param data_plate: name of the plate over datapoints (:func:`ppgen.infer.traces.find_data_plate`).
+    """
+
+    def __init__(self, scale: float, data_plate: str = DATA):
+        super().__init__(data_plate)
+        self.scale = scale
+
+    def _process_message(self, msg: dict) -> None:
+        super()._process_message(msg)
+        for frame in msg["cond_indep_stack"]:
+            if frame.name == self.data_plate and (frame.full_size is None or frame.full_size == frame.size):
+                msg["scale"] = self.scale * msg["scale"]
+                msg[DATA_SCALE_KEY] = self.scale * msg.get(DATA_SCALE_KEY, 1.0)
+                return
+
+
+def record_problem(record: list[float], names: list[str]) -> Optional[str]:
+    """Why a step's record (its loss, then each gradient's largest absolute entry, read on the
+    host) skipped the update: ``None`` (it did not), ``"loss"``, or ``"gradient of '<name>'"``
+    for the first parameter whose gradient holds a NaN or an infinity."""
+    if not math.isfinite(record[0]):
+        return "loss"
+    for name, norm in zip(names, record[1:]):
+        if not math.isfinite(norm):
+            return f"gradient of {name!r}"
+    return None
+
+
+def nonfinite_parameter() -> Optional[str]:
+    """The name of the first parameter in Pyro's param store holding a NaN or an infinity, or
+    ``None``. One host read when all are finite (a fused max-abs over every parameter)."""
+    store = pyro.get_param_store()
+    names = list(store.keys())
+    values = [store._params[k].detach() for k in names]
+    if not values:
+        return None
+    norms = torch.stack([v.to(torch.float64) for v in torch._foreach_norm(values, math.inf)])
+    if bool(norms.isfinite().all()):
+        return None
+    return next(n for n, v in zip(names, norms.tolist()) if not math.isfinite(v))
+
+
+class SVIStep:
+    """An SVI update on a batch, built by :func:`make_svi_step`.
+
+    ``record = step.on_device(x)`` takes the update and returns its record, a ``(1 + P,)`` tensor
+    on the device (the loss, negative ELBO at full-dataset scale, then the largest absolute
+    gradient entry of each of the ``P`` parameters ``step.names``); the update was applied
+    exactly when every entry is finite. No host read. ``step(x)`` does the same and returns the
+    loss as a float (NaN when a gradient was not finite), with ``step.nonfinite`` saying why the
+    update was skipped (``None``, ``"loss"``, ``"gradient of '<name>'"``): one host read, for
+    interactive use and tests.
+
+    Attributes: ``guide`` (the guide as the estimator sees it), ``data_plate``, ``names``,
+    ``params``, ``optimizer``, ``compiled`` (whether the loss runs as a compiled graph) and
+    ``why_eager`` (why not, or ``None``).
+    """
+
+    def __init__(self, model, train_guide, elbo, names, params, optimizer, scale, plate, job, device_loss):
+        self.model, self.guide, self.elbo = model, train_guide, elbo
+        self.names, self.params, self.optimizer = names, params, optimizer
+        self.scale, self.data_plate, self.job = scale, plate, job
+        self.device_loss = device_loss
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.compiled, self.why_eager, self._compiled_loss = False, None, None
+        self.nonfinite: Optional[str] = None
+
+    # -- the loss ----------------------------------------------------------------------------
+    def _loss(self, *args, **kwargs) -> torch.Tensor:
+        with DataScale(self.scale, self.data_plate):
+            return self.elbo.differentiable_loss(self.model, self.guide, *args, **kwargs)
+
+    def _loss_and_grads(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        # Model, guide and data were validated by the registration pass; re-checking every
+        # distribution's arguments each step costs about 5% of a VAE step (bench/svi_step.py).
+        with pyro.validation_enabled(False):
+            if not self.device_loss:  # Pyro's own loss_and_grads, which reads the loss on the host
+                with DataScale(self.scale, self.data_plate):
+                    loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+                return torch.as_tensor(loss, dtype=self.params[0].dtype, device=self.params[0].device)
+            with pyro_compat():
+                fn = self._compiled_loss if self.compiled else self._loss
+                loss = fn(*args, **kwargs)
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+    def compile(self, example: Batch) -> None:
+        """Compile the loss with ``torch.compile(fullgraph=True)`` and check it on ``example``
+        against the eager loss and gradients (same draws); on failure stay eager, warn once."""
+        reason = unsupported_reason()
+        if reason is None and not self.device_loss:
+            reason = (f"{type(self.elbo).__name__} reads its loss on the host in loss_and_grads "
+                      f"(score-function and enumeration estimators)")
+        if reason is None:
+            self._compiled_loss = torch.compile(self._loss, fullgraph=True, options={"fallback_random": True})
+            reason = self._check_compiled(example)
+        if reason is not None:
+            self._compiled_loss, self.why_eager = None, reason
+            warnings.warn(f"--compile: running the SVI step eagerly: {reason}", RuntimeWarning, stacklevel=3)
+        else:
+            self.compiled = True
+
+    def _check_compiled(self, example: Batch) -> Optional[str]:
+        cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+        def run(compiled: bool) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            self.compiled = compiled
+            try:
+                loss = self._loss_and_grads(example.args, example.kwargs)
+                return loss, [None if p.grad is None else p.grad.clone() for p in self.params]
+            finally:
+                self.compiled = False
+                self.optimizer.zero_grad(set_to_none=True)
+
+        try:
+            eager_loss, eager_grads = run(False)
+            try:
+                loss, grads = run(True)
+            except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
+                first = (str(e).strip().splitlines() or [""])[0]
+                return f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {first[:200]}"
+            if not torch.allclose(loss, eager_loss, rtol=1e-4, atol=1e-5 * float(eager_loss.abs()) + 1e-6):
+                return f"compiled loss {float(loss):.6g} differs from the eager {float(eager_loss):.6g}"
+            for name, g, e in zip(self.names, grads, eager_grads):
+                if (g is None) != (e is None) or (g is not None and not _close(g, e)):
+                    return f"compiled gradient of {name!r} differs from the eager one"
+            return None
+        finally:
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    # -- the update --------------------------------------------------------------------------
+    def on_device(self, x: Any, halt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Take the update on batch ``x`` and return its record (see the class docstring).
+
+        :param halt: optional 0-d float tensor on the device, 0 or 1: once a step's record is
+            not finite it is set to 1 (in place) and no later step that is given it updates
+            anything: the stop policy, decided on the host later.
+        """
+        if isinstance(x, torch.Tensor):
+            args, kwargs = (x,), {}
+        else:
+            batch = x if isinstance(x, Batch) else as_batch(x, "batch", self.model)
+            args, kwargs = batch.args, batch.kwargs
+        loss = self._loss_and_grads(args, kwargs)
+        if self.job.world > 1:
+            (loss,) = self.job.average(self.params, loss)
+        grads = [p.grad for p in self.params]
+        present = [g for g in grads if g is not None]
+        norms = iter(torch._foreach_norm(present, math.inf) if present else [])
+        zero = loss.new_zeros(())
+        record = torch.stack([loss.to(zero.dtype)] + [next(norms).to(zero.dtype) if g is not None else zero
+                                                      for g in grads])
+        bad = record.isfinite().all().logical_not().to(torch.float32)
+        if halt is not None:
+            torch.maximum(halt, bad, out=halt)
+            bad = halt
+        if self.fused:  # fused Adam skips the whole update (moments and step count too) when 1
+            self.optimizer.found_inf = bad
+            self.optimizer.step()
+        elif not bool(bad):  # the multi-tensor kernel has no found_inf: one host read
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return record
+
+    def __call__(self, x: Any) -> float:
+        record = self.on_device(x).tolist()
+        self.nonfinite = record_problem(record, self.names)
+        return record[0] if self.nonfinite in (None, "loss") else math.nan
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale + 1e-7))
+
+
+def make_svi_step(
+    model: Callable,
+    guide: Callable,
+    config: "SVIConfig",
+    example,
+    scale: float = 1.0,
+    job: Distributed = Distributed(0, 1, 0),
+    data_plate: str = DATA,
+) -> tuple[SVIStep, torch.optim.Optimizer]:
+    """One SVI update as a function of a batch (:class:`SVIStep`), and the optimizer it steps.
+
+    Clears Pyro's param store, registers every parameter with one trace of model and guide on
+    ``example``, and builds a single fused ``torch.optim.Adam`` over all of them. The step
+    computes the estimator's loss and gradients on a batch with the data plate scaled by
+    ``scale`` (``N / B``) and takes the Adam step unless the loss or any gradient is NaN or
+    infinite (decided on the device, see :class:`SVIStep`). With ``config.compile`` the loss is
+    compiled here, on ``example``, where model, guide and estimator allow it (else one warning
+    and eager). In a data-parallel ``job`` (torch.distributed), gradients and loss are averaged
+    over its processes before the step. ``step.guide`` is the guide as the estimator sees it
+    (:func:`prepare_guide`); if it has ``training_state()``/``load_training_state(state)`` (e.g.
+    a learned baseline), :func:`ppgen.infer.svi.train_svi` checkpoints that state too.
+
+    :param example: a batch as the model takes it: a tensor, a tuple of model arguments aligned
+        on dim 0, or a dict of keyword arguments (:func:`ppgen.infer.batches.as_batch`); the step
+        takes batches of the same form.
+    :param data_plate: name of the plate over datapoints; if the model has none of that name,
+        the single plate of the example's batch size (:func:`ppgen.infer.traces.find_data_plate`).
+        ``step.data_plate`` is the plate used. With ``scale != 1`` a missing or ambiguous plate
+        is an error (the minibatch would silently go unscaled).
+    """
+    pyro.clear_param_store()
+    example = as_batch(example, "example", model)
+    # Vectorized particles and TraceEnum_ELBO (at any particle count) need the plate nesting. Pyro
+    # would guess it at the first step by running guide and model once on the training RNG stream,
+    # so a resumed run would draw other numbers than the uninterrupted one. Found here off the RNG,
+    # for every estimator (a user-registered ELBO may guess too); a non-vectorized Trace_ELBO
+    # ignores it.
+    found = find_data_plate(model, guide, example.args, example.kwargs, example.size, data_plate,
+                            required=scale != 1.0)
+    plate, nesting = found.data_plate or data_plate, found.nesting
+    elbo = make_elbo(config.estimator, config.particles, config.particles > 1, nesting)
+    if getattr(elbo, "vectorize_particles", False) and found.data_plate is not None:
+        check_vectorizable(model, guide, example.args, example.kwargs, nesting, plate, example.size,
+                           example.device, f"estimator {config.estimator!r} with {config.particles} particle(s)")
+    train_guide = prepare_guide(config.estimator, guide)
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
+    names = list(capture.trace.nodes)
+    params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
+    optimizer = adam(params, config.lr)
+    est = get_estimator(config.estimator)
+    device_loss = (type(elbo) in _DEVICE_LOSS and est.guide_transform in (None, sticking_the_landing)
+                   and unsupported_reason() is None)
+    step = SVIStep(model, train_guide, elbo, names, params, optimizer, scale, plate, job, device_loss)
+    if getattr(config, "compile", False):
+        step.compile(example)
+    return step, optimizer
