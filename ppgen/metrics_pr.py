@@ -136,7 +136,7 @@ def plot_label_balance(histograms: dict, path: Union[str, Path], class_names: Op
     if not names:
         raise ValueError("histograms is empty: give at least one label -> histogram")
     classes = len(histograms[names[0]])
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * classes * len(names) / 2 + 3), 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 0.25 * classes * len(names) + 3)), 3.5), dpi=120)
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         ax.bar(np.arange(classes) + (i - (len(names) - 1) / 2) * width, [float(v) for v in histograms[name]],

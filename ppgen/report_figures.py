@@ -5,6 +5,8 @@
 - :func:`latent_scatter`: the encoder means of the test split, coloured by label (2-D latents).
 - :func:`training_curves`: one row per family, the family's progress metric against optimizer
   steps (left) and cumulative training wall time (right).
+- :func:`family_time_curves`: ``ppgen compare-families``' metrics against training time, one
+  line per family (mean over seeds, a band of +- 1 sd).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch  # noqa: E402
 
 from ppgen.plots import save_image_grid  # noqa: E402
 
-__all__ = ["lerp_rows", "vae_interpolation", "gan_interpolation", "latent_scatter", "curve_series", "training_curves"]
+__all__ = ["lerp_rows", "vae_interpolation", "gan_interpolation", "latent_scatter", "curve_series", "training_curves",
+           "family_time_curves"]
 
 PathLike = Union[str, Path]
 
@@ -127,6 +130,34 @@ def training_curves(runs: Mapping[str, tuple[str, dict]], path: PathLike) -> Pat
             ax.set_title(f"{family}")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def family_time_curves(runs: Mapping[str, list], metrics: Mapping[str, tuple[str, str]], path: PathLike) -> Path:
+    """``runs``: family -> one dict per seed with ``checkpoints`` (records with ``train_seconds``
+    and metric keys); ``metrics``: key -> (title, "lower"/"higher" better). One panel per metric
+    any run has: per family, the mean over seeds at each checkpoint index (x: mean training
+    seconds there) with a band of +- 1 sd."""
+    keys = [k for k in metrics if any(k in c for per_seed in runs.values() for r in per_seed for c in r["checkpoints"])]
+    if not keys:
+        raise ValueError("no checkpoint holds any of the metrics " + ", ".join(metrics))
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.3), dpi=110, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, (family, per_seed) in enumerate(runs.items()):
+            depth = min(len(r["checkpoints"]) for r in per_seed)  # checkpoints every seed reached
+            if depth == 0 or key not in per_seed[0]["checkpoints"][0]:
+                continue
+            t = torch.tensor([[r["checkpoints"][j]["train_seconds"] for j in range(depth)] for r in per_seed]).mean(0)
+            v = torch.tensor([[float(r["checkpoints"][j][key]) for j in range(depth)] for r in per_seed], dtype=torch.float64)
+            mean, sd = v.mean(0), (v.std(0) if len(per_seed) > 1 else torch.zeros(depth, dtype=torch.float64))
+            ax.plot(t, mean, marker="o", markersize=3, color=f"C{i}", label=family)
+            ax.fill_between(t, mean - sd, mean + sd, color=f"C{i}", alpha=0.2)
+        title, better = metrics[key]
+        ax.set_title(f"{title} ({better} is better)", fontsize=9)
+        ax.set_xlabel("training time (s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_estimators(sub)
     from ppgen.report import add_report  # the report command lives in its own module
     add_report(sub)
+    from ppgen.compare_families import add_compare_families  # so does the family comparison
+    add_compare_families(sub)
     return parser
 
 
