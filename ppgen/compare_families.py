@@ -2,7 +2,7 @@
 time on the same network sizes, judged in one feature space, with error bars over seeds.
 
 **Equal budgets.** Each family trains through its own ``ppgen train`` code path
-(:func:`ppgen.train.train_vae`, :func:`ppgen.adversarial.train_gan`, ``train_score``) with its
+(:func:`ppgen.train.train_vae`, :func:`ppgen.adversarial.train_gan`, :func:`ppgen.score.train_score`) with its
 own defaults (objective, batch size, learning rates, stabilizers), except for the shared sizes:
 latent width and hidden widths of the MLPs. The budget counts training-loop time only: the sum
 of the loops' per-epoch ``seconds`` (the score loop's includes its validation loss on 512
@@ -86,14 +86,6 @@ class CompareConfig:
             raise ValueError(f"k ({self.k}) must be below n_samples ({self.n_samples})")
 
 
-def _score_api():
-    try:  # the score package (ppgen/score/) re-exports its loop
-        from ppgen.score import ScoreConfig, train_score
-    except ImportError:  # the single-module layout
-        from ppgen.score_train import ScoreConfig, train_score
-    return ScoreConfig, train_score
-
-
 def run_config(family: str, config: CompareConfig, seed: int, epochs: int):
     """The run config of ``family`` at the shared sizes, with ``seed`` and ``epochs``; every other
     setting is the family's default (what ``ppgen train <family>`` does without flags)."""
@@ -111,7 +103,8 @@ def run_config(family: str, config: CompareConfig, seed: int, epochs: int):
         return GANConfig(data=DataConfig(config.data, "none", config.data_dir, config.split_seed),
                          latent_dim=config.latent_dim, hidden=config.hidden,
                          loop=LoopConfig(epochs=epochs, seed=seed, device=config.device))
-    ScoreConfig, _ = _score_api()
+    from ppgen.score import ScoreConfig
+
     return ScoreConfig(data=config.data, data_dir=config.data_dir, split_seed=config.split_seed, hidden=config.hidden,
                        epochs=epochs, seed=seed, device=config.device)
 
@@ -127,7 +120,9 @@ def _train(family: str, cfg, path: Path, fresh: bool, download: bool) -> list[di
         from ppgen.adversarial import train_gan
 
         return list(train_gan(cfg, path, **kwargs)[1].history)
-    return list(_score_api()[1](cfg, path, figures=False, **kwargs).history)
+    from ppgen.score import train_score
+
+    return list(train_score(cfg, path, figures=False, **kwargs).history)
 
 
 def _steps(family: str, history: list[dict]) -> int:
