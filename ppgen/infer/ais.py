@@ -233,7 +233,7 @@ def _hmc(target: _Target, z: dict, beta: float, eps: torch.Tensor, leapfrog: int
         return torch.where(accept.view(*accept.shape, *([1] * (new.ndim - 2))), new, old)
 
     z = {k: pick(zn[k], z[k]) for k in z}
-    return z, pick(lik, lik0), accept.double().mean(0).cpu(), log_accept.clamp(max=0).exp()
+    return z, pick(lik, lik0), accept.double().mean(0), log_accept.clamp(max=0).exp()
 
 
 def _run(target, z, lik, betas, step_size, leapfrog, target_accept):
@@ -246,9 +246,8 @@ def _run(target, z, lik, betas, step_size, leapfrog, target_accept):
         z, lik, acc, _ = _hmc(target, z, float(betas[t]), eps, leapfrog)
         accepts.append(acc)
         # Wu et al. (2017): grow the step when chains accept more often than the target, else shrink.
-        grow = (acc > target_accept).to(eps.device)
-        eps = eps * torch.where(grow, 1.02, 0.98)
-    return log_w, torch.stack(accepts).mean(0), eps.double().cpu()
+        eps = eps * torch.where(acc > target_accept, 1.02, 0.98)  # on the device: no host sync per step
+    return log_w, torch.stack(accepts).mean(0).cpu(), eps.double().cpu()
 
 
 @torch.no_grad()
