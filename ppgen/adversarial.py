@@ -5,6 +5,13 @@ The generator is the VAE's decoder class (:class:`ppgen.nets.Decoder`) followed 
 images, the discriminator is the encoder's trunk with a scalar head, so the GAN and the VAE can
 be compared on the same networks (Goodfellow et al. 2014, "Generative Adversarial Nets").
 Discriminators output logits ``d``; ``D(x) = sigmoid(d)``.
+
+Three stabilizers, each a :class:`LoopConfig` field (and a ``ppgen train gan`` flag):
+spectral normalization of every discriminator layer (Miyato et al. 2018, "Spectral Normalization
+for Generative Adversarial Networks"), the R1 zero-centred gradient penalty on real data
+(Mescheder et al. 2018, :func:`ppgen.gan_losses.r1_penalty`), and an exponential moving average
+of the generator's weights (:class:`ppgen.ema.EMA`; Yazici et al. 2019) which then makes the
+figures, the checkpoint's sampling generator, ``load_gan``, ``ppgen sample`` and ``ppgen metrics``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppgen.data import DataConfig, binarize, toy_sample
-from ppgen.gan_losses import LOSSES, GANLoss, get_loss, optimal_discriminator, optimal_discriminator_gap
+from ppgen.ema import EMA
+from ppgen.gan_losses import LOSSES, GANLoss, get_loss, optimal_discriminator, optimal_discriminator_gap, r1_penalty
 from ppgen.nets import Decoder, make_decoder, make_encoder
 from ppgen.plots import save_image_grid
 from ppgen.devices import adam, distributed, resolve_device
@@ -33,13 +41,14 @@ from ppgen.runs import (
     config_to_dict,
     rng_state,
     seed_everything,
+    seeded,
     set_rng_state,
 )
 
 __all__ = [
     "LOSSES", "GANLoss", "get_loss", "Generator", "Discriminator", "make_generator", "make_discriminator",
     "LoopConfig", "GANConfig", "GANResult", "adversarial_loop", "train_gan", "load_gan", "train_toy_gan",
-    "optimal_discriminator", "optimal_discriminator_gap",
+    "optimal_discriminator", "optimal_discriminator_gap", "r1_penalty", "spectral_normalize",
 ]
 
 
@@ -94,6 +103,21 @@ def make_discriminator(x_dim: int, hidden: Sequence[int] = (400,), arch: str = "
     return Discriminator(trunk, hidden[-1], x_dim)
 
 
+def spectral_normalize(module: nn.Module) -> nn.Module:
+    """Put :func:`torch.nn.utils.parametrizations.spectral_norm` on every ``Linear`` and ``Conv``
+    layer of ``module`` that has none yet (in place; returns ``module``). Each weight is divided by
+    its largest singular value, estimated by one power iteration per training-mode forward pass
+    (Miyato et al. 2018); a convolution's kernel is taken as the matrix ``(out, in * kh * kw)``, as
+    there. Its initial vector is drawn from the global random stream."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    for layer in list(module.modules()):
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not parametrize.is_parametrized(layer, "weight"):
+            spectral_norm(layer)
+    return module
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -111,18 +135,36 @@ class LoopConfig:
     beta2: float = 0.999  # Adam beta2
     seed: int = 0  # seed of initialization, shuffling and noise
     device: str = "cpu"  # "cpu" or "cuda"
+    spectral_norm: bool = False  # spectral normalization of every discriminator layer (Miyato et al. 2018)
+    r1_gamma: float = 0.0  # gamma of the R1 penalty gamma/2 E||grad_x d(x)||^2 on real data (Mescheder et al. 2018); 0: off
+    ema_decay: float = 0.0  # decay d of the generator's weight average used for sampling (ppgen.ema.EMA); 0: off
+    ema_warmup: bool = True  # EMA decay min(d, (1 + t) / (10 + t)) at generator step t instead of d
 
     def __post_init__(self) -> None:
         get_loss(self.loss)
         for name in ("d_steps", "epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0):
+            raise ValueError(f"r1_gamma must be a finite number >= 0 (0 turns R1 off), got {self.r1_gamma}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (e.g. 0.999; 0 turns the EMA off), got {self.ema_decay}")
+
+
+#: The stabilizer settings of runs made before the stabilizers existed (their config.json lacks them).
+_PLAIN = {"spectral_norm": False, "r1_gamma": 0.0, "ema_decay": 0.0, "ema_warmup": True}
 
 
 class GANResult(NamedTuple):
-    """What :func:`adversarial_loop` returns: one dict per epoch (loss_D, loss_G, D_real, D_fake...)."""
+    """What :func:`adversarial_loop` returns: one dict per epoch (loss_D, loss_G, D_real, D_fake,
+    r1 when the penalty is on...), and the generator's moving average when ``ema_decay > 0``."""
 
     history: list
+    ema: Optional[Generator] = None  # the EMA generator (eval mode) for sampling, or None
+
+    def sampler(self, generator: Generator) -> Generator:
+        """The generator to sample from: the EMA when there is one, else ``generator``."""
+        return self.ema if self.ema is not None else generator
 
 
 def adversarial_loop(
@@ -156,6 +198,13 @@ def adversarial_loop(
     fixed-noise sample grid). Losses are summed on the device and read at the end of each epoch
     (no host sync per step): a non-finite loss stops the run there (or at an interrupt) with a
     ``FloatingPointError`` naming the last good checkpoint, and is never checkpointed.
+
+    Stabilizers (module docstring): ``config.spectral_norm`` puts :func:`spectral_normalize` on
+    ``discriminator`` in place (its power-iteration vectors seeded by ``seed``);
+    ``config.r1_gamma > 0`` adds :func:`ppgen.gan_losses.r1_penalty` on each real batch to
+    ``loss_D`` (logged as ``r1``); ``config.ema_decay > 0`` updates an :class:`ppgen.ema.EMA` of
+    ``generator`` after every generator step, checkpoints it, passes its ``G(fixed_noise)`` to
+    ``on_epoch`` and returns it as ``GANResult.ema``.
     """
     if train.ndim != 2 or train.shape[1] != generator.x_dim or discriminator.x_dim != generator.x_dim:
         raise ValueError(
@@ -173,6 +222,10 @@ def adversarial_loop(
     device, local = job.place(resolve_device(config.device)), job.shard(bs)
     lo, writer = job.rank * local, run if job.rank == 0 else None  # our rows of each batch; who writes
     generator.to(device), discriminator.to(device)
+    if config.spectral_norm:
+        with seeded(config.seed + _NOISE_SEED, device):  # u of the power iteration: the same in every process
+            spectral_normalize(discriminator)
+    ema = EMA(generator, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
     g_params, d_params = list(generator.parameters()), list(discriminator.parameters())
     opt_g = adam(g_params, config.lr_g, betas=(config.beta1, config.beta2))
     opt_d = adam(d_params, config.lr_d, betas=(config.beta1, config.beta2))
@@ -184,6 +237,8 @@ def adversarial_loop(
         ckpt = run.load_checkpoint(map_location="cpu")
         generator.load_state_dict(ckpt["generator"]), discriminator.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         if "noise" in ckpt:
             noise.set_state(ckpt["noise"])
@@ -196,15 +251,15 @@ def adversarial_loop(
     def state(epoch: int, **partial) -> dict:
         return {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                 "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "noise": noise.get_state(), **partial}
+                "noise": noise.get_state(), **({"ema": ema.state_dict()} if ema is not None else {}), **partial}
 
     def z() -> torch.Tensor:  # the whole batch's noise, then our rows
         return torch.randn(bs, generator.z_dim, generator=noise, device=device)[lo : lo + local]
 
     with StopSignal() as stop:
         for epoch in range(start + 1, config.epochs + 1):
-            # sums: loss_D, D_real, D_fake over discriminator steps, loss_G over generator steps
-            t0, sums, counts = time.perf_counter(), torch.zeros(4, device=device), {"d": 0, "g": 0}
+            # sums: loss_D, D_real, D_fake, r1 over discriminator steps, loss_G over generator steps
+            t0, sums, counts = time.perf_counter(), torch.zeros(5, device=device), {"d": 0, "g": 0}
             order.manual_seed(config.seed * 100_003 + epoch)
             perm = torch.randperm(n, generator=order).to(device)
             for i in range(first, n // bs):
@@ -218,15 +273,19 @@ def adversarial_loop(
                                       f"in {run.path}. Resume with the same command plus --resume.")
                 rows = perm[i * bs : (i + 1) * bs]
                 x = transform(train[rows])[lo : lo + local] if transform is not None else train[rows[lo : lo + local]]
-                # Discriminator step: descend loss_D on a real batch and a detached fake batch.
+                # Discriminator step: descend loss_D (+ R1 on the real batch) on a real batch and a
+                # detached fake batch.
+                if config.r1_gamma > 0:
+                    x = x.detach().requires_grad_(True)
                 real, fake = discriminator(x), discriminator(generator(z()).detach())
                 loss_d = loss.d_loss(real, fake)
+                r1 = r1_penalty(real, x, config.r1_gamma) if config.r1_gamma > 0 else loss_d.new_zeros(())
                 opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
+                (loss_d + r1).backward()
                 stats = job.average(d_params, loss_d.detach(), torch.sigmoid(real.detach()).mean(),
-                                    torch.sigmoid(fake.detach()).mean())  # whole-batch means
+                                    torch.sigmoid(fake.detach()).mean(), r1.detach())  # whole-batch means
                 opt_d.step()
-                sums[:3] += torch.stack(stats)
+                sums[:4] += torch.stack(stats)
                 counts["d"] += 1
                 if (i + 1) % config.d_steps:
                     continue
@@ -240,12 +299,15 @@ def adversarial_loop(
                     discriminator.requires_grad_(True)
                 (loss_g,) = job.average(g_params, loss_g.detach())
                 opt_g.step()
-                sums[3:] += loss_g
+                if ema is not None:
+                    ema.update(generator)
+                sums[4:] += loss_g
                 counts["g"] += 1
             first = 0
-            d, real, fake, g = _check_finite(sums, epoch, run, job.rank)  # the one host sync of an epoch
+            d, real, fake, r1, g = _check_finite(sums, epoch, run, job.rank)  # the one host sync of an epoch
             nd, ng = max(counts["d"], 1), max(counts["g"], 1)
             record = {"epoch": epoch, "loss_D": d / nd, "loss_G": g / ng, "D_real": real / nd, "D_fake": fake / nd,
+                      **({"r1": r1 / nd} if config.r1_gamma > 0 else {}),
                       "g_steps": counts["g"], "seconds": time.perf_counter() - t0}
             history.append(record)
             if writer is not None:
@@ -253,21 +315,21 @@ def adversarial_loop(
                 writer.save_checkpoint(state(epoch))
             if on_epoch is not None and job.rank == 0:
                 with torch.no_grad():
-                    on_epoch(epoch, generator(fixed))
+                    on_epoch(epoch, (ema.averaged() if ema is not None else generator)(fixed))
             if progress and job.rank == 0:
                 print(f"epoch {epoch}: loss_D {record['loss_D']:.3f} loss_G {record['loss_G']:.3f} "
                       f"D(x) {record['D_real']:.3f} D(G(z)) {record['D_fake']:.3f} ({record['seconds']:.1f} s)")
-    return GANResult(history)
+    return GANResult(history, ema.averaged() if ema is not None else None)
 
 
 _NOISE_SEED = 1 << 32  # offset of the noise stream z from the seed of the weights and the fixed grid
 
 
 def _check_finite(sums: torch.Tensor, epoch: int, run: Optional[Run], rank: int) -> list[float]:
-    """The epoch's running sums (loss_D, D_real, D_fake, loss_G) as floats, or a
+    """The epoch's running sums (loss_D, D_real, D_fake, r1, loss_G) as floats, or a
     ``FloatingPointError`` if one is NaN or infinite."""
     values = sums.tolist()
-    bad = [(name, v) for name, v in zip(("loss_D", "D_real", "D_fake", "loss_G"), values) if not math.isfinite(v)]
+    bad = [(name, v) for name, v in zip(("loss_D", "D_real", "D_fake", "r1", "loss_G"), values) if not math.isfinite(v)]
     if not bad:
         return values
     name, value = bad[0]
@@ -306,11 +368,12 @@ def train_gan(config: GANConfig, out: Union[str, Path], resume: bool = False, ov
               progress: bool = True, download: bool = True) -> tuple[Generator, GANResult, Optional[Run]]:
     """Train an image GAN as ``config`` says into run directory ``out``; writes
     figures/epoch-NNN.png (fixed noise) and figures/samples.png. Under ``torchrun`` only rank 0
-    writes ``out``; the other processes get ``None`` for the run."""
+    writes ``out``; the other processes get ``None`` for the run. Returns the generator to sample
+    from (the EMA generator when ``config.loop.ema_decay > 0``, as :func:`load_gan` does)."""
     rank = distributed(resolve_device(config.loop.device)).rank
     run = Run(out, resume=resume, overwrite=overwrite) if rank == 0 or resume else None
     if resume:
-        check_resumable(run.load_config(), config_to_dict(config), may_change={"loop.epochs", "loop.device"})
+        check_resumable(_stored_config(run), config_to_dict(config), may_change={"loop.epochs", "loop.device"})
     if rank == 0:
         run.save_config(config_to_dict(config))
     data = config.data.load(download)
@@ -324,16 +387,33 @@ def train_gan(config: GANConfig, out: Union[str, Path], resume: bool = False, ov
 
     result = adversarial_loop(generator, discriminator, data.train, config.loop, run,
                               binarize if data.dynamic else None, grid, progress)
-    return generator, result, run if rank == 0 else None
+    return result.sampler(generator), result, run if rank == 0 else None
 
 
-def load_gan(path: Union[str, Path], device: str = "cpu") -> tuple[Generator, GANConfig]:
-    """Rebuild the generator of run directory ``path`` (weights loaded with ``weights_only=True``)."""
+def _stored_config(run: Run) -> dict:
+    """The run's config.json, with the stabilizers off where a run made before they existed lacks them."""
+    stored = run.load_config()
+    if isinstance(stored.get("loop"), dict):
+        stored["loop"] = {**_PLAIN, **stored["loop"]}
+    return stored
+
+
+def load_gan(path: Union[str, Path], device: str = "cpu", averaged: bool = True) -> tuple[Generator, GANConfig]:
+    """Rebuild the generator of run directory ``path`` (weights loaded with ``weights_only=True``):
+    the EMA generator when the run kept one (``loop.ema_decay > 0``) and ``averaged``, else the
+    trained generator."""
     run = Run(path, resume=True)
-    config = config_from_dict(GANConfig, run.load_config())
+    config = config_from_dict(GANConfig, _stored_config(run))
     shape = config.data.image_shape
     generator = make_generator(config.latent_dim, math.prod(shape), config.hidden, config.arch, shape)
-    generator.load_state_dict(run.load_checkpoint(map_location=resolve_device(device))["generator"])
+    ckpt = run.load_checkpoint(map_location=resolve_device(device))
+    if averaged and config.loop.ema_decay > 0:
+        if "ema" not in ckpt:
+            raise ValueError(f"{path} says loop.ema_decay={config.loop.ema_decay} but its checkpoint has no EMA "
+                             "generator; load it with averaged=False for the trained generator")
+        generator.load_state_dict(ckpt["ema"]["module"])
+    else:
+        generator.load_state_dict(ckpt["generator"])
     return generator.to(device).eval(), config
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["GANLoss", "LOSSES", "get_loss", "optimal_discriminator", "optimal_discriminator_gap"]
+__all__ = ["GANLoss", "LOSSES", "get_loss", "r1_penalty", "optimal_discriminator", "optimal_discriminator_gap"]
 
 
 # --------------------------------------------------------------------------- losses
@@ -53,6 +53,29 @@ def get_loss(name: str) -> GANLoss:
         raise ValueError(f"unknown GAN loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]
 
+
+def r1_penalty(real_logits: torch.Tensor, x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The zero-centred gradient penalty on real data, ``gamma / 2 * E_x ||grad_x d(x)||^2``
+    (R1 of Mescheder et al. 2018, "Which Training Methods for GANs do actually Converge?", eq. 9),
+    with ``d`` the discriminator's logits: it pushes the discriminator to be flat on the data, which
+    makes the Dirac-GAN equilibrium locally convergent for simultaneous and alternating steps.
+
+    :param real_logits: ``d(x)`` of shape ``(B,)``, computed from ``x`` with the graph kept.
+    :param x: the real batch ``(B, D)``, with ``requires_grad=True`` before ``d(x)`` was computed.
+    :param gamma: the penalty weight (``>= 0``).
+    :returns: a scalar, differentiable in the discriminator's parameters (double backward).
+
+    On a linear discriminator ``d(x) = w . x + b`` it equals ``gamma / 2 * ||w||^2``.
+    """
+    if not x.requires_grad:
+        raise ValueError("r1_penalty needs the real batch x with requires_grad=True before d(x) is computed; "
+                         "call x.requires_grad_(True) first")
+    if real_logits.shape != x.shape[:1]:
+        raise ValueError(f"real_logits must have shape ({x.shape[0]},) for a batch x of shape {tuple(x.shape)}, "
+                         f"got {tuple(real_logits.shape)}")
+    # Sum over the batch: each logit depends on its own row only, so this gives every row's gradient.
+    (grad,) = torch.autograd.grad(real_logits.sum(), x, create_graph=True)
+    return 0.5 * gamma * grad.pow(2).flatten(1).sum(1).mean()
 
 
 # --------------------------------------------------------------------------- theory check

@@ -1,5 +1,6 @@
 """GAN losses, loop, theory check (optimal discriminator) and bad input."""
 
+import dataclasses
 import math
 
 import pytest
@@ -198,3 +199,177 @@ def test_cli_train_sample_and_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "gan", "--data", "digits", "--loss", "wgan", "--out", out])
     assert "invalid choice: 'wgan'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- stabilizers
+
+
+def _sn_layers(disc):
+    from torch.nn.utils import parametrize
+
+    return [m for m in disc.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and parametrize.is_parametrized(m, "weight")]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_spectral_norm_makes_every_discriminator_layer_unit_norm(arch):
+    # After training with spectral_norm, a few more power iterations (training-mode forwards, no
+    # update) leave every layer's largest singular value (torch.linalg, exact) at 1 within 1e-3.
+    torch.manual_seed(0)
+    gen, disc = make_generator(4, 784, (32,), arch), make_discriminator(784, (32,), arch)
+    config = LoopConfig(epochs=1, batch_size=16, lr_g=1e-3, lr_d=1e-3, spectral_norm=True)
+    adversarial_loop(gen, disc, torch.rand(64, 784), config)
+    layers = _sn_layers(disc)
+    assert len(layers) == (2 if arch == "mlp" else 4)  # trunk layer(s) and the head, all normalized
+    with torch.no_grad():
+        for _ in range(30):
+            disc.train()(torch.rand(8, 784))
+        for layer in layers:
+            w = layer.weight  # the normalized weight W / sigma(W)
+            sigma = torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), ord=2)
+            assert abs(sigma.item() - 1) < 1e-3, (layer, sigma)
+            raw = layer.parametrizations.weight.original
+            assert abs(torch.linalg.matrix_norm(raw.reshape(raw.shape[0], -1), ord=2).item() - 1) > 0.01  # not trivially 1
+    # the loop's power-iteration vectors come from the seed, not the global stream
+    torch.manual_seed(0)
+    gen2, disc2 = make_generator(4, 784, (32,), arch), make_discriminator(784, (32,), arch)
+    torch.manual_seed(123)
+    adversarial_loop(gen2, disc2, torch.rand(64, 784, generator=torch.Generator().manual_seed(0)),
+                     LoopConfig(epochs=1, batch_size=16, spectral_norm=True))
+    torch.manual_seed(0)
+    gen3, disc3 = make_generator(4, 784, (32,), arch), make_discriminator(784, (32,), arch)
+    torch.manual_seed(456)
+    adversarial_loop(gen3, disc3, torch.rand(64, 784, generator=torch.Generator().manual_seed(0)),
+                     LoopConfig(epochs=1, batch_size=16, spectral_norm=True))
+    for a, b in zip(disc2.state_dict().values(), disc3.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_r1_penalty_on_a_linear_discriminator_is_gamma_half_norm_squared():
+    from ppgen.gan_losses import r1_penalty
+
+    w = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 3, dtype=torch.float64).requires_grad_(True)
+    gamma = 3.0
+    penalty = r1_penalty(x @ w + 0.3, x, gamma)
+    assert penalty.item() == pytest.approx(gamma / 2 * w.detach().pow(2).sum().item(), rel=1e-12)
+    (grad_w,) = torch.autograd.grad(penalty, w)  # d/dw gamma/2 ||w||^2 = gamma w: the double backward
+    assert torch.allclose(grad_w, gamma * w.detach())
+    # a quadratic d(x) = ||x||^2 / 2 has gradient x: penalty gamma/2 * mean ||x||^2
+    x2 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert r1_penalty(0.5 * x2.pow(2).sum(1), x2, 2.0).item() == pytest.approx(x2.detach().pow(2).sum(1).mean().item())
+    with pytest.raises(ValueError, match="requires_grad=True"):
+        r1_penalty(torch.zeros(7), torch.zeros(7, 3), 1.0)
+    with pytest.raises(ValueError, match=r"shape \(7,\)"):
+        r1_penalty((x @ w).unsqueeze(1), x, 1.0)
+
+
+def test_r1_in_the_loop_logs_the_penalty_of_the_discriminator_it_trains():
+    # gamma only scales the logged penalty at the first step; a larger gamma keeps D flatter on the
+    # data (smaller mean squared gradient norm, r1 / gamma) over an epoch.
+    data = torch.randn(256, 2)
+    logs = {}
+    for gamma in (0.1, 10.0):
+        torch.manual_seed(0)
+        gen, disc = make_generator(2, 2, (16,), sigmoid=False), make_discriminator(2, (16,))
+        result = adversarial_loop(gen, disc, data, LoopConfig(epochs=3, batch_size=32, lr_d=1e-2, r1_gamma=gamma))
+        logs[gamma] = [r["r1"] / gamma for r in result.history]
+        assert all(math.isfinite(v) and v > 0 for v in logs[gamma])
+    assert logs[10.0][-1] < logs[0.1][-1]
+    plain = adversarial_loop(make_generator(2, 2, (16,), sigmoid=False), make_discriminator(2, (16,)), data,
+                             LoopConfig(epochs=1, batch_size=32))
+    assert "r1" not in plain.history[0]
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_loop_ema_equals_the_closed_form_of_the_recorded_generator_weights(warmup):
+    # One batch per epoch: on_epoch sees the generator after every generator step, so the EMA the
+    # loop keeps must equal prod_t d_t w_0 + sum_i (1 - d_{i-1}) prod_{t >= i} d_t w_i.
+    from torch.nn.utils import parameters_to_vector as flat
+
+    torch.manual_seed(0)
+    gen, disc = make_generator(2, 2, (8,), sigmoid=False), make_discriminator(2, (8,))
+    ws = [flat(gen.parameters()).detach().double().clone()]
+    record = lambda epoch, _: ws.append(flat(gen.parameters()).detach().double().clone())
+    d, n = 0.8, 25
+    config = LoopConfig(epochs=n, batch_size=32, lr_g=1e-2, lr_d=1e-2, ema_decay=d, ema_warmup=warmup)
+    result = adversarial_loop(gen, disc, torch.randn(32, 2), config, on_epoch=record)
+    ds = [min(d, (1 + t) / (10 + t)) if warmup else d for t in range(n)]
+    keep = lambda lo: math.prod(ds[lo:])
+    exact = keep(0) * ws[0] + sum((1 - ds[i - 1]) * keep(i) * ws[i] for i in range(1, n + 1))
+    assert torch.allclose(flat(result.ema.parameters()).double(), exact, atol=1e-6, rtol=0)
+    assert not torch.allclose(exact, ws[-1], atol=1e-3)  # the average is not the last iterate
+    assert result.sampler(gen) is result.ema and not result.ema.training
+
+
+def _stabilized_config(epochs):
+    return GANConfig(DataConfig("digits", "none"), latent_dim=8, hidden=(64,),
+                     loop=LoopConfig(epochs=epochs, batch_size=64, seed=3, spectral_norm=True, r1_gamma=1.0,
+                                     ema_decay=0.95))
+
+
+def test_resume_with_stabilizers_restores_ema_and_discriminator_exactly(tmp_path):
+    full, full_result, full_run = train_gan(_stabilized_config(2), tmp_path / "full", progress=False, download=False)
+    train_gan(_stabilized_config(1), tmp_path / "half", progress=False, download=False)
+    resumed, result, run = train_gan(_stabilized_config(2), tmp_path / "half", resume=True, progress=False,
+                                     download=False)
+    assert full is full_result.ema and resumed is result.ema  # train_gan returns the EMA generator
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    ck_full, ck_half = full_run.load_checkpoint(), run.load_checkpoint()
+    assert ck_half["ema"]["num_updates"] == ck_full["ema"]["num_updates"] == 2 * 19
+    for part in ("generator", "discriminator"):  # D with its spectral-norm vectors, G's trained weights
+        for k, v in ck_full[part].items():
+            assert torch.equal(v, ck_half[part][k]), (part, k)
+    assert any(k.endswith("_u") for k in ck_full["discriminator"])
+    assert [r["epoch"] for r in run.metrics()] == [1, 2] and all(r["r1"] > 0 for r in run.metrics())
+    loaded, config = load_gan(tmp_path / "half")  # ppgen sample / ppgen metrics get the EMA generator
+    z = torch.randn(3, 8)
+    assert torch.equal(loaded(z), resumed(z))
+    trained, _ = load_gan(tmp_path / "half", averaged=False)
+    assert not torch.allclose(trained(z), loaded(z))
+    with pytest.raises(ValueError, match="loop.ema_decay: 0.95 -> 0.9"):
+        changed = dataclasses.replace(_stabilized_config(3), loop=dataclasses.replace(_stabilized_config(3).loop,
+                                                                                     ema_decay=0.9))
+        train_gan(changed, tmp_path / "half", resume=True, progress=False, download=False)
+
+
+def test_runs_made_before_the_stabilizers_load_and_resume_as_plain(tmp_path):
+    import json
+
+    plain = dataclasses.replace(_digits_config(1), loop=dataclasses.replace(
+        _digits_config(1).loop, spectral_norm=False, r1_gamma=0.0, ema_decay=0.0))
+    gen, _, run = train_gan(plain, tmp_path / "old", progress=False, download=False)
+    stored = run.load_config()
+    for key in ("spectral_norm", "r1_gamma", "ema_decay", "ema_warmup"):
+        del stored["loop"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+    loaded, config = load_gan(tmp_path / "old")
+    assert config.loop.ema_decay == 0 and not config.loop.spectral_norm
+    z = torch.randn(2, 8)
+    assert torch.equal(loaded(z), gen(z))
+    more = dataclasses.replace(plain, loop=dataclasses.replace(plain.loop, epochs=2))
+    train_gan(more, tmp_path / "old", resume=True, progress=False, download=False)
+
+
+def test_stabilizer_settings_are_checked():
+    with pytest.raises(ValueError, match="r1_gamma must be a finite number >= 0"):
+        LoopConfig(r1_gamma=-1.0)
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        LoopConfig(ema_decay=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stabilized_gan_on_cuda(tmp_path):
+    config = dataclasses.replace(_stabilized_config(1), loop=dataclasses.replace(_stabilized_config(1).loop,
+                                                                                device="cuda"))
+    gen, result, _ = train_gan(config, tmp_path / "cuda", progress=False, download=False)
+    assert next(gen.parameters()).is_cuda and math.isfinite(result.history[-1]["r1"])
+    loaded, _ = load_gan(tmp_path / "cuda", "cuda")
+    z = torch.randn(4, 8, device="cuda")
+    assert torch.equal(loaded(z), gen(z))
+    from ppgen.gan_losses import r1_penalty
+
+    w = torch.randn(5, device="cuda", requires_grad=True)
+    x = torch.randn(6, 5, device="cuda", requires_grad=True)
+    assert r1_penalty(x @ w, x, 2.0).item() == pytest.approx(w.detach().pow(2).sum().item(), rel=1e-5)

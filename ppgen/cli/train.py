@@ -26,6 +26,9 @@ def add_svi_flags(p) -> None:
                    help="keep checkpoints/epoch-NNN.pt for every epoch (for ppgen variance --checkpoints all)")
     p.add_argument("--on-nonfinite", default="stop", choices=["stop", "skip"],
                    help="on a NaN/Inf loss: stop the run (default) or skip that update")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile(fullgraph=True) the step's loss; where model, guide or estimator "
+                        "do not compile, runs eagerly and says why in one line")
 
 
 # --------------------------------------------------------------------------- train vae
@@ -72,7 +75,7 @@ def vae_run_config(args: argparse.Namespace):
         model=VAEConfig(args.latent_dim, args.hidden, args.arch, args.posterior, args.likelihood, args.flows,
                         args.gaussian_scale, args.kl_warmup, args.free_bits),
         svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
-                      args.device, args.on_nonfinite, args.keep_checkpoints),
+                      args.device, args.on_nonfinite, args.keep_checkpoints, args.compile),
     )
 
 
@@ -245,7 +248,7 @@ def add_train_score(sub) -> None:
     p.add_argument("--sigma-min", type=positive_float, default=0.01, help="smallest noise level (dsm)")
     p.add_argument("--n-sigmas", type=positive_int, default=None,
                    help="levels of the geometric ladder (dsm); default: the fewest whose adjacent levels overlap by "
-                        "0.5 in the data's dimension (technique 2; 10 for 2-D toys)")
+                        "0.5 in the data's dimension (technique 2; 20 for 2-D toys)")
     p.add_argument("--ladder-subsample", type=positive_int, default=2000,
                    help="training points on which the technique-1 distance is computed")
     p.add_argument("--projections", type=positive_int, default=1, help="random projections (ssm, ism-hutchinson)")
@@ -349,7 +352,7 @@ def model_run_config(args: argparse.Namespace):
         guide=resolve_spec(args.guide, "guide"),
         data=data,
         svi=SVIConfig(args.estimator, args.particles, args.epochs, args.batch_size, args.lr, args.seed,
-                      args.device, args.on_nonfinite, args.keep_checkpoints),
+                      args.device, args.on_nonfinite, args.keep_checkpoints, args.compile),
         data_plate=args.data_plate,
         guide_family=args.guide_family,
         guide_hidden=args.guide_hidden,
