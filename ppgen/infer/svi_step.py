@@ -125,7 +125,7 @@ class SVIStep:
         self.scale, self.data_plate, self.job = scale, plate, job
         self.device_loss = device_loss
         self.fused = bool(optimizer.defaults.get("fused"))
-        self.compiled, self.why_eager, self._compiled_loss = False, None, None
+        self.compiled, self.why_eager, self._compiled_loss, self.cudagraphs = False, None, None, False
         self.nonfinite: Optional[str] = None
 
     # -- the loss ----------------------------------------------------------------------------
@@ -142,21 +142,33 @@ class SVIStep:
                     loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
                 return torch.as_tensor(loss, dtype=self.params[0].dtype, device=self.params[0].device)
             with pyro_compat():
+                if self.compiled and self.cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are done with
                 fn = self._compiled_loss if self.compiled else self._loss
                 loss = fn(*args, **kwargs)
         if loss.requires_grad:
             loss.backward()
         return loss.detach()
 
-    def compile(self, example: Batch) -> None:
+    def compile(self, example: Any, mode: Optional[str] = None) -> None:
         """Compile the loss with ``torch.compile(fullgraph=True)`` and check it on ``example``
-        against the eager loss and gradients (same draws); on failure stay eager, warn once."""
+        against the eager loss and gradients (same draws); on failure stay eager, warn once.
+
+        :param mode: ``None`` (inductor's default) or ``"reduce-overhead"``: CUDA graphs of the
+            loss's forward and backward, for CUDA only (measured in bench/svi_step.py)."""
+        if mode not in (None, "reduce-overhead"):
+            raise ValueError(f"mode must be None or 'reduce-overhead', got {mode!r}")
+        example = as_batch(example, "example", self.model)
+        options: dict = {"fallback_random": True}
+        if mode == "reduce-overhead":
+            options["triton.cudagraphs"] = True
+        self.cudagraphs = mode == "reduce-overhead"
         reason = unsupported_reason()
         if reason is None and not self.device_loss:
             reason = (f"{type(self.elbo).__name__} reads its loss on the host in loss_and_grads "
                       f"(score-function and enumeration estimators)")
         if reason is None:
-            self._compiled_loss = torch.compile(self._loss, fullgraph=True, options={"fallback_random": True})
+            self._compiled_loss = torch.compile(self._loss, fullgraph=True, options=options)
             reason = self._check_compiled(example)
         if reason is not None:
             self._compiled_loss, self.why_eager = None, reason
@@ -184,8 +196,7 @@ class SVIStep:
             try:
                 loss, grads = run(True)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
-                first = (str(e).strip().splitlines() or [""])[0]
-                return f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {first[:200]}"
+                return _compile_failure(e)
             if not torch.allclose(loss, eager_loss, rtol=1e-4, atol=1e-5 * float(eager_loss.abs()) + 1e-6):
                 return f"compiled loss {float(loss):.6g} differs from the eager {float(eager_loss):.6g}"
             for name, g, e in zip(self.names, grads, eager_grads):
@@ -235,6 +246,17 @@ class SVIStep:
         record = self.on_device(x).tolist()
         self.nonfinite = record_problem(record, self.names)
         return record[0] if self.nonfinite in (None, "loss") else math.nan
+
+
+def _compile_failure(e: Exception) -> str:
+    """One line: what torch.compile said, and the innermost user-code line it was tracing."""
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    frames = [line for line in lines if line.startswith('File "')]
+    where = ""
+    if frames:  # 'File "/path/to/x.py", line 12, in f' -> 'x.py:12 in f'
+        path, _, rest = frames[-1][6:].partition('", line ')
+        where = f" (in {path.rsplit('/', 1)[-1]}:{rest.replace(', in ', ' in ')})"
+    return f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {(lines or [''])[0][:160]}{where}"
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -263,3 +263,86 @@ def test_non_finite_gradient_is_skipped_or_stops_and_never_reaches_validation():
     assert result.val_elbo == pytest.approx(float(dist.Normal(0.5, 1.0).log_prob(x).mean()), rel=1e-6)
     with pytest.raises(FloatingPointError, match="non-finite gradient of 'a'.*epoch 1, step 1"):
         train_svi(model, guide, x, x, SVIConfig(epochs=1, batch_size=16, lr=0.1), progress=False)
+
+
+# -- no host sync per step ------------------------------------------------------------------------
+
+_HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+def _count_host_reads(monkeypatch, during: list) -> dict:
+    """Count every Python-level host read of a tensor (``.item()``, ``float()``, ``bool()``,
+    ``.tolist()``, ...) while ``during[0]`` is true; returns the live counter."""
+    counts = {"reads": 0}
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if during[0]:
+                counts["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_training_loop_reads_the_device_a_constant_number_of_times_per_epoch(monkeypatch, one_thread, on_nonfinite):
+    """The loop reads losses once per epoch, not once per step: with 16 steps per epoch, the
+    training part of an epoch does at most 3 host reads (the epoch's records, the parameter check),
+    the same for 1 and 3 epochs per step count."""
+    import ppgen.infer.svi as svi_mod
+
+    during = [False]
+    real_make = svi_mod.make_svi_step
+
+    def counting_make(*args, **kwargs):  # count from the first step on (not the registration pass)
+        made = real_make(*args, **kwargs)
+        during[0] = True
+        return made
+
+    monkeypatch.setattr(svi_mod, "make_svi_step", counting_make)
+    data = load_dataset("digits", "static")
+    counts = _count_host_reads(monkeypatch, during)
+    reads = []
+    for epochs in (1, 3):
+        during[0], counts["reads"] = False, 0
+        vae = VAE(data.dim, 4, (16,))
+        config = SVIConfig(epochs=epochs, batch_size=32, on_nonfinite=on_nonfinite)
+        result = train_svi(vae.model, vae.guide, data.train[:512], None, config, progress=False)
+        during[0] = False
+        assert [h["step"] for h in result.history] == [16 * (e + 1) for e in range(epochs)]
+        assert all(math.isfinite(h["train_loss"]) for h in result.history)
+        reads.append(counts["reads"])
+    assert reads[0] <= 3 and reads[1] <= 3 * 3, reads  # per epoch, not per step (16 steps)
+
+
+def test_stop_halts_later_updates_on_the_device(monkeypatch):
+    """Under on_nonfinite="stop" the loop learns of a bad step only at the epoch's end; by then
+    the later steps of the epoch must not have updated anything: after the error every
+    parameter has had exactly the updates before the bad step (Adam's step count), as when the
+    loop stopped at once."""
+    import ppgen.infer.svi as svi_mod
+
+    data = load_dataset("digits", "static")
+    vae = VAE(data.dim, 4, (16,))
+    made, calls = [], {"n": 0}
+    real_make = svi_mod.make_svi_step
+
+    def keep(*args, **kwargs):
+        made.append(real_make(*args, **kwargs))
+        calls["n"] = 0  # count training steps only
+        return made[-1]
+
+    def model(x):  # -inf on the third training step
+        calls["n"] += 1
+        vae.model(x)
+        if calls["n"] == 3:
+            pyro.factor("poison", torch.tensor(float("-inf")))
+
+    monkeypatch.setattr(svi_mod, "make_svi_step", keep)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \((inf|nan)\) at epoch 1, step 3"):
+        train_svi(model, vae.guide, data.train[:256], None, SVIConfig(epochs=1, batch_size=32), progress=False)
+    step, optimizer = made[0]
+    assert calls["n"] == 8  # the loop ran on past the bad step ...
+    assert {float(s["step"]) for s in optimizer.state.values()} == {2.0}  # ... but only 2 updates applied
