@@ -166,7 +166,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` saved (checkpoints written before the cached Gaussians were
-    stored restore without them: the next ``random.gauss`` starts a fresh pair)."""
+    stored restore without them: the next ``random.gauss`` starts a fresh pair). The tensors may
+    be on any device (a checkpoint loaded with ``map_location="cuda"``): they are read on the CPU."""
+    state = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     if "python_has_gauss" in state:
         gauss_next = float(state["python_gauss"]) if bool(state["python_has_gauss"]) else None
     else:  # older checkpoints kept int(gauss_next) under "python_pos": a lost value, not a state
