@@ -8,9 +8,11 @@ latent width and hidden widths of the MLPs. The budget counts training-loop time
 of the loops' per-epoch ``seconds`` (the score loop's includes its validation loss on 512
 points; figures, checkpoints and evaluation are outside it). The loops stop at epoch
 granularity, so a run trains epoch by epoch, resuming its own run directory, with as many
-epochs per segment as the measured seconds per epoch say fit before the next time checkpoint
-(``S * j / checkpoints``); it stops when the time left is under half an epoch, so each
-checkpoint, and the end, is reached to within about half an epoch. The first epoch always runs,
+epochs per segment as the last segment's seconds per epoch say fit in 80 % of the time left
+before the next time checkpoint (``S * j / checkpoints``), then the rest (all of it once under
+three epochs are left); it stops when the time left is under half an epoch, so each checkpoint,
+and the end, is reached to within about half an epoch at a steady speed (a slowdown of a shared
+machine during the last segment adds to that). The first epoch always runs,
 even when it alone overruns ``S``. Optimizer steps are counted from the loops' logs (the GAN's
 are generator steps; its discriminator takes ``d_steps`` per generator step).
 
@@ -167,11 +169,16 @@ def _train_to(family: str, config: CompareConfig, seed: int, path: Path, target:
     while True:
         history = state["history"]
         spent = sum(h["seconds"] for h in history)
-        per_epoch = spent / len(history) if history else None
+        recent = history[-state.get("last", len(history)):]  # the last segment: follows the machine's load
+        per_epoch = sum(h["seconds"] for h in recent) / len(recent) if history else None
         if per_epoch is not None and target - spent <= 0.5 * per_epoch:
             return trained
-        more = 1 if per_epoch is None else max(1, round((target - spent) / per_epoch))
+        # 80 % of what is left, then the rest measured afresh: a slowdown costs less overrun
+        more = 1 if per_epoch is None else max(1, round(0.8 * (target - spent) / per_epoch))
+        if per_epoch is not None and target - spent < 3 * per_epoch:
+            more = max(1, round((target - spent) / per_epoch))
         state["epochs"] += more
+        state["last"] = more
         cfg = run_config(family, config, seed, state["epochs"])
         t0 = time.perf_counter()
         state["history"] = _train(family, cfg, path, not history, download)

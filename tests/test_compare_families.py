@@ -94,10 +94,12 @@ def test_tiny_digits_comparison_structure_budgets_and_relations(tmp_path, capsys
                 assert cp["steps"] == cp["epochs"] * (1257 // batch) > 0
                 assert 0 <= cp["precision"] <= 1 and 0 <= cp["recall"] <= 1 and 0 <= cp["label_tv"] <= 1
                 assert cp["frechet_distance"] >= 0 and sum(cp["label_hist_samples"]) == pytest.approx(1)
-            # budgets: each evaluation is reached to within about half an epoch (one epoch, allowing
-            # for noisy epoch times on a shared machine); the last one is the budget
+            # budgets: each evaluation is reached to within about half an epoch at a steady speed
+            # (allowed: an epoch, plus 10 % for a shared machine's changing load); the last is the budget
             assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(cps, cps[1:]))
-            assert abs(cps[-1]["train_seconds"] - seconds) <= cps[-1]["epoch_seconds_max"] + 0.05
+            for j, cp in enumerate(cps, 1):
+                target = seconds * j / checkpoints
+                assert abs(cp["train_seconds"] - target) <= cp["epoch_seconds_max"] + 0.1 * target
             assert cps[-1]["wall_seconds"] >= cps[-1]["train_seconds"]
     # the validation split is the yardstick: real digits are far closer to the test split than any 2-s model
     assert result["yardstick"]["frechet_distance"] < min(r["frechet_distance"]["mean"] for r in result["table"].values())
