@@ -233,7 +233,9 @@ def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
     resumed = train_score(_toy_config(), tmp_path / "cut", resume=True, progress=False, figures=False)
     x, s = torch.randn(5, 2), torch.full((5,), 0.1)
     assert torch.equal(resumed.net(x, s), full.net(x, s))
+    assert torch.equal(resumed.sampler(x, s), full.sampler(x, s))  # the EMA continues exactly too
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["val_loss_ema"] == full.history[-1]["val_loss_ema"]
 
 
 def test_non_finite_loss_stops_at_the_end_of_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -279,3 +281,181 @@ def test_cli_trains_and_samples_a_toy_and_rejects_bad_flags(tmp_path, capsys):
     assert "unet" in capsys.readouterr().err
     with pytest.raises(ValueError, match="objective"):
         _toy_config(objective="nope")
+
+
+# --------------------------------------------------------------------------- Song & Ermon (2020) stabilizers
+
+
+def test_technique_1_is_the_largest_pairwise_distance():
+    from ppgen.score import max_pairwise_distance
+
+    # points inside the cube [0, 0.5]^16 plus two opposite corners: the largest distance is 0.5 * sqrt(16) = 2
+    x = torch.cat([torch.zeros(1, 16), torch.full((1, 16), 0.5), 0.5 * torch.rand(300, 16, generator=torch.Generator().manual_seed(0))])
+    assert max_pairwise_distance(x) == pytest.approx(2.0, abs=1e-12)
+    sub = max_pairwise_distance(x, subsample=50, seed=3)  # a subsample gives a lower bound
+    assert sub <= 2.0 and sub == max_pairwise_distance(x, subsample=50, seed=3)
+    with pytest.raises(ValueError, match="subsample must be an integer >= 2"):
+        max_pairwise_distance(x, subsample=1)
+
+
+def test_technique_2_overlap_rule_and_the_papers_ladders():
+    from ppgen.score import level_overlap, overlap_ratio
+
+    for dim in (64, 784, 3072):
+        g = overlap_ratio(dim)
+        assert level_overlap(g, dim) == pytest.approx(0.5, abs=1e-9) and level_overlap(g * 1.001, dim) < 0.5
+        # closed form: the lower argument sqrt(2D)(g - 1) - 3g is 0 where the upper, 6g, is past 6
+        assert g == pytest.approx((2 * dim) ** 0.5 / ((2 * dim) ** 0.5 - 3), abs=1e-8)
+    # Independent check of the rule's meaning: draws of N(0, I) land in the 3-sd shell of ||N(0, gamma^2 I)||
+    # (norm taken as normal: mean gamma sqrt(D), sd gamma / sqrt(2)) half the time; measured 0.478 at D = 64
+    # and 0.494 at D = 784 (the normal approximation of the chi distribution, exact as D grows).
+    for d, n, tol in ((64, 200_000, 0.03), (784, 20_000, 0.015)):
+        g = overlap_ratio(d)
+        r = torch.randn(n, d, generator=torch.Generator().manual_seed(0)).norm(dim=1)
+        inside = ((r > g * (d**0.5 - 3 / 2**0.5)) & (r < g * (d**0.5 + 3 / 2**0.5))).double().mean()
+        assert abs(float(inside) - 0.5) < tol, (d, float(inside))
+    # Song & Ermon (2020), Table: CIFAR-10 (D 3072, sigma 50 -> 0.01, L 232), CelebA 64 (12288, 90, 500):
+    # the paper's ladders overlap by 0.567, and the rule at 0.5 asks for 5% fewer levels (220, 473).
+    import math
+
+    for dim, smax, levels in ((3072, 50.0, 232), (12288, 90.0, 500)):
+        assert 0.5 < level_overlap((smax / 0.01) ** (1 / (levels - 1)), dim) < 0.6
+        ours = math.ceil(math.log(smax / 0.01) / math.log(overlap_ratio(dim))) + 1
+        assert 0.9 * levels < ours <= levels, ours
+    assert math.isinf(overlap_ratio(2))  # in D <= 4 no ratio is too large by this rule
+
+
+def test_data_ladder_closed_form_on_data_with_a_known_largest_distance():
+    import math
+
+    from ppgen.score import data_noise_ladder, overlap_ratio
+
+    x = torch.cat([torch.zeros(1, 64), torch.full((1, 64), 0.5), 0.5 * torch.rand(100, 64, generator=torch.Generator().manual_seed(1))])
+    ladder = data_noise_ladder(x, sigma_min=0.01)  # sigma_max = 0.5 * 8 = 4
+    g = overlap_ratio(64)
+    want = math.ceil(math.log(4 / 0.01) / math.log(g)) + 1
+    assert ladder.sigma_max == pytest.approx(4.0, abs=1e-12) and ladder.n_sigmas == want == 21
+    assert ladder.gamma == pytest.approx(400 ** (1 / 20)) and ladder.gamma <= g < 400 ** (1 / 19)
+    assert ladder.overlap >= 0.5
+    assert data_noise_ladder(x[:, :2], 0.01).n_sigmas == 20  # D = 2: the rule sets no bound
+    given = data_noise_ladder(x, 0.01, sigma_max=2.0, n_sigmas=5)
+    assert given[:2] == (2.0, 5) and given.gamma == pytest.approx(200**0.25)
+
+
+def test_technique_4_step_size_reproduces_the_paper_and_the_variance_it_promises():
+    from ppgen.score import langevin_step_size, langevin_variance_ratio
+
+    # Song & Ermon (2020): CIFAR-10 gamma 1.0376 (L 232), T 5 -> eps 6.2e-6; CelebA 64 (L 500) -> 3.3e-6
+    assert langevin_step_size(0.01, (50 / 0.01) ** (1 / 231), 5) == pytest.approx(6.2e-6, rel=0.01)
+    assert langevin_step_size(0.01, (90 / 0.01) ** (1 / 499), 5) == pytest.approx(3.3e-6, rel=0.02)
+    # the rule's promise, by simulation: a chain started at N(0, gamma^2 s^2) and run T steps of
+    # size a s^2 on the exact score of N(0, s^2) has variance ratio f(a)
+    gamma, steps, s = 1.36, 5, 0.3
+    eps = langevin_step_size(s, gamma, steps)
+    a = eps / s**2
+    target = GaussianMixture([1.0], [[0.0, 0.0]], 1e-4)
+    g = torch.Generator().manual_seed(0)
+    x0 = gamma * s * torch.randn(100_000, 2, generator=g)
+    x = annealed_langevin(target.score, x0, [s], eps, steps, generator=g).x
+    f = langevin_variance_ratio(a, gamma, steps)
+    assert float(x.var(0).mean()) / s**2 == pytest.approx(f, rel=0.02)
+    assert f < langevin_variance_ratio(0.5 * a, gamma, steps) and f < langevin_variance_ratio(2 * a, gamma, steps)
+    with pytest.raises(ValueError, match="gamma"):
+        langevin_step_size(0.01, 1.0, 5)
+
+
+def test_final_denoising_step_is_the_posterior_mean_of_a_gaussian():
+    from ppgen.score import denoise_step
+
+    # x0 ~ N(0, s^2 I), x = x0 + sigma z: E[x0 | x] = x s^2 / (s^2 + sigma^2) (Tweedie, exactly)
+    s, sigma = 0.7, 0.4
+    gauss = GaussianMixture([1.0], [[0.0, 0.0, 0.0]], s)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(denoise_step(gauss.score, x, sigma), x * s**2 / (s**2 + sigma**2), atol=1e-6)
+    # annealed Langevin's denoise=True is that step after the last level
+    sigmas = torch.tensor([1.0, 0.4])
+    plain = annealed_langevin(gauss.score, x, sigmas, 0.01, 3, generator=torch.Generator().manual_seed(1)).x
+    done = annealed_langevin(gauss.score, x, sigmas, 0.01, 3, denoise=True, generator=torch.Generator().manual_seed(1)).x
+    assert torch.allclose(done, plain * s**2 / (s**2 + sigma**2), atol=1e-6)
+
+
+class _ExactScore(torch.nn.Module):
+    """A mixture's exact noised score with the calling convention of a noise-conditional score net."""
+
+    def __init__(self, gm):
+        super().__init__()
+        self.gm, self.dummy = gm, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, sigma):
+        return self.gm.score(x, sigma)
+
+
+def test_data_ladder_sampler_recovers_the_weights_of_a_2d_mixture():
+    # the whole default sampling path of a dsm run (ladder from the data, technique-4 step, Gaussian
+    # start at sigma_max, final denoising) on exact scores, so only the sampler is judged
+    from ppgen.score import ScoreConfig, resolve_ladder, sample_score
+
+    gm = GaussianMixture([0.2, 0.5, 0.3], [[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]], 0.5)
+    data = gm.sample(2000, torch.Generator().manual_seed(0))  # <= ladder_subsample: the exact maximum
+    config, ladder = resolve_ladder(ScoreConfig(sigma_min=0.05, langevin_steps=20), data)
+    assert config.sigma_max == pytest.approx(float(torch.cdist(data, data).max()), rel=1e-6) and config.n_sigmas == 20
+    lo, hi, mean = data.min(0).values, data.max(0).values, data.mean(0)
+    x = torch.cat([sample_score(_ExactScore(gm), config, 2000, lo, hi, seed=s, mean=mean).x for s in range(3)])
+    w = gm.mode_weights(x)
+    # measured (seeds 0-2 together): 0.215, 0.474, 0.310; 10 levels gave 0.233, 0.463, 0.305
+    assert torch.allclose(w, gm.weights, atol=0.035), w
+    near = (x[:, None] - gm.means).pow(2).sum(-1).min(1).values  # squared distance to the nearest mean
+    assert float(near.mean()) < 2 * 0.5**2 * 1.3, float(near.mean())  # exact draws: 2 std^2 = 0.5; measured 0.594
+
+
+def test_ema_in_the_loop_is_the_closed_form_average(tmp_path, monkeypatch):
+    import ppgen.score.loop as loop
+    from ppgen.score import train_score
+
+    seen = []
+
+    def recording_adam(params, lr):
+        opt = torch.optim.Adam(params, lr)
+        seen.append([p.detach().clone() for p in params])  # w_0
+        step = opt.step
+
+        def stepped(*a, **k):
+            out = step(*a, **k)
+            seen.append([p.detach().clone() for p in params])
+            return out
+
+        opt.step = stepped
+        return opt
+
+    monkeypatch.setattr(loop, "adam", recording_adam)
+    for warmup in (False, True):
+        seen.clear()
+        d = 0.9
+        done = train_score(_toy_config(epochs=1, toy_n=500, batch_size=100, ema_decay=d, ema_warmup=warmup),
+                           tmp_path / f"w{warmup}", progress=False, figures=False)
+        n = len(seen) - 1
+        assert n == 5
+        decays = [min(d, (1 + t) / (10 + t)) if warmup else d for t in range(n)]
+        for k, got in enumerate(done.sampler.parameters()):
+            # a_n = prod_t d_t w_0 + sum_i (1 - d_{i-1}) prod_{t >= i} d_t w_i (d constant: (1-d) d^(n-i))
+            want = torch.tensor(decays).prod() * seen[0][k]
+            for i in range(1, n + 1):
+                want = want + (1 - decays[i - 1]) * torch.tensor(decays[i:]).prod() * seen[i][k]
+            assert torch.allclose(got, want, atol=1e-6), (warmup, k)
+        ckpt = loop.Run(tmp_path / f"w{warmup}", resume=True).load_checkpoint()
+        assert ckpt["ema"]["num_updates"] == 5 and "val_loss_ema" in done.history[-1]
+
+
+def test_score_config_refuses_what_it_cannot_do():
+    from ppgen.score import ScoreConfig
+
+    with pytest.raises(ValueError, match="init 'gaussian' starts at the top noise level"):
+        ScoreConfig(objective="ssm", init="gaussian")
+    with pytest.raises(ValueError, match="technique 4, which needs n_sigmas >= 2"):
+        ScoreConfig(n_sigmas=1)
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\)"):
+        ScoreConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="resolve_ladder"):
+        ScoreConfig().sigmas
+    assert ScoreConfig(objective="ssm").steps == 100 and ScoreConfig().steps == 5
+    assert ScoreConfig(n_sigmas=1, eta=0.1, sigma_max=1.0).step_size() == pytest.approx(0.1 * 0.01**2)

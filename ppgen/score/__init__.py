@@ -33,11 +33,11 @@ from ppgen.score.objectives import (
     ssm_loss,
 )
 from ppgen.score.samples import plot_toy_field, run_samples, sample_run, sample_score, write_figures
-from ppgen.score.sampling import GaussianMixture, LangevinResult, annealed_langevin, langevin
+from ppgen.score.sampling import GaussianMixture, LangevinResult, annealed_langevin, denoise_step, langevin
 
 __all__ = [
     "GaussianMixture", "LangevinResult", "NoiseLadder", "OBJECTIVES", "ScoreConfig", "ScoreNet", "ScoreRun", "UNetScore",
-    "annealed_langevin", "dae_loss", "dae_score", "data_noise_ladder", "dsm_loss", "geometric_sigmas", "ism_loss",
+    "annealed_langevin", "dae_loss", "denoise_step", "dae_score", "data_noise_ladder", "dsm_loss", "geometric_sigmas", "ism_loss",
     "ladder_record", "langevin", "langevin_step_size", "langevin_variance_ratio", "level_overlap", "load_data",
     "load_score", "max_pairwise_distance", "ncsn_loss", "overlap_ratio", "plot_toy_field", "resolve_ladder",
     "run_samples", "sample_run", "sample_score", "ssm_loss", "train_score", "write_figures",

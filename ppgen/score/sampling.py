@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["GaussianMixture", "LangevinResult", "annealed_langevin", "langevin"]
+__all__ = ["GaussianMixture", "LangevinResult", "annealed_langevin", "denoise_step", "langevin"]
 
 
 class LangevinResult(tuple):
@@ -110,8 +110,24 @@ def annealed_langevin(
             if keep_every and t % keep_every == 0:
                 kept.append(x.clone())
     if denoise:
-        x = x + sigmas[-1] ** 2 * score(x, sigmas[-1].expand(x.shape[0]))
+        x = denoise_step(score, x, sigmas[-1])
     return LangevinResult(x, torch.stack(kept) if kept else None)
+
+
+@torch.no_grad()
+def denoise_step(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 sigma: Union[float, torch.Tensor]) -> torch.Tensor:
+    """Tweedie's formula ``E[x_0 | x] = x + sigma^2 grad log p_sigma(x)``: the posterior mean of the
+    clean point given ``x = x_0 + sigma z``, the last step of annealed Langevin that removes the
+    smallest level's noise (Jolicoeur-Martineau et al. 2021; Song & Ermon 2020).
+
+    :param score: ``(x (N, D), sigma (N,)) -> (N, D)``, the score of the ``sigma``-noised data.
+    :param x: ``(N, D)``.
+    :param sigma: the noise level, a number or a 0-d tensor.
+    :returns: ``(N, D)``.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return x + sigma**2 * score(x, sigma.expand(x.shape[0]))
 
 
 class GaussianMixture:
