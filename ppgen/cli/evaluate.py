@@ -177,6 +177,16 @@ def add_evidence(sub) -> None:
                    "log p(x_1..N) (ppgen.joint_log_evidence; --samples is then K per datapoint)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--proposal", choices=["guide", "auto"], default=None,
+                   help="guide: IS from the encoder (default); auto: refined per-datapoint q* proposals, the one "
+                   "with the fewest k-hat above threshold within --budget (default with --gaps)")
+    p.add_argument("--gaps", action="store_true",
+                   help="report L[q], L[q*] and the approximation / amortization gaps, per datapoint and per run "
+                   "(writes figures/gaps.png; implies --proposal auto)")
+    p.add_argument("--budget", type=float, default=1.5, help="auto: cost limit, times plain IS with --samples")
+    p.add_argument("--refine-steps", type=int, default=50, help="auto: Adam steps of each datapoint's q*")
+    p.add_argument("--refine-samples", type=positive_int, default=16, help="auto: draws per refine step")
+    p.add_argument("--pilot", type=positive_int, default=50, help="auto: datapoints the proposals are compared on")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evidence)
 
@@ -186,11 +196,17 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     from ppgen.devices import resolve_device
     from ppgen.train import load_vae
 
+    proposal = args.proposal or ("auto" if args.gaps else "guide")
     config = EvidenceConfig(
         args.samples, args.split, args.limit, args.batch_size, args.particle_chunk,
         args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
+        proposal, args.gaps, args.budget, args.refine_steps, args.refine_samples, args.pilot,
     )
     if _family(args.run) == "model":  # a declared model (ppgen train model)
+        if proposal != "guide":
+            raise ValueError("--gaps and --proposal auto are for VAE runs (ppgen train vae); for a declared model use "
+                             "ppgen.log_evidence(model, guide, x, proposal=Widened(Refined())) from Python "
+                             "(one local Gaussian latent) or plain --proposal guide")
         from ppgen.user_model_eval import format_joint_report, model_evidence_report
 
         report = model_evidence_report(args.run, config, not args.no_progress, args.outer_samples)

@@ -2,6 +2,11 @@
 
 What ``ppgen evidence RUN`` and the demo call: evaluates one split of a run's dataset, writes
 ``evidence.json`` and two figures (IWAE bound vs K, k-hat histogram) and returns the numbers.
+
+With ``proposal="auto"`` (or ``gaps=True``) the draws come from refined local proposals chosen
+by k-hat within a stated budget (:func:`ppgen.infer.trusted.trusted_evidence`); ``gaps=True``
+adds the approximation and amortization gaps (:func:`ppgen.infer.trusted.inference_gaps`), the
+per-datapoint estimates with their trust verdicts, and ``figures/gaps.png``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import torch
 
 from ppgen.infer.ais import ais_log_evidence, bdmc
 from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence
+from ppgen.infer.trusted import default_candidates, inference_gaps, trusted_evidence
 from ppgen.plots import save_figure
 
-__all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat"]
+__all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat", "plot_gaps"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +41,12 @@ class EvidenceConfig:
     ais_limit: int = 100  # datapoints for AIS and BDMC (the first ones of the split)
     seed: int = 0  # seeds the draws
     device: str = "cpu"  # "cpu" or "cuda"
+    proposal: str = "guide"  # "guide" (IS from the guide) or "auto" (refined q* proposals chosen by k-hat)
+    gaps: bool = False  # report L[q], L[q*], approximation and amortization gaps (implies proposal "auto")
+    budget: float = 1.5  # "auto": at most this many times the cost of plain IS with `samples` draws
+    refine_steps: int = 50  # "auto": Adam steps of each datapoint's q*
+    refine_samples: int = 16  # "auto": draws per refine step
+    pilot: int = 50  # "auto": datapoints the candidate proposals are compared on
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "particle_chunk", "ais_chains", "ais_limit"):
@@ -47,6 +59,16 @@ class EvidenceConfig:
             raise ValueError(f"limit must be a positive integer or None, got {self.limit!r}")
         if not isinstance(self.ais_steps, int) or self.ais_steps < 0:
             raise ValueError(f"ais_steps must be a non-negative integer, got {self.ais_steps!r}")
+        if self.proposal not in ("guide", "auto"):
+            raise ValueError(f"proposal must be 'guide' or 'auto', got {self.proposal!r}")
+        if self.gaps and self.proposal == "guide":
+            raise ValueError("gaps need the refined proposals: use proposal='auto' (the default with --gaps)")
+        for name in ("refine_samples", "pilot"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
 
 
 def evidence_report(
@@ -57,15 +79,31 @@ def evidence_report(
     if config.limit is not None:
         data = data[: config.limit]
     t0 = time.perf_counter()
-    r = log_evidence(
-        model, guide, data, config.samples, batch_size=config.batch_size,
-        particle_chunk=config.particle_chunk, seed=config.seed, progress=progress,
-    )
-    report = {"config": dataclasses.asdict(config), **r.summary(), "is_seconds": time.perf_counter() - t0}
+    common = dict(batch_size=config.batch_size, particle_chunk=config.particle_chunk, seed=config.seed, progress=progress)
+    extra, gaps = {}, None
+    if config.proposal == "auto":
+        t = trusted_evidence(model, guide, data, config.samples, budget=config.budget, pilot=config.pilot,
+                             candidates=default_candidates(config.refine_steps, config.refine_samples), **common)
+        r = t.result
+        extra["choice"] = {"chosen": t.chosen, "pilot_share_untrusted": t.pilot, **t.plan}
+        trusted = ~khat_untrusted(r.khat, r.num_samples)
+        extra["datapoints"] = {"log_px": r.log_px.tolist(), "stderr": r.stderr.tolist(), "khat": r.khat.tolist(),
+                               "trusted": trusted.tolist()}
+        if config.gaps:
+            gaps = inference_gaps(r)
+            extra["gaps"] = gaps.summary()
+            extra["datapoints"].update({k: getattr(gaps, k).tolist() for k in
+                                        ("elbo_q", "elbo_q_se", "elbo_qstar", "elbo_qstar_se", "approximation",
+                                         "approximation_se", "amortization", "amortization_se")})
+    else:
+        r = log_evidence(model, guide, data, config.samples, **common)
+    report = {"config": dataclasses.asdict(config), **r.summary(), "is_seconds": time.perf_counter() - t0, **extra}
     if config.ais_steps > 0:
         report.update(ais_entries(model, data, r, config))
     if out is not None:
         write_report(report, r, out)
+        if gaps is not None:
+            plot_gaps(gaps, report, Path(out) / "figures" / "gaps.png")
     return report
 
 
@@ -92,7 +130,7 @@ def write_report(report: dict, r, out: Union[str, Path]) -> None:
     and its IS result ``r``."""
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    (out / "evidence.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "evidence.json").write_text(json.dumps(report, indent=1 if "datapoints" in report else 2) + "\n")
     plot_ladder(report, out / "figures" / "iwae_ladder.png")
     plot_khat(r.khat, out / "figures" / "khat.png", r.num_samples)
 
@@ -109,6 +147,22 @@ def format_report(report: dict) -> str:
         khat_row(report),
         ("IS seconds", f"{report['is_seconds']:.1f}"),
     ]
+    if "choice" in report:
+        c = report["choice"]
+        rows += [
+            ("proposal (fewest k-hat > threshold)", c["chosen"]),
+            (f"pilot share untrusted ({c['pilot']} points)", ", ".join(f"{k} {v:.2f}" for k, v in c["pilot_share_untrusted"].items())),
+            ("cost / budget (model evals per point)", f"{c['planned_evals']:.0f} / {c['budget_evals']:.0f} (K = {c['num_samples']})"),
+        ]
+    if "gaps" in report:
+        g = report["gaps"]
+        rows += [
+            ("L[q] (encoder ELBO)", f"{g['elbo_q']:.3f} +- {g['elbo_q_se']:.3f}"),
+            ("L[q*] (refined ELBO)", f"{g['elbo_qstar']:.3f} +- {g['elbo_qstar_se']:.3f}"),
+            ("approximation gap log p(x) - L[q*]", f"{g['approximation']:.3f} +- {g['approximation_se']:.3f}"),
+            ("amortization gap L[q*] - L[q]", f"{g['amortization']:.3f} +- {g['amortization_se']:.3f}"),
+            ("larger gap", g["dominant"]),
+        ]
     if "ais" in report:
         a, b = report["ais"], report["bdmc"]
         rows += [
@@ -171,4 +225,22 @@ def plot_khat(khat: torch.Tensor, path: Path, num_samples: int) -> Path:
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_gaps(gaps, report: dict, path: Path) -> Path:
+    """Histograms of the per-datapoint approximation and amortization gaps (trusted datapoints;
+    all if none is trusted), their means in the legend."""
+    import matplotlib.pyplot as plt
+
+    keep = gaps.trusted if gaps.trusted.any() else torch.ones_like(gaps.trusted)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, color in (("approximation", "tab:blue"), ("amortization", "tab:orange")):
+        v = getattr(gaps, name)[keep].numpy()
+        ax.hist(v, bins=40, alpha=0.6, color=color, label=f"{name} gap (mean {v.mean():.2f} nats)")
+    ax.set_xlabel("nats per datapoint")
+    ax.set_ylabel("datapoints")
+    chosen = report.get("choice", {}).get("chosen", report.get("proposal", ""))
+    ax.set_title(f"Inference gaps, {int(keep.sum())} of {len(keep)} datapoints trusted\n(IS from {chosen})", fontsize=9)
+    ax.legend()
     return save_figure(fig, path)

@@ -1,0 +1,185 @@
+"""Evidence you can trust: the proposal that leaves the fewest untrusted datapoints, and the
+inference gap split into approximation and amortization (Cremer, Li & Duvenaud 2018).
+
+:func:`trusted_evidence` runs importance sampling (:func:`ppgen.infer.evidence.log_evidence`)
+from refined local proposals (:mod:`ppgen.infer.proposals`) within a compute budget it states:
+
+1. the budget is ``budget`` times the cost of plain IS from the guide with ``num_samples`` draws,
+   counted in model evaluations per datapoint (a gradient step counts three);
+2. every candidate is tried on a pilot of the first ``pilot`` datapoints (the refined ``q*`` is
+   computed once and shared by all candidates built on it); the one with the smallest share of
+   k-hat above :func:`~ppgen.infer.evidence.khat_threshold` wins (ties: the first listed);
+3. the winner runs on the remaining datapoints, its pilot result is kept, and the number of
+   draws ``K`` is the largest (at most ``num_samples``) that keeps the whole plan in budget.
+
+Which candidate ran, the pilot's shares, the planned cost and the budget are returned with the
+result. Every candidate keeps IS unbiased for ``p(x)``: the choice only decides how far the
+weights' tails reach, and each datapoint's k-hat says whether its estimate is trusted.
+
+:func:`inference_gaps` reads, per datapoint, ``L[q]`` (the encoder's ELBO), ``L[q*]`` (the
+refined one's) and the IS ``log p(x)``, and returns
+
+    approximation gap = log p(x) - L[q*],   amortization gap = L[q*] - L[q],
+
+with Monte Carlo standard errors from independent draws (``sqrt(se_a^2 + se_b^2)``); the run's
+mean carries ``sqrt(sum se^2) / N`` (the error of the mean over these fixed datapoints).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from ppgen.infer.batches import as_batch
+from ppgen.infer.evidence import EvidenceResult, khat_threshold, khat_untrusted, log_evidence
+from ppgen.infer.proposals import Proposal, Refined, Widened
+
+__all__ = ["default_candidates", "trusted_evidence", "TrustedResult", "inference_gaps", "Gaps"]
+
+#: the smallest K whose sample-size threshold is 0.7 (Vehtari et al. 2024: 1 - 1/log10 K >= 0.7)
+K_FULL_THRESHOLD = 2154
+
+
+def default_candidates(steps: int = 50, samples: int = 16, lr: float = 0.05,
+                       factors: Sequence[float] = (1.2, 1.3, 1.5)) -> list[Proposal]:
+    """``q*`` (one :class:`~ppgen.infer.proposals.Refined`) widened by each of ``factors``."""
+    refined = Refined(steps, samples, lr)
+    return [Widened(refined, f) for f in factors]
+
+
+class TrustedResult(NamedTuple):
+    """What :func:`trusted_evidence` returns.
+
+    :param result: the chosen proposal's :class:`~ppgen.infer.evidence.EvidenceResult` on all ``N``.
+    :param chosen: the chosen proposal's name.
+    :param pilot: ``{candidate name: share of pilot datapoints above the k-hat threshold}``.
+    :param plan: the budget and the plan: ``budget_evals`` (per datapoint), ``planned_evals``,
+        ``num_samples`` actually drawn, ``pilot`` size, ``seconds``.
+    """
+
+    result: EvidenceResult
+    chosen: str
+    pilot: dict
+    plan: dict
+
+
+def _cat(a: EvidenceResult, b: Optional[EvidenceResult]) -> EvidenceResult:
+    if b is None:
+        return a
+    n_a, n_b = len(a.log_px), len(b.log_px)
+    ladder = {k: (a.ladder[k] * n_a + b.ladder[k] * n_b) / (n_a + n_b) for k in a.ladder}
+    local = None if a.local is None else {k: torch.cat([a.local[k], b.local[k]]) for k in a.local}
+    tensors = {f: torch.cat([getattr(a, f), getattr(b, f)]) for f in ("log_px", "stderr", "ess", "khat", "elbo")}
+    return a._replace(ladder=ladder, local=local, **tensors)
+
+
+def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates: Optional[Sequence[Proposal]] = None,
+                     budget: float = 1.5, pilot: int = 50, seed: Optional[int] = 0, batch_size: int = 100,
+                     particle_chunk: int = 500, progress: bool = False) -> TrustedResult:
+    """Per-datapoint ``log p(x)`` from the candidate proposal with the fewest untrusted datapoints.
+
+    :param model: a Pyro model with one local latent site whose guide is Gaussian (the VAE's
+        ``diag`` and ``fullcov`` posteriors); other pairs are refused by the proposals, naming
+        ``log_evidence(..., proposal=None)`` (the guide) and AIS instead.
+    :param data: as for :func:`~ppgen.infer.evidence.log_evidence` (the first ``pilot`` rows
+        choose the proposal).
+    :param num_samples: ``K`` of the plain IS whose cost sets the budget (and the most draws used).
+    :param candidates: proposals to choose from (default :func:`default_candidates`).
+    :param budget: the plan's cost may be at most ``budget`` times that of plain IS with ``K``.
+    :param pilot: datapoints the candidates are compared on (``min(pilot, N)``).
+    """
+    candidates = list(candidates) if candidates is not None else default_candidates()
+    if not candidates or not all(isinstance(c, Proposal) for c in candidates):
+        raise TypeError(f"candidates must be a non-empty list of Proposal objects, got {candidates!r}")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget must be a positive number (a multiple of plain IS's cost), got {budget!r}")
+    if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 1:
+        raise ValueError(f"pilot must be a positive integer (datapoints), got {pilot!r}")
+    batch = as_batch(data, "data", model)
+    n, p = batch.size, min(pilot, batch.size)
+    # Plan: preparing (refining) costs the same for all candidates sharing it; draws K each.
+    prep = max(c.cost(0) for c in candidates)
+    allowed = budget * num_samples * n
+    k = int((allowed - prep * n) // (n + (len(candidates) - 1) * p))
+    k = min(num_samples, k)
+    if k < 10:
+        raise ValueError(
+            f"budget={budget} x plain IS with K={num_samples} leaves {k} draws per datapoint after preparing the "
+            f"proposals ({prep:.0f} model evaluations each): raise budget or num_samples, or use fewer refine steps"
+        )
+    common = dict(batch_size=batch_size, particle_chunk=particle_chunk, seed=seed, progress=progress)
+    t0 = time.perf_counter()
+    head = batch.rows(slice(0, p)).data
+    shares, results = {}, {}
+    for c in candidates:
+        r = log_evidence(model, guide, head, k, proposal=c, **common)
+        results[c.name] = r
+        shares[c.name] = float(khat_untrusted(r.khat, k).double().mean())
+    chosen = min(candidates, key=lambda c: shares[c.name])  # first listed on ties
+    rest = None
+    if p < n:
+        rest = log_evidence(model, guide, batch.rows(slice(p, n)).data, k, proposal=chosen,
+                            **{**common, "seed": None if seed is None else seed + 1})
+    plan = {"budget_evals": budget * num_samples, "planned_evals": prep + k * (n + (len(candidates) - 1) * p) / n,
+            "num_samples": k, "pilot": p, "candidates": [c.name for c in candidates],
+            "seconds": time.perf_counter() - t0,
+            "khat_threshold": khat_threshold(k) if k >= 10 else None,
+            "unit": "model evaluations per datapoint (a gradient step counts 3)"}
+    return TrustedResult(_cat(results[chosen.name], rest), chosen.name, shares, plan)
+
+
+class Gaps(NamedTuple):
+    """Per-datapoint inference gaps ``(N,)`` (float64) and their standard errors; see the module."""
+
+    log_px: torch.Tensor
+    log_px_se: torch.Tensor
+    trusted: torch.Tensor
+    elbo_q: torch.Tensor
+    elbo_q_se: torch.Tensor
+    elbo_qstar: torch.Tensor
+    elbo_qstar_se: torch.Tensor
+    approximation: torch.Tensor
+    approximation_se: torch.Tensor
+    amortization: torch.Tensor
+    amortization_se: torch.Tensor
+
+    def summary(self) -> dict:
+        """Run means (nats per datapoint) with their standard errors, over all datapoints and over
+        the trusted ones."""
+        out = {"n": len(self.log_px), "share_trusted": float(self.trusted.double().mean())}
+        for name in ("log_px", "elbo_q", "elbo_qstar", "approximation", "amortization"):
+            value, se = getattr(self, name), getattr(self, name + "_se")
+            out[name] = float(value.mean())
+            out[name + "_se"] = float(se.pow(2).sum().sqrt() / len(value))
+            t = self.trusted
+            out[name + "_trusted"] = float(value[t].mean()) if t.any() else None
+        out["dominant"] = "amortization" if out["amortization"] > out["approximation"] else "approximation"
+        return out
+
+    def rows(self) -> list[dict]:
+        """One dict per datapoint (for evidence.json)."""
+        cols = {f: getattr(self, f).tolist() for f in self._fields}
+        return [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+
+
+def inference_gaps(result: EvidenceResult) -> Gaps:
+    """The gaps of a result drawn from a refined proposal (its ``local`` holds ``L[q]``, ``L[q*]``).
+
+    :raises ValueError: a result without them (drawn from the guide): use a refined proposal.
+    """
+    local = result.local or {}
+    if "elbo_qstar" not in local:
+        raise ValueError(
+            f"inference gaps need L[q*] from a refined proposal; this result was drawn from {result.proposal!r}. "
+            "Use log_evidence(..., proposal=Widened(Refined())) or trusted_evidence(...)"
+        )
+    se = result.stderr
+    trusted = ~khat_untrusted(result.khat, result.num_samples)
+    approx = result.log_px - local["elbo_qstar"]
+    amort = local["elbo_qstar"] - local["elbo_q"]
+    return Gaps(result.log_px, se, trusted, local["elbo_q"], local["elbo_q_se"], local["elbo_qstar"],
+                local["elbo_qstar_se"], approx, (se.pow(2) + local["elbo_qstar_se"].pow(2)).sqrt(),
+                amort, (local["elbo_qstar_se"].pow(2) + local["elbo_q_se"].pow(2)).sqrt())
