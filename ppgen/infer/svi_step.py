@@ -22,6 +22,7 @@ inside ``loss_and_grads`` (the score-function family, ``enum``) always run eager
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -44,6 +45,18 @@ if TYPE_CHECKING:
     from ppgen.infer.svi import SVIConfig
 
 __all__ = ["DataScale", "SVIStep", "make_svi_step", "nonfinite_parameter", "record_problem"]
+
+#: Graphs one compiled step may hold (torch's default is 8): a model reading a Python float that
+#: changes (a KL warm-up weight) is recompiled for each value.
+RECOMPILE_LIMIT = 32
+_COMPILE_ARGS = inspect.signature(torch.compile).parameters
+
+# Estimators that run a backward pass or register gradient hooks inside the loss, which a
+# fullgraph compilation cannot trace (measured: "Unsupported: Observed exception"); not tried.
+_EAGER_ESTIMATORS = {
+    "stl": "'stl' takes torch.autograd.grad of log q inside the loss (stopped_log_prob)",
+    "dreg": "'dreg' registers gradient hooks on the guide's draws inside the loss",
+}
 
 # ELBO classes (exact types: a subclass may change loss_and_grads) whose differentiable_loss is
 # the whole estimator, so the step can take the loss as a tensor and compile it.
@@ -126,6 +139,8 @@ class SVIStep:
         self.device_loss = device_loss
         self.fused = bool(optimizer.defaults.get("fused"))
         self.compiled, self.why_eager, self._compiled_loss, self.cudagraphs = False, None, None, False
+        self._checking = False
+        self.estimator: Optional[str] = None  # the estimator's name, set by make_svi_step
         self.nonfinite: Optional[str] = None
 
     # -- the loss ----------------------------------------------------------------------------
@@ -142,13 +157,31 @@ class SVIStep:
                     loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
                 return torch.as_tensor(loss, dtype=self.params[0].dtype, device=self.params[0].device)
             with pyro_compat():
-                if self.compiled and self.cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are done with
-                fn = self._compiled_loss if self.compiled else self._loss
-                loss = fn(*args, **kwargs)
+                loss = self._compiled_call(args, kwargs) if self.compiled else None
+                if loss is None:
+                    loss = self._loss(*args, **kwargs)
         if loss.requires_grad:
             loss.backward()
         return loss.detach()
+
+    def _compiled_call(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The compiled loss, or ``None`` (from then on eager, one warning) if it needed a
+        recompilation that failed: a new graph break, or more than ``RECOMPILE_LIMIT`` graphs
+        (each distinct Python float the model reads, e.g. a KL weight, is one graph)."""
+        from torch._dynamo import exc
+
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are done with
+        try:
+            return self._compiled_loss(*args, **kwargs)
+        except (exc.TorchDynamoException, getattr(exc, "FailOnRecompileLimitHit", exc.TorchDynamoException),
+                exc.BackendCompilerFailed) as e:
+            if self._checking:  # compile() reports it
+                raise
+            self.compiled, self._compiled_loss, self.why_eager = False, None, _compile_failure(e)
+            warnings.warn(f"--compile: running the SVI step eagerly from now on: {self.why_eager}",
+                          RuntimeWarning, stacklevel=4)
+            return None
 
     def compile(self, example: Any, mode: Optional[str] = None) -> None:
         """Compile the loss with ``torch.compile(fullgraph=True)`` and check it on ``example``
@@ -164,11 +197,14 @@ class SVIStep:
             options["triton.cudagraphs"] = True
         self.cudagraphs = mode == "reduce-overhead"
         reason = unsupported_reason()
+        if reason is None and self.estimator in _EAGER_ESTIMATORS:
+            reason = f"{_EAGER_ESTIMATORS[self.estimator]}, which torch.compile(fullgraph=True) cannot trace"
         if reason is None and not self.device_loss:
             reason = (f"{type(self.elbo).__name__} reads its loss on the host in loss_and_grads "
                       f"(score-function and enumeration estimators)")
         if reason is None:
-            self._compiled_loss = torch.compile(self._loss, fullgraph=True, options=options)
+            limit = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in _COMPILE_ARGS else {}
+            self._compiled_loss = torch.compile(self._loss, fullgraph=True, options=options, **limit)
             reason = self._check_compiled(example)
         if reason is not None:
             self._compiled_loss, self.why_eager = None, reason
@@ -191,6 +227,7 @@ class SVIStep:
                 self.compiled = False
                 self.optimizer.zero_grad(set_to_none=True)
 
+        self._checking = True
         try:
             eager_loss, eager_grads = run(False)
             try:
@@ -204,6 +241,7 @@ class SVIStep:
                     return f"compiled gradient of {name!r} differs from the eager one"
             return None
         finally:
+            self._checking = False
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
@@ -318,6 +356,7 @@ def make_svi_step(
     device_loss = (type(elbo) in _DEVICE_LOSS and est.guide_transform in (None, sticking_the_landing)
                    and unsupported_reason() is None)
     step = SVIStep(model, train_guide, elbo, names, params, optimizer, scale, plate, job, device_loss)
+    step.estimator = config.estimator
     if getattr(config, "compile", False):
         step.compile(example)
     return step, optimizer

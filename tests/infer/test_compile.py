@@ -63,18 +63,14 @@ def _compare(vae_kwargs: dict, config_kwargs: dict, betas=(1.0, 1.0, 1.0)):
 # -- compiled == eager, per family ---------------------------------------------------------------
 
 @pytest.mark.slow
-def test_diag_vae_compiles_and_matches_eager(one_thread):
-    _compare({}, {})
-
-
-@pytest.mark.slow
 def test_fullcov_gaussian_compiles_and_matches_eager(one_thread):
     _compare({"posterior": "fullcov", "likelihood": "gaussian"}, {})
 
 
 @pytest.mark.slow
-def test_kl_warmup_and_free_bits_compile_and_match_eager(one_thread):
-    # beta changes between steps as under warm-up: the compiled step must follow it.
+def test_diag_vae_with_kl_warmup_and_free_bits_compiles_and_matches_eager(one_thread):
+    # The default diag/Bernoulli VAE; beta changes between steps as under warm-up (0.5, then the
+    # plain ELBO at 1): the compiled step must follow it.
     _compare({"free_bits": 0.05}, {}, betas=(0.5, 0.5, 1.0))
 
 
@@ -116,10 +112,10 @@ def test_other_pyro_version_falls_back(monkeypatch):
     assert torch.isfinite(step.on_device(_data())).all()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("vae_kwargs, config_kwargs, where", [
-    ({"posterior": "iaf"}, {}, "Unsupported"),
-    ({}, {"estimator": "stl"}, "pathwise.py"),
+    ({"posterior": "iaf"}, {}, "Unsupported"),  # tried: dynamo stops at the IAF's transforms
+    ({}, {"estimator": "stl"}, "torch.autograd.grad"),  # known, not tried
+    ({}, {"estimator": "dreg", "particles": 2}, "gradient hooks"),
 ])
 def test_models_that_break_the_graph_fall_back_to_eager_numbers(one_thread, vae_kwargs, config_kwargs, where):
     x = _data()

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -346,3 +347,34 @@ def test_stop_halts_later_updates_on_the_device(monkeypatch):
     step, optimizer = made[0]
     assert calls["n"] == 8  # the loop ran on past the bad step ...
     assert {float(s["step"]) for s in optimizer.state.values()} == {2.0}  # ... but only 2 updates applied
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_loop_synchronizes_a_constant_number_of_times_per_epoch(monkeypatch):
+    """torch's own sync detector (set_sync_debug_mode) sees every device->host wait, also those
+    inside C++ ops: the training part of an epoch (16 steps) does at most a few."""
+    import ppgen.infer.svi as svi_mod
+
+    real_make = svi_mod.make_svi_step
+
+    def watching_make(*args, **kwargs):
+        made = real_make(*args, **kwargs)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        return made
+
+    monkeypatch.setattr(svi_mod, "make_svi_step", watching_make)
+    data = load_dataset("digits", "static")
+    counts = []
+    for epochs in (1, 3):
+        vae = VAE(data.dim, 4, (16,)).to("cuda")
+        config = SVIConfig(epochs=epochs, batch_size=32, device="cuda")
+        try:
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                result = train_svi(vae.model, vae.guide, data.train[:512], None, config, progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert [h["step"] for h in result.history] == [16 * (e + 1) for e in range(epochs)]
+        counts.append(sum("synchroniz" in str(w.message) for w in record))
+    assert counts[0] <= 4 and counts[1] <= 3 * 4, counts  # per epoch, not per step (16 steps)
