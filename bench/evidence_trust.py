@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=1.5, help="trusted path's cost limit, times plain IS")
     p.add_argument("--refine-steps", type=int, default=50)
     p.add_argument("--refine-samples", type=int, default=16)
-    p.add_argument("--factors", default="1.2,1.3,1.5", help="widening factors of q* to choose from")
+    p.add_argument("--factors", default="1.2,1.3,1.4", help="widening factors of q* to choose from")
     p.add_argument("--pilot", type=int, default=50, help="images the candidates are compared on")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--device", default="cpu")

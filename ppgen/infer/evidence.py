@@ -45,6 +45,11 @@ stream, so it reproduces the vectorized numbers when each draw's size is a multi
 loops. What silently survives the check: a model whose vectorized log weight is right for equal
 particles but wrong for different ones (it mixes particles, e.g. a normalization over dim 0) --
 pass ``vectorize=False`` for such a model. :attr:`EvidenceResult.path` says which path ran.
+
+Proposals. ``proposal=`` draws from a proposal object instead of the guide's traces
+(:mod:`ppgen.infer.proposals`: refined local ``q*``, widened, Student-t, defensive mixture; one
+local latent site), still unbiased for ``p(x)``; :mod:`ppgen.infer.trusted` picks one by k-hat
+within a budget and splits the inference gap into approximation and amortization.
 """
 
 from __future__ import annotations
@@ -205,43 +210,12 @@ def psis_khat(log_w: torch.Tensor, rounding: Optional[float] = None) -> torch.Te
     return torch.where(spread <= tol, torch.full_like(k, -math.inf), k)
 
 
-def plot_khat_arviz(khat: torch.Tensor, path, title: str = "", *, num_samples: int):
-    """ArviZ's ``plot_khat`` of per-datapoint k-hat ``(N,)`` (e.g. :attr:`EvidenceResult.khat`)
-    from ``num_samples`` weights each, with lines at 0, the sample-size threshold
-    :func:`khat_threshold` and 1, and the share of datapoints per band, written to the PNG
-    ``path``. ``-inf`` (equal weights) is drawn at 0. Returns the path.
+def plot_khat_arviz(*args, **kwargs):
+    """ArviZ's k-hat plot; lives with the other figures in
+    :func:`ppgen.infer.evidence_report.plot_khat_arviz` (same arguments), re-exported here."""
+    from ppgen.infer.evidence_report import plot_khat_arviz as plot
 
-    :param num_samples: ``K >= 10``, the weights behind each k-hat (sets the threshold).
-    """
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ppgen.plots import save_figure
-    import numpy as np
-
-    threshold = khat_threshold(num_samples)
-    k = khat.detach().double().cpu().numpy().reshape(-1)
-    if k.size == 0 or not np.isfinite(np.where(np.isneginf(k), 0.0, k)).any():
-        raise ValueError(f"khat must hold at least one finite value, got {k.size} values")
-    k = np.where(np.isneginf(k), 0.0, k)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import arviz as az
-        import xarray as xr
-
-        # As an ELPDData, ArviZ draws its bands at good_k: our sample-size threshold, not 0.7.
-        elpd = az.ELPDData(
-            data=[xr.DataArray(k[np.isfinite(k)], dims=["datapoint"]), threshold], index=["pareto_k", "good_k"]
-        )
-        az.plot_khat(elpd, show_hlines=True, show_bins=True, ax=ax, markersize=8)
-    ax.set_xlabel("datapoint")
-    ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints, trusted up to {threshold:.2f})")
-    return save_figure(fig, path)
+    return plot(*args, **kwargs)
 
 
 def iwae_ladder_sizes(num_samples: int) -> list[int]:

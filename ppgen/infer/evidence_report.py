@@ -24,7 +24,7 @@ from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence
 from ppgen.infer.trusted import default_candidates, inference_gaps, trusted_evidence
 from ppgen.plots import save_figure
 
-__all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat", "plot_gaps"]
+__all__ = ["EvidenceConfig", "evidence_report", "format_report", "plot_ladder", "plot_khat", "plot_gaps", "plot_khat_arviz"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,4 +243,43 @@ def plot_gaps(gaps, report: dict, path: Path) -> Path:
     chosen = report.get("choice", {}).get("chosen", report.get("proposal", ""))
     ax.set_title(f"Inference gaps, {int(keep.sum())} of {len(keep)} datapoints trusted\n(IS from {chosen})", fontsize=9)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_khat_arviz(khat: torch.Tensor, path, title: str = "", *, num_samples: int):
+    """ArviZ's ``plot_khat`` of per-datapoint k-hat ``(N,)`` (e.g. :attr:`EvidenceResult.khat`)
+    from ``num_samples`` weights each, with lines at 0, the sample-size threshold
+    :func:`khat_threshold` and 1, and the share of datapoints per band, written to the PNG
+    ``path``. ``-inf`` (equal weights) is drawn at 0. Returns the path.
+
+    :param num_samples: ``K >= 10``, the weights behind each k-hat (sets the threshold).
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ppgen.plots import save_figure
+    import numpy as np
+
+    threshold = khat_threshold(num_samples)
+    k = khat.detach().double().cpu().numpy().reshape(-1)
+    if k.size == 0 or not np.isfinite(np.where(np.isneginf(k), 0.0, k)).any():
+        raise ValueError(f"khat must hold at least one finite value, got {k.size} values")
+    k = np.where(np.isneginf(k), 0.0, k)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import arviz as az
+        import xarray as xr
+
+        # As an ELPDData, ArviZ draws its bands at good_k: our sample-size threshold, not 0.7.
+        elpd = az.ELPDData(
+            data=[xr.DataArray(k[np.isfinite(k)], dims=["datapoint"]), threshold], index=["pareto_k", "good_k"]
+        )
+        az.plot_khat(elpd, show_hlines=True, show_bins=True, ax=ax, markersize=8)
+    ax.set_xlabel("datapoint")
+    ax.set_title(title or f"PSIS k-hat per datapoint ({k.size} datapoints, trusted up to {threshold:.2f})")
     return save_figure(fig, path)

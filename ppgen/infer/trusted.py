@@ -44,7 +44,7 @@ K_FULL_THRESHOLD = 2154
 
 
 def default_candidates(steps: int = 50, samples: int = 16, lr: float = 0.05,
-                       factors: Sequence[float] = (1.2, 1.3, 1.5)) -> list[Proposal]:
+                       factors: Sequence[float] = (1.2, 1.3, 1.4)) -> list[Proposal]:
     """``q*`` (one :class:`~ppgen.infer.proposals.Refined`) widened by each of ``factors``."""
     refined = Refined(steps, samples, lr)
     return [Widened(refined, f) for f in factors]
