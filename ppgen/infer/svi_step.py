@@ -234,7 +234,7 @@ class SVIStep:
                 loss, grads = run(True)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 return _compile_failure(e)
-            if not torch.allclose(loss, eager_loss, rtol=1e-4, atol=1e-5 * float(eager_loss.abs()) + 1e-6):
+            if not _close(loss.reshape(1), eager_loss.reshape(1)):
                 return f"compiled loss {float(loss):.6g} differs from the eager {float(eager_loss):.6g}"
             for name, g, e in zip(self.names, grads, eager_grads):
                 if (g is None) != (e is None) or (g is not None and not _close(g, e)):
@@ -298,8 +298,11 @@ def _compile_failure(e: Exception) -> str:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    scale = float(b.abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale + 1e-7))
+    """Equal within ``rtol = 1e-4`` and ``1e-5`` of ``b``'s largest finite entry, NaN and inf in
+    the same places (a non-finite example batch is judged by where its non-finite entries are)."""
+    finite = b[b.isfinite()]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale + 1e-7, equal_nan=True))
 
 
 def make_svi_step(
