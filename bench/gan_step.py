@@ -6,12 +6,18 @@ against a hand-written PyTorch loop on the same networks, batch and loss (non-sa
 the loop as a user writes it (``torch.optim.Adam``'s default kernel) and the same loop with the
 fused Adam ppgen uses (:func:`ppgen.devices.adam`), so the second ratio is the loop's own cost
 (below 1 because ppgen's generator step skips the discriminator's parameter gradients).
+
+The stabilizers' cost is timed against ppgen's plain step (all stabilizers off) in the same
+rounds: spectral normalization of the discriminator (one power iteration per D forward), the R1
+penalty (a double backward through D on the real batch, gamma 1), the generator EMA (decay 0.999,
+one fused lerp per G step), and all three together.
 Run: ``python bench/gan_step.py [--device cuda] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -19,7 +25,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from ppgen.adversarial import LoopConfig, adversarial_loop, make_discriminator, make_generator
+from ppgen.gan import LoopConfig, adversarial_loop, make_discriminator, make_generator
 
 D, Z, H, B = 784, 20, 400, 128
 
@@ -52,8 +58,13 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     rounds = 3 if args.quick else 7
     data = torch.rand(B * args.steps, D, device=device)
-    config = LoopConfig("ns", epochs=1, batch_size=B, device=args.device)
-    times: dict[str, list[float]] = {"hand-written": [], "hand-written-fused": [], "ppgen": []}
+    plain = LoopConfig("ns", epochs=1, batch_size=B, device=args.device, spectral_norm=False, r1_gamma=0.0,
+                       ema_decay=0.0)
+    configs = {"ppgen": plain, "ppgen+sn": dataclasses.replace(plain, spectral_norm=True),
+               "ppgen+r1": dataclasses.replace(plain, r1_gamma=1.0),
+               "ppgen+ema": dataclasses.replace(plain, ema_decay=0.999),
+               "ppgen+sn+r1+ema": dataclasses.replace(plain, spectral_norm=True, r1_gamma=1.0, ema_decay=0.999)}
+    times: dict[str, list[float]] = {"hand-written": [], "hand-written-fused": [], **{k: [] for k in configs}}
     for _ in range(rounds):
         for name in times:
             torch.manual_seed(0)
@@ -61,8 +72,8 @@ def main(argv=None) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if name == "ppgen":
-                adversarial_loop(gen, disc, data, config)
+            if name in configs:
+                adversarial_loop(gen, disc, data, configs[name])
             else:
                 hand_written(gen, disc, data, fused=name == "hand-written-fused")
             if device.type == "cuda":
@@ -75,6 +86,10 @@ def main(argv=None) -> list[dict]:
     results = [{"bench": "gan_step", "case": f"ppgen/{ref}", "value": med["ppgen"], "unit": "s/step",
                 "reference": med[ref], "ratio": med["ppgen"] / med[ref], "target": 1.10, "better": "lower",
                 "device": str(device)} for ref in ("hand-written", "hand-written-fused")]
+    targets = {"ppgen+sn": 1.3, "ppgen+r1": 2.0, "ppgen+ema": 1.1, "ppgen+sn+r1+ema": 2.3}  # vs the plain step
+    results += [{"bench": "gan_step", "case": f"{name}/ppgen", "value": med[name], "unit": "s/step",
+                 "reference": med["ppgen"], "ratio": med[name] / med["ppgen"], "target": target, "better": "lower",
+                 "device": str(device)} for name, target in targets.items()]
     for result in results:
         print(json.dumps(result))
     return results

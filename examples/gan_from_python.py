@@ -1,7 +1,7 @@
 """Train a GAN from Python on the 8-Gaussians ring and count the modes it covers.
 
 Uses ppgen's adversarial loop (Goodfellow et al. 2014; non-saturating or other losses from
-``ppgen.adversarial.LOSSES``) on MLP generator and discriminator, then the VEEGAN protocol
+``ppgen.gan.LOSSES``) on MLP generator and discriminator, then the VEEGAN protocol
 (Srivastava et al. 2017): modes covered out of 8 and the share of high-quality samples.
 
     python examples/gan_from_python.py --epochs 30 --loss ns
@@ -17,11 +17,11 @@ import torch
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from ppgen.adversarial import LoopConfig, make_generator, train_toy_gan
+    from ppgen.gan import LoopConfig, make_generator, train_toy_gan
     from ppgen.metrics import mode_coverage, toy_log_likelihood
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", default="ns", help="GAN objective (ppgen.adversarial.LOSSES)")
+    p.add_argument("--loss", default="ns", help="GAN objective (ppgen.gan.LOSSES)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--n", type=int, default=10000, help="training points")
     p.add_argument("--seed", type=int, default=0)

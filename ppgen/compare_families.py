@@ -2,7 +2,7 @@
 time on the same network sizes, judged in one feature space, with error bars over seeds.
 
 **Equal budgets.** Each family trains through its own ``ppgen train`` code path
-(:func:`ppgen.train.train_vae`, :func:`ppgen.adversarial.train_gan`, :func:`ppgen.score.train_score`) with its
+(:func:`ppgen.train.train_vae`, :func:`ppgen.gan.train_gan`, :func:`ppgen.score.train_score`) with its
 own defaults (objective, batch size, learning rates, stabilizers), except for the shared sizes:
 latent width and hidden widths of the MLPs. The budget counts training-loop time only: the sum
 of the loops' per-epoch ``seconds`` (the score loop's includes its validation loss on 512
@@ -100,7 +100,7 @@ def run_config(family: str, config: CompareConfig, seed: int, epochs: int):
                             model=VAEConfig(config.latent_dim, config.hidden),
                             svi=SVIConfig(epochs=epochs, seed=seed, device=config.device))
     if family == "gan":
-        from ppgen.adversarial import GANConfig, LoopConfig
+        from ppgen.gan import GANConfig, LoopConfig
 
         return GANConfig(data=DataConfig(config.data, "none", config.data_dir, config.split_seed),
                          latent_dim=config.latent_dim, hidden=config.hidden,
@@ -119,7 +119,7 @@ def _train(family: str, cfg, path: Path, fresh: bool, download: bool) -> list[di
 
         return list(train_vae(cfg, path, **kwargs).result.history)
     if family == "gan":
-        from ppgen.adversarial import train_gan
+        from ppgen.gan import train_gan
 
         return list(train_gan(cfg, path, **kwargs)[1].history)
     from ppgen.score import train_score

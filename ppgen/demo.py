@@ -72,7 +72,7 @@ def gan_step(ctx: DemoContext) -> list[str]:
     """A GAN on the same digits and the same network sizes as the VAE, with sample metrics for both."""
     import torch
 
-    from ppgen.adversarial import GANConfig, LoopConfig, train_gan
+    from ppgen.gan import GANConfig, LoopConfig, train_gan
     from ppgen.metrics import image_metrics
 
     config = GANConfig(DataConfig("digits", "none"), latent_dim=10, hidden=(256,),

@@ -272,7 +272,7 @@ def _vae_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tens
 
 
 def _gan_samples(path: Path, n: int, device: str, seed: int) -> tuple[torch.Tensor, "DataConfig"]:
-    from ppgen.adversarial import load_gan
+    from ppgen.gan import load_gan
 
     generator, config = load_gan(path, device)
     return generator.sample(n, torch.Generator().manual_seed(seed)).cpu(), config.data

@@ -188,7 +188,7 @@ def _model_figures(family: str, path: Path, cfg: dict, config: ReportConfig, fig
                         f"{len(x)} {split} images)", plot_khat_arviz(r.khat, figures / f"{name}-khat.png", title,
                                                                 num_samples=config.khat_samples)))
     elif family == "gan":
-        from ppgen.adversarial import load_gan
+        from ppgen.gan import load_gan
 
         generator, gan_config = load_gan(path, config.device)
         out.append((f"{name}: generator along straight lines between prior draws",

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ppgen.adversarial import (
+from ppgen.gan import (
     LOSSES,
     GANConfig,
     LoopConfig,
@@ -163,7 +163,7 @@ def test_resume_gives_the_same_generator_as_an_uninterrupted_run(tmp_path):
 
 
 def test_sigint_checkpoints_mid_epoch_and_resume_matches(tmp_path, monkeypatch):
-    import ppgen.adversarial as adv
+    import ppgen.gan.loop as adv
     from conftest import sigint_on_call
     from ppgen.runs import Interrupted
 
@@ -246,7 +246,7 @@ def test_spectral_norm_makes_every_discriminator_layer_unit_norm(arch):
 
 
 def test_r1_penalty_on_a_linear_discriminator_is_gamma_half_norm_squared():
-    from ppgen.gan_losses import r1_penalty
+    from ppgen.gan import r1_penalty
 
     w = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64, requires_grad=True)
     x = torch.randn(7, 3, dtype=torch.float64).requires_grad_(True)
@@ -368,7 +368,7 @@ def test_stabilized_gan_on_cuda(tmp_path):
     loaded, _ = load_gan(tmp_path / "cuda", "cuda")
     z = torch.randn(4, 8, device="cuda")
     assert torch.equal(loaded(z), gen(z))
-    from ppgen.gan_losses import r1_penalty
+    from ppgen.gan import r1_penalty
 
     w = torch.randn(5, device="cuda", requires_grad=True)
     x = torch.randn(6, 5, device="cuda", requires_grad=True)

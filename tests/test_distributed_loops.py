@@ -46,7 +46,7 @@ def _torchrun(tmp_path, argv: list) -> str:
 def _initial_weights(family: str, path) -> dict:
     """The networks as the run built them before training (the same seed)."""
     if family == "gan":
-        from ppgen.adversarial import load_gan
+        from ppgen.gan import load_gan
 
         config = load_gan(path)[1]
         seed_everything(config.loop.seed)

@@ -109,7 +109,7 @@ def test_generator_ais_matches_exact_evidence_of_a_linear_generator():
     # G(z) = W z + b with noise sigma: p(x) = N(b, W W^T + sigma^2 I) exactly (Wu et al. 2017 setup).
     from torch import nn
 
-    from ppgen.adversarial import Generator
+    from ppgen.gan import Generator
     from ppgen.metrics import generator_ais_log_likelihood
     from ppgen.nets import Decoder
 

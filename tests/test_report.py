@@ -25,7 +25,7 @@ from ppgen.train import VAERunConfig, load_vae, train_vae
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """A 2-D-latent VAE with evidence.json and metrics.json, a GAN, and a toy score run, all tiny."""
-    from ppgen.adversarial import GANConfig, LoopConfig, train_gan
+    from ppgen.gan import GANConfig, LoopConfig, train_gan
     from ppgen.infer.evidence_report import EvidenceConfig, evidence_report
     from ppgen.metrics import run_metrics
     from ppgen.score import ScoreConfig, train_score
@@ -86,7 +86,7 @@ def test_reported_evidence_sits_between_independent_estimates(runs):
 
 
 def test_parameter_counts_match_the_built_networks(runs):
-    from ppgen.adversarial import load_gan
+    from ppgen.gan import load_gan
     from ppgen.runs import Run
 
     root, rows = runs["root"], runs["rows"]

@@ -45,7 +45,7 @@ def sample_vae(args: argparse.Namespace, out: Path) -> None:
 def sample_gan(args: argparse.Namespace, out: Path) -> None:
     import torch
 
-    from ppgen.adversarial import load_gan
+    from ppgen.gan import load_gan
     from ppgen.plots import save_image_grid
 
     generator, config = load_gan(args.run, args.device)

@@ -178,7 +178,7 @@ def cmd_train_m2(args: argparse.Namespace) -> int:
 
 
 def add_train_gan(sub) -> None:
-    from ppgen.adversarial import LOSSES, LoopConfig
+    from ppgen.gan import LOSSES, LoopConfig
 
     plain = LoopConfig()  # the defaults of the stabilizer flags are the config's
 
@@ -207,7 +207,7 @@ def add_train_gan(sub) -> None:
 
 
 def cmd_train_gan(args: argparse.Namespace) -> int:
-    from ppgen.adversarial import GANConfig, LoopConfig, train_gan
+    from ppgen.gan import GANConfig, LoopConfig, train_gan
 
     loop = LoopConfig(args.loss, args.d_steps, args.epochs, args.batch_size, args.lr,
                       args.lr_d if args.lr_d is not None else args.lr, args.beta1, args.beta2, args.seed, args.device,

@@ -1,17 +1,14 @@
-"""Generative adversarial networks: the networks and one explicit training loop (the losses by
-name are in :mod:`ppgen.gan_losses`).
-
-The generator is the VAE's decoder class (:class:`ppgen.nets.Decoder`) followed by a sigmoid for
-images, the discriminator is the encoder's trunk with a scalar head, so the GAN and the VAE can
-be compared on the same networks (Goodfellow et al. 2014, "Generative Adversarial Nets").
-Discriminators output logits ``d``; ``D(x) = sigmoid(d)``.
+"""The adversarial loop and GAN runs: :class:`LoopConfig` and :func:`adversarial_loop`
+(Algorithm 1 of Goodfellow et al. 2014 with k discriminator steps per generator step), the image
+run :func:`train_gan` / :func:`load_gan` behind ``ppgen train gan``, and :func:`train_toy_gan`.
 
 Three stabilizers, each a :class:`LoopConfig` field (and a ``ppgen train gan`` flag):
-spectral normalization of every discriminator layer (Miyato et al. 2018, "Spectral Normalization
-for Generative Adversarial Networks"), the R1 zero-centred gradient penalty on real data
-(Mescheder et al. 2018, :func:`ppgen.gan_losses.r1_penalty`), and an exponential moving average
-of the generator's weights (:class:`ppgen.ema.EMA`; Yazici et al. 2019) which then makes the
-figures, the checkpoint's sampling generator, ``load_gan``, ``ppgen sample`` and ``ppgen metrics``.
+spectral normalization of every discriminator layer (Miyato et al. 2018,
+:func:`ppgen.gan.networks.spectral_normalize`), the R1 zero-centred gradient penalty on real data
+(Mescheder et al. 2018, :func:`ppgen.gan.objectives.r1_penalty`), and an exponential moving
+average of the generator's weights (:class:`ppgen.ema.EMA`; Yazici et al. 2019), which then
+makes the figures, the checkpoint's sampling generator, ``load_gan``, ``ppgen sample`` and
+``ppgen metrics``.
 """
 
 from __future__ import annotations
@@ -23,15 +20,13 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from ppgen.data import DataConfig, binarize, toy_sample
-from ppgen.ema import EMA
-from ppgen.gan_losses import LOSSES, GANLoss, get_loss, optimal_discriminator, optimal_discriminator_gap, r1_penalty
-from ppgen.nets import Decoder, make_decoder, make_encoder
-from ppgen.plots import save_image_grid
 from ppgen.devices import adam, distributed, resolve_device
+from ppgen.ema import EMA
+from ppgen.gan.networks import Discriminator, Generator, make_discriminator, make_generator, spectral_normalize
+from ppgen.gan.objectives import get_loss, r1_penalty
+from ppgen.plots import save_image_grid
 from ppgen.runs import (
     Interrupted,
     Run,
@@ -45,77 +40,7 @@ from ppgen.runs import (
     set_rng_state,
 )
 
-__all__ = [
-    "LOSSES", "GANLoss", "get_loss", "Generator", "Discriminator", "make_generator", "make_discriminator",
-    "LoopConfig", "GANConfig", "GANResult", "adversarial_loop", "train_gan", "load_gan", "train_toy_gan",
-    "optimal_discriminator", "optimal_discriminator_gap", "r1_penalty", "spectral_normalize",
-]
-
-
-# --------------------------------------------------------------------------- networks
-
-
-class Generator(nn.Module):
-    """``z (B, z_dim) -> x (B, D)``: a :class:`ppgen.nets.Decoder`, then ``sigmoid`` for images
-    (pixel intensities in [0, 1]) or nothing for real-valued (toy) data."""
-
-    def __init__(self, decoder: Decoder, sigmoid: bool = True):
-        super().__init__()
-        self.decoder, self.sigmoid = decoder, sigmoid
-        self.z_dim, self.x_dim = decoder.z_dim, decoder.x_dim
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.decoder(z)
-        return torch.sigmoid(out) if self.sigmoid else out
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """``n`` samples ``G(z), z ~ N(0, I)``: shape ``(n, D)``."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.z_dim, generator=generator).to(device)
-        return self(z)
-
-
-class Discriminator(nn.Module):
-    """``x (B, D) -> logits (B,)``: an encoder trunk, a leaky ReLU and a scalar linear head."""
-
-    def __init__(self, trunk: nn.Module, hidden_dim: int, x_dim: int):
-        super().__init__()
-        self.trunk, self.x_dim = trunk, x_dim
-        self.head = nn.Linear(hidden_dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[-1] != self.x_dim:
-            raise ValueError(f"discriminator expects inputs of shape (batch, {self.x_dim}), got {tuple(x.shape)}")
-        return self.head(F.leaky_relu(self.trunk(x), 0.2)).squeeze(-1)
-
-
-def make_generator(z_dim: int, x_dim: int, hidden: Sequence[int] = (400,), arch: str = "mlp",
-                   image_shape: tuple = (1, 28, 28), sigmoid: bool = True) -> Generator:
-    """The decoder of :func:`ppgen.nets.make_decoder` as a generator."""
-    return Generator(make_decoder(z_dim, x_dim, hidden, arch, image_shape), sigmoid)
-
-
-def make_discriminator(x_dim: int, hidden: Sequence[int] = (400,), arch: str = "mlp",
-                       image_shape: tuple = (1, 28, 28)) -> Discriminator:
-    """The trunk of :func:`ppgen.nets.make_encoder` with a scalar head."""
-    trunk = make_encoder(x_dim, 1, hidden, arch, image_shape).trunk
-    return Discriminator(trunk, hidden[-1], x_dim)
-
-
-def spectral_normalize(module: nn.Module) -> nn.Module:
-    """Put :func:`torch.nn.utils.parametrizations.spectral_norm` on every ``Linear`` and ``Conv``
-    layer of ``module`` that has none yet (in place; returns ``module``). Each weight is divided by
-    its largest singular value, estimated by one power iteration per training-mode forward pass
-    (Miyato et al. 2018); a convolution's kernel is taken as the matrix ``(out, in * kh * kw)``, as
-    there. Its initial vector is drawn from the global random stream."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import spectral_norm
-
-    for layer in list(module.modules()):
-        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not parametrize.is_parametrized(layer, "weight"):
-            spectral_norm(layer)
-    return module
+__all__ = ["LoopConfig", "GANConfig", "GANResult", "adversarial_loop", "train_gan", "load_gan", "train_toy_gan"]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -201,7 +126,7 @@ def adversarial_loop(
 
     Stabilizers (module docstring): ``config.spectral_norm`` puts :func:`spectral_normalize` on
     ``discriminator`` in place (its power-iteration vectors seeded by ``seed``);
-    ``config.r1_gamma > 0`` adds :func:`ppgen.gan_losses.r1_penalty` on each real batch to
+    ``config.r1_gamma > 0`` adds :func:`ppgen.gan.objectives.r1_penalty` on each real batch to
     ``loss_D`` (logged as ``r1``); ``config.ema_decay > 0`` updates an :class:`ppgen.ema.EMA` of
     ``generator`` after every generator step, checkpoints it, passes its ``G(fixed_noise)`` to
     ``on_epoch`` and returns it as ``GANResult.ema``.

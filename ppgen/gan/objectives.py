@@ -2,7 +2,7 @@
 
 Discriminators output logits ``d``; ``D(x) = sigmoid(d)``. Each objective is a pair of losses on
 logits that both players minimize (Goodfellow et al. 2014, "Generative Adversarial Nets"); the
-loop that plays them against each other is :func:`ppgen.adversarial.adversarial_loop`.
+loop that plays them against each other is :func:`ppgen.gan.loop.adversarial_loop`.
 """
 
 from __future__ import annotations
