@@ -67,6 +67,8 @@ COLUMNS = [
     ("elbo", "ELBO (nats)", "{:.2f}"),
     ("is_log_px", "IS log p(x) ± SE", "{:.2f}"),
     ("khat_share", "k-hat untrusted", "{:.1%}"),
+    ("approximation_gap", "approx. gap", "{:.2f}"),
+    ("amortization_gap", "amort. gap", "{:.2f}"),
     ("ais_log_px", "AIS log p(x)", "{:.2f}"),
     ("frechet_distance", "classifier Frechet", "{:.2f}"),
     ("parzen_log_likelihood", "Parzen log-lik ± SE", "{:.1f}"),
@@ -138,6 +140,9 @@ def collect_run(path: PathLike, config: ReportConfig, figures: PathLike) -> dict
                    is_samples=evidence["num_samples"], khat_share=evidence.get("khat_share_untrusted"))
         if "ais" in evidence:
             row.update(ais_log_px=evidence["ais"]["log_px"], ais_n=evidence["ais"]["n"])
+        if "gaps" in evidence:  # ppgen evidence --gaps: log p(x) - L[q*] and L[q*] - L[q]
+            row.update(approximation_gap=evidence["gaps"]["approximation"],
+                       amortization_gap=evidence["gaps"]["amortization"])
     metrics = _read_json(path / "metrics.json")
     if metrics is not None:
         row.update(frechet_distance=metrics["frechet_distance"], parzen_log_likelihood=metrics["parzen_log_likelihood"],
