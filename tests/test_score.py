@@ -275,6 +275,19 @@ def test_cli_trains_and_samples_a_toy_and_rejects_bad_flags(tmp_path, capsys):
             "--no-progress", "--out", str(out)]
     assert main(args) == 0
     assert main(["sample", str(out), "--n", "100", "--langevin-steps", "2", "--out", str(tmp_path / "s.png")]) == 0
+    import json
+
+    flags = ["--ema-decay", "0.5", "--no-ema-warmup", "--no-denoise", "--init", "uniform", "--eta", "0.3",
+             "--ladder-subsample", "100"]
+    assert main([*args[:-1], str(tmp_path / "flags"), *flags]) == 0  # each flag lands in its field
+    stored = json.loads((tmp_path / "flags" / "config.json").read_text())
+    assert {k: stored[k] for k in ("ema_decay", "ema_warmup", "denoise", "init", "eta", "ladder_subsample")} == {
+        "ema_decay": 0.5, "ema_warmup": False, "denoise": False, "init": "uniform", "eta": 0.3, "ladder_subsample": 100}
+    assert main([*args[:2], "--data", "8gaussians", "--toy-n", "300", "--hidden", "8", "--epochs", "1", "--no-progress",
+                 "--langevin-steps", "1", "--out", str(tmp_path / "auto")]) == 0  # the ladder from the data: 20 levels in 2-D
+    stored = json.loads((tmp_path / "auto" / "config.json").read_text())
+    ladder = json.loads((tmp_path / "auto" / "ladder.json").read_text())
+    assert stored["n_sigmas"] == ladder["n_sigmas"] == 20 and stored["sigma_max"] == ladder["sigma_max"] > 3.5
     assert (tmp_path / "s.png").stat().st_size > 1000
     capsys.readouterr()
     assert main([*args[:-1], str(tmp_path / "bad"), "--arch", "unet"]) == 2
@@ -340,6 +353,9 @@ def test_data_ladder_closed_form_on_data_with_a_known_largest_distance():
     assert data_noise_ladder(x[:, :2], 0.01).n_sigmas == 20  # D = 2: the rule sets no bound
     given = data_noise_ladder(x, 0.01, sigma_max=2.0, n_sigmas=5)
     assert given[:2] == (2.0, 5) and given.gamma == pytest.approx(200**0.25)
+    assert data_noise_ladder(x, 0.5, sigma_max=0.5)[1:3] == (1, 1.0)  # single-level DSM stays possible
+    with pytest.raises(ValueError, match="the largest distance between two training points"):
+        data_noise_ladder(x, sigma_min=5.0)
 
 
 def test_technique_4_step_size_reproduces_the_paper_and_the_variance_it_promises():

@@ -131,12 +131,16 @@ def data_noise_ladder(x: torch.Tensor, sigma_min: float, sigma_max: Optional[flo
     ``level_overlap(gamma, D) >= target`` (technique 2) unless given. For ``D <= 4`` that rule
     sets no bound and 20 levels are used (on a 2-D three-component mixture with exact scores, 20
     levels of 20 steps put the mode weights within 0.03; 10 levels within 0.06)."""
+    where = "" if sigma_max is None else " (given)"
     if sigma_max is None:
         sigma_max = max_pairwise_distance(x, subsample, seed)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        where = " (the largest distance between two training points)"
+    if not 0 < sigma_min <= sigma_max:
+        raise ValueError(f"need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}{where}")
+    if sigma_min == sigma_max and n_sigmas is None:
+        n_sigmas = 1
     if n_sigmas is None:
         g = overlap_ratio(x.shape[1], target)
         n_sigmas = LOW_DIM_LEVELS if math.isinf(g) else math.ceil(math.log(sigma_max / sigma_min) / math.log(g) - 1e-9) + 1
-    gamma = (sigma_max / sigma_min) ** (1.0 / (n_sigmas - 1)) if n_sigmas > 1 else 1.0
+    gamma = (sigma_max / sigma_min) ** (1.0 / (n_sigmas - 1)) if n_sigmas > 1 else 1.0  # 1: one level
     return NoiseLadder(float(sigma_max), int(n_sigmas), gamma, level_overlap(gamma, x.shape[1]))
