@@ -8,11 +8,12 @@ latent width and hidden widths of the MLPs. The budget counts training-loop time
 of the loops' per-epoch ``seconds`` (the score loop's includes its validation loss on 512
 points; figures, checkpoints and evaluation are outside it). The loops stop at epoch
 granularity, so a run trains epoch by epoch, resuming its own run directory, with as many
-epochs per segment as the last segment's seconds per epoch say fit in 80 % of the time left
-before the next time checkpoint (``S * j / checkpoints``), then the rest (all of it once under
-three epochs are left); it stops when the time left is under half an epoch, so each checkpoint,
-and the end, is reached to within about half an epoch at a steady speed (a slowdown of a shared
-machine during the last segment adds to that). The first epoch always runs,
+epochs per segment as the last segment's seconds per epoch say fit in half the time left
+before the next time checkpoint (``S * j / checkpoints``), then all of it once under three
+epochs are left; it stops when the time left is under half an epoch. At a steady speed each
+checkpoint, and the end, is reached to within half an epoch; a machine that slows down k-fold
+during a segment overruns by at most (k - 1) times that segment's planned time (stored, per
+segment, in compare.json). The first epoch always runs,
 even when it alone overruns ``S``. Optimizer steps are counted from the loops' logs (the GAN's
 are generator steps; its discriminator takes ``d_steps`` per generator step).
 
@@ -169,20 +170,21 @@ def _train_to(family: str, config: CompareConfig, seed: int, path: Path, target:
     while True:
         history = state["history"]
         spent = sum(h["seconds"] for h in history)
-        recent = history[-state.get("last", len(history)):]  # the last segment: follows the machine's load
-        per_epoch = sum(h["seconds"] for h in recent) / len(recent) if history else None
+        recent = history[-state["segments"][-1]["epochs"]:] if history else []  # follows the machine's load
+        per_epoch = sum(h["seconds"] for h in recent) / len(recent) if recent else None
         if per_epoch is not None and target - spent <= 0.5 * per_epoch:
             return trained
-        # 80 % of what is left, then the rest measured afresh: a slowdown costs less overrun
-        more = 1 if per_epoch is None else max(1, round(0.8 * (target - spent) / per_epoch))
-        if per_epoch is not None and target - spent < 3 * per_epoch:
-            more = max(1, round((target - spent) / per_epoch))
+        left = None if per_epoch is None else (target - spent) / per_epoch  # epochs that would fit
+        # half of what is left, measured afresh each time, then the rest once under 3 epochs are left:
+        # a machine that slows down k-fold overruns by at most (k - 1) times half the time left
+        more = 1 if left is None else max(1, round(left if left < 3 else 0.5 * left))
         state["epochs"] += more
-        state["last"] = more
         cfg = run_config(family, config, seed, state["epochs"])
         t0 = time.perf_counter()
         state["history"] = _train(family, cfg, path, not history, download)
         state["wall"] += time.perf_counter() - t0
+        state["segments"].append({"target": target, "spent_before": spent, "epochs": more, "per_epoch_estimate": per_epoch,
+                                  "spent_after": sum(h["seconds"] for h in state["history"])})
         trained = True
 
 
@@ -236,7 +238,7 @@ def compare_families(config: CompareConfig, out: Union[str, Path], download: boo
     for seed in range(config.seeds):
         for family in config.families:
             path = out / "runs" / f"{family}-seed{seed}"
-            state, checkpoints = {"epochs": 0, "history": [], "wall": 0.0}, []
+            state, checkpoints = {"epochs": 0, "history": [], "wall": 0.0, "segments": []}, []
             for j in range(1, config.checkpoints + 1):
                 if not _train_to(family, config, seed, path, config.seconds * j / config.checkpoints, state, download):
                     continue  # an epoch outlasted this checkpoint: nothing new to evaluate
@@ -247,7 +249,7 @@ def compare_families(config: CompareConfig, out: Union[str, Path], download: boo
                                     "epoch_seconds_max": max(h["seconds"] for h in state["history"]),
                                     "wall_seconds": state["wall"], "eval_seconds": time.perf_counter() - t0, **metrics})
             cfg = run_config(family, config, seed, state["epochs"])
-            runs[family].append({"seed": seed, "path": str(path), "checkpoints": checkpoints,
+            runs[family].append({"seed": seed, "path": str(path), "checkpoints": checkpoints, "segments": state["segments"],
                                  "parameters": _parameters(family, cfg, data.dim, data.image_shape)})
             if seed == 0:
                 samples[family] = x[:64]

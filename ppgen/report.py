@@ -7,8 +7,12 @@ itself:
   ELBO), ``checkpoint.pt`` (parameter count), ``figures/{samples,reconstructions,iwae_ladder}.png``;
 - ``evidence.json`` from ``ppgen evidence`` (ELBO, IS ``log p(x)`` with its standard error, share
   of datapoints whose k-hat fails the sample-size threshold, AIS);
-- ``metrics.json`` from ``ppgen metrics`` (classifier Frechet distance, Parzen log-likelihood);
+- ``metrics.json`` from ``ppgen metrics`` (classifier Frechet distance, precision, recall, label
+  total variation, Parzen log-likelihood);
 - ``variance/variance.png`` from ``ppgen variance`` (gradient variance and SNR).
+
+With ``compare`` (``--compare DIR``) it adds the family comparison that ``ppgen
+compare-families`` wrote into ``DIR`` (compare.json's table and the figures) as its own section.
 
 It draws latent interpolations, a 2-D latent scatter, the training curves, and an ArviZ k-hat
 plot from a fresh, smaller importance-sampling pass (:class:`ReportConfig` ``khat_samples`` /
@@ -48,6 +52,7 @@ class ReportConfig:
     interpolation_steps: int = 10  # images per latent interpolation row
     seed: int = 0  # seeds interpolations and the k-hat pass
     device: str = "cpu"  # "cpu" or "cuda"
+    compare: Optional[str] = None  # a `ppgen compare-families` folder to add as a section; None: none
 
     def __post_init__(self) -> None:
         for name in ("khat_samples", "khat_limit", "interpolation_steps"):
@@ -71,6 +76,9 @@ COLUMNS = [
     ("amortization_gap", "amort. gap", "{:.2f}"),
     ("ais_log_px", "AIS log p(x)", "{:.2f}"),
     ("frechet_distance", "classifier Frechet", "{:.2f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("label_tv", "label TV", "{:.3f}"),
     ("parzen_log_likelihood", "Parzen log-lik ± SE", "{:.1f}"),
     ("train_seconds", "training time (s)", "{:.1f}"),
     ("parameters", "parameters", "{:,}"),
@@ -146,7 +154,8 @@ def collect_run(path: PathLike, config: ReportConfig, figures: PathLike) -> dict
     metrics = _read_json(path / "metrics.json")
     if metrics is not None:
         row.update(frechet_distance=metrics["frechet_distance"], parzen_log_likelihood=metrics["parzen_log_likelihood"],
-                   parzen_log_likelihood_se=metrics["parzen_stderr"])
+                   parzen_log_likelihood_se=metrics["parzen_stderr"], precision=metrics.get("precision"),
+                   recall=metrics.get("recall"), label_tv=metrics.get("label_tv"))
     for kind, caption in (("samples", "samples"), ("reconstructions", "test images (left) and reconstructions (right), in pairs"),
                           ("iwae_ladder", "IWAE bound against K (evidence.json)")):
         if (run.figures / f"{kind}.png").exists():
@@ -261,12 +270,24 @@ def write_report(runs: Sequence[PathLike], config: ReportConfig = ReportConfig()
     if extra_figures:
         sections.append(("More figures", [(cap, _copy(Path(p), figures / f"extra-{i}-{Path(p).name}"))
                                           for i, (cap, p) in enumerate(extra_figures)]))
+    table: list = []
+    if config.compare is not None:  # the family comparison: its table and figures, as a section
+        from ppgen.compare_families import FAMILIES, table_lines
+
+        done = Path(config.compare)
+        table = table_lines(json.loads((done / "compare.json").read_text()))
+        sections.append(("Comparing the three families (ppgen compare-families)", [
+            (caption, _copy(done / "figures" / f"{name}.png", figures / f"compare-{name}.png"))
+            for name, caption in (("curves", "metrics against training time, mean +- sd over seeds"),
+                                  ("label_balance", "predicted-class shares of samples and test set"),
+                                  *((f"samples-{f}", f"{f} samples (seed 0)") for f in FAMILIES))
+            if (done / "figures" / f"{name}.png").exists()]))
     linked = sections  # every figure now lives in out/figures, so report.md's links work
     notes = [n for c in collected for n in c["notes"]] + _footnotes(rows)
     (out / "report.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2) + "\n")
-    (out / "report.md").write_text(_markdown(config.title, intro, rows, linked, notes))
+    (out / "report.md").write_text(_markdown(config.title, intro, rows, linked, notes, table))
     page = out / "report.html"
-    page.write_text(_html(config.title, intro, rows, linked, notes))
+    page.write_text(_html(config.title, intro, rows, linked, notes, table))
     return page
 
 
@@ -294,18 +315,20 @@ def _footnotes(rows: list) -> list:
     return notes
 
 
-def _markdown(title: str, intro: Sequence[str], rows: list, sections: list, notes: list) -> str:
+def _markdown(title: str, intro: Sequence[str], rows: list, sections: list, notes: list, table: Sequence[str] = ()) -> str:
     lines = [f"# {title}", "", *[p + "\n" for p in intro],
              "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
     lines += ["", *[f"- {n}" for n in notes], ""]
     for heading, figs in sections:
         lines += [f"## {heading}", ""]
+        if table and heading.startswith("Comparing the three families"):
+            lines += [*table, ""]
         lines += [f"![{cap}](figures/{png.name})\n\n*{cap}*\n" for cap, png in figs]
     return "\n".join(lines) + "\n"
 
 
-def _html(title: str, intro: Sequence[str], rows: list, sections: list, notes: list) -> str:
+def _html(title: str, intro: Sequence[str], rows: list, sections: list, notes: list, table: Sequence[str] = ()) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for _, h, _ in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{e(_cell(r, k, f))}</td>" for k, _, f in COLUMNS) + "</tr>" for r in rows)
@@ -315,6 +338,11 @@ def _html(title: str, intro: Sequence[str], rows: list, sections: list, notes: l
              "<ul class='note'>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>"]
     for heading, figs in sections:
         parts.append(f"<h2>{e(heading)}</h2>")
+        if table and heading.startswith("Comparing the three families"):  # Markdown rows -> an HTML table
+            cells = [[c.strip() for c in line.strip("|").split("|")] for line in table if not line.startswith("|---")]
+            parts.append("<table><thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cells[0]) + "</tr></thead><tbody>"
+                         + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                         + "</tbody></table>")
         parts += [f"<figure><img alt='{e(cap)}' src='{_png_uri(png)}'><figcaption>{e(cap)}</figcaption></figure>"
                   for cap, png in figs]
     parts.append("</body></html>")
@@ -338,12 +366,13 @@ def add_report(sub) -> None:
     p.add_argument("--interpolation-steps", type=int, default=10, help="images per interpolation row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compare", default=None, help="a ppgen compare-families output folder to add as a section")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
     config = ReportConfig(args.out, args.title, args.khat_samples, args.khat_limit, args.interpolation_steps,
-                          args.seed, args.device)
+                          args.seed, args.device, args.compare)
     page = write_report(args.runs, config)
     size = page.stat().st_size
     print(f"wrote {page} ({size / 1024:.0f} KiB, self-contained), {page.parent / 'report.md'} and "
