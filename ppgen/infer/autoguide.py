@@ -26,7 +26,9 @@ the latent sites:
   style; Kucukelbir et al. 2017).
 
 **Initialization** follows Pyro's ``AutoNormal``: the model is traced once under ``init_loc_fn``
-(default :func:`~pyro.infer.autoguide.initialization.init_to_median`), and every continuous q
+(default :func:`~ppgen.infer.autoguide_init.init_to_mean_or_median`: the prior mean where it is
+finite, else the median; a sparse Gamma's median starts a deep exponential family's rates near
+zero, :mod:`ppgen.infer.autoguide_init`), and every continuous q
 starts centred on that value in unconstrained space with standard deviation ``init_scale`` (0.1),
 whatever the magnitude of ``x``: the output heads start with zero weights and carry the start in
 their biases (the batch mean of each local site's unconstrained init value), IAF steps start as a
@@ -35,7 +37,10 @@ logits. The default MLP trunk reads ``x`` centred per feature and divided by one
 deviation (constants fixed on the first batch), and caps the size of its features
 (:meth:`AmortizedGuide._features`). Before, random output heads on raw ``x`` started far from the
 prior (positive draws of mean 24 and sd 29 on data of magnitude 10) and the loss went NaN at
-epoch 2 at lr 1e-2 (issue 16).
+epoch 2 at lr 1e-2 (issue 16). A local latent with a constrained support has its unconstrained
+scale capped at ``max_scale`` (3): on a sparse gamma DEF at lr 1e-2 the scales grew to 22, and
+``exp`` of the draws overflowed and underflowed the model's arithmetic (a NaN gradient at epoch 37).
+Plates, site kinds and the start of each factor live in :mod:`ppgen.infer.autoguide_init`.
 
 The result is a plain Pyro guide ``guide(x, *args, **kwargs)``: the SVI loop, every estimator
 (score-function ones mark its sites non-reparameterized from outside), the evidence tools and the
@@ -45,7 +50,7 @@ variance lab take it unchanged.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -53,14 +58,22 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ReshapeTransform
-from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
-from torch.distributions.transforms import ComposeTransform
 from torch.nn import functional as F
 
-from ppgen.models.posteriors import POSTERIORS, encoder_features, make_posterior
+from ppgen.infer.autoguide_init import (
+    SiteInfo,
+    cap_scale,
+    discrete_kind,
+    init_to_mean_or_median,
+    prior_logits,
+    resolve_plate,
+    start_head,
+)
+from ppgen.models.posteriors import encoder_features, make_posterior, POSTERIORS
 from ppgen.nets import Encoder, mlp
 
 __all__ = ["AmortizedGuide", "SiteInfo", "DATA_PLATE"]
@@ -68,96 +81,6 @@ __all__ = ["AmortizedGuide", "SiteInfo", "DATA_PLATE"]
 DATA_PLATE = "data"
 DISCRETE_MODES = ("enumerate", "score")
 FEATURE_RMS = 3.0  # cap on the root mean square of a row of trunk features (AmortizedGuide._features)
-
-
-class SiteInfo(NamedTuple):
-    """What the guide learned about one latent site of the model from the prototype trace.
-
-    :param name: site name.
-    :param local: inside the datapoint plate.
-    :param kind: ``"continuous"``, ``"bernoulli"``, ``"categorical"`` or ``"onehot"``.
-    :param batch_shape: the site's batch shape in the model trace (data size included).
-    :param event_shape: the site's event shape.
-    :param frames: ``(name, size, dim)`` of each plate around the site, outermost first.
-    :param width: size of the head output (unconstrained dimensions, or logits) per datapoint.
-    """
-
-    name: str
-    local: bool
-    kind: str
-    batch_shape: tuple
-    event_shape: tuple
-    frames: tuple
-    width: int
-
-
-def _discrete_kind(support, event_shape: tuple) -> Optional[tuple[str, int]]:
-    """``(kind, width)`` for a discrete support, ``None`` for a continuous one."""
-    base = support.base_constraint if isinstance(support, constraints.independent) else support
-    if base is constraints.boolean:
-        return "bernoulli", max(1, math.prod(event_shape))
-    if isinstance(base, constraints.integer_interval) and not event_shape:
-        if base.lower_bound != 0:
-            raise ValueError(f"discrete latents must take values 0..K-1, got support {support}")
-        return "categorical", int(base.upper_bound) + 1
-    if base is constraints.one_hot and len(event_shape) == 1:
-        return "onehot", int(event_shape[0])
-    if support.is_discrete:
-        raise ValueError(
-            f"discrete support {support} is not supported by AmortizedGuide; use Bernoulli, Categorical "
-            "or OneHotCategorical latents, or write this site's guide by hand"
-        )
-    return None
-
-
-class _Plate(NamedTuple):
-    """A vectorized plate of the model's prototype trace: ``size`` is ``-1`` for an unsized
-    ``pyro.plate(name)``, whose ``extent`` is read from the sites' shapes; ``full_size`` differs
-    from ``size`` when the model subsamples."""
-
-    name: str
-    dim: int
-    size: int
-    full_size: Optional[int]
-    extent: int
-
-
-def _model_plates(trace) -> dict[str, _Plate]:
-    """Every vectorized plate around a sample site (latent or observed) of ``trace``, by name."""
-    plates: dict[str, _Plate] = {}
-    for site in trace.nodes.values():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        value = site["value"]
-        batch_shape = tuple(value.shape[: value.ndim - len(site["fn"].event_shape)]) if torch.is_tensor(value) else ()
-        for f in site["cond_indep_stack"]:
-            if not f.vectorized:
-                continue
-            size = int(f.size)
-            extent = size if size != -1 else (batch_shape[f.dim] if len(batch_shape) >= -f.dim else 1)
-            old = plates.get(f.name)
-            if old is not None:
-                extent = max(extent, old.extent)
-            full = None if f.full_size is None else int(f.full_size)
-            plates[f.name] = _Plate(f.name, f.dim, size, full, extent)
-    return plates
-
-
-def _prior_logits(fn, width: int) -> Optional[torch.Tensor]:
-    """The batch mean of a discrete prior's logits, flattened to ``(width,)``; ``None`` when the
-    distribution does not expose logits of that width."""
-    while not hasattr(fn, "logits") and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    try:
-        logits = fn.logits.detach()
-        return logits.reshape(-1, width).mean(0)
-    except (AttributeError, RuntimeError, ValueError):
-        return None
-
-
-def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
-    """``softplus^-1(y)`` for ``y > 0``: ``log(expm1(y))``, written stably for large ``y``."""
-    return y + torch.log(-torch.expm1(-y))
 
 
 class AmortizedGuide(nn.Module):
@@ -177,10 +100,14 @@ class AmortizedGuide(nn.Module):
         (local and global), as ``AutoNormal``'s ``init_scale``.
     :param init_loc_fn: ``site -> value`` (constrained, the site's shape) where each continuous q
         starts, as Pyro's autoguides take it; default
-        :func:`~pyro.infer.autoguide.initialization.init_to_median`. Discrete sites are drawn
-        from their prior while tracing. Sparse priors (``Gamma`` with shape < 1, as in a sparse
-        gamma DEF) have medians near zero, a poor start: pass ``init_to_mean`` there (measured on
-        a small gamma DEF: held-out ELBO -69 after 10 epochs against -567 from the median).
+        :func:`~ppgen.infer.autoguide_init.init_to_mean_or_median` (the prior's mean where it is
+        finite, else its median; a sparse Gamma's median is near zero, a poor start). Discrete
+        sites are drawn from their prior while tracing.
+    :param max_scale: cap on the standard deviation, in unconstrained space, of q for a local
+        latent whose support is constrained (positive, bounded, simplex): ``max_scale *
+        tanh(scale / max_scale)`` (:func:`~ppgen.infer.autoguide_init.cap_scale`: draws pushed
+        through ``exp`` far out in a wide q overflow or underflow the model's arithmetic);
+        ``None`` for no cap. Real-valued sites are never capped.
     :param data_plate: name of the plate that indexes the datapoints (the rows of ``x``). When
         the model has no plate of that name, the one plate whose size is ``len(x)`` is used;
         none or several is a ``ValueError``.
@@ -202,6 +129,7 @@ class AmortizedGuide(nn.Module):
         *,
         init_loc_fn: Optional[Callable] = None,
         data_plate: str = DATA_PLATE,
+        max_scale: Optional[float] = 3.0,
     ):
         super().__init__()
         if not callable(model):
@@ -216,6 +144,9 @@ class AmortizedGuide(nn.Module):
             raise ValueError(f"hidden must be positive integer widths, got {hidden!r}")
         if isinstance(init_scale, bool) or not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
+                                      or not init_scale < max_scale):
+            raise ValueError(f"max_scale must be None or a number above init_scale ({init_scale}), got {max_scale!r}")
         if init_loc_fn is not None and not callable(init_loc_fn):
             raise TypeError(
                 f"init_loc_fn must be a callable site -> value (e.g. pyro.infer.autoguide.init_to_mean), "
@@ -226,7 +157,8 @@ class AmortizedGuide(nn.Module):
         object.__setattr__(self, "model", model)  # not a submodule: its parameters are the model's
         self.family, self.hidden, self.flows = family, tuple(hidden), int(flows)
         self.discrete, self.init_scale, self.name = discrete, float(init_scale), name
-        self.init_loc_fn = init_loc_fn if init_loc_fn is not None else init_to_median
+        self.init_loc_fn = init_loc_fn if init_loc_fn is not None else init_to_mean_or_median
+        self.max_scale = None if max_scale is None else float(max_scale)
         self.data_plate = data_plate
         self.trunk = encoder
         self.heads = nn.ModuleDict()  # site index -> Encoder head (loc/scale) or Linear logits head
@@ -250,36 +182,6 @@ class AmortizedGuide(nn.Module):
             return site["fn"].sample()
         return self.init_loc_fn(site)
 
-    def _resolve_plate(self, trace, batch: int) -> Optional[_Plate]:
-        """The model's datapoint plate (``data_plate`` by name, else the one plate of size ``batch``)."""
-        plates = _model_plates(trace)
-        if self.data_plate in plates:
-            plate = plates[self.data_plate]
-        else:
-            fits = [p for p in plates.values() if p.extent == batch]
-            if len(fits) == 1:
-                plate = fits[0]
-            else:
-                found = ", ".join(f"{p.name!r} (size {p.extent}, dim {p.dim})" for p in plates.values()) or "none"
-                many = f"{len(fits)} plates" if fits else "no plate"
-                raise ValueError(
-                    f"cannot tell which plate holds the datapoints: the model has no pyro.plate({self.data_plate!r}, ...) "
-                    f"and {many} of size {batch} (len(x)); plates found: {found}. Pass data_plate=<name> to "
-                    "AmortizedGuide, or put the latents of each datapoint inside pyro.plate(name, len(x))"
-                )
-        if plate.extent != batch:
-            raise ValueError(
-                f"the {plate.name!r} plate has size {plate.extent} but x has {batch} rows; AmortizedGuide "
-                "encodes the model's first argument, whose first axis must index the datapoints"
-            )
-        if plate.size != -1 and plate.full_size not in (None, plate.size):
-            raise ValueError(
-                f"the {plate.name!r} plate subsamples {plate.size} of {plate.full_size} datapoints; AmortizedGuide "
-                f"encodes x as the batch, so write pyro.plate({plate.name!r}, len(x)) and let train_svi scale "
-                "the minibatch (it multiplies the data plate's sites by N / B)"
-            )
-        return plate
-
     def setup(self, x: torch.Tensor, *args, **kwargs) -> "AmortizedGuide":
         """Trace the model on ``x`` (shape ``(B, ...)``) under ``init_loc_fn`` and build the
         encoder and parameters, each q starting at its site's init value (module docstring)."""
@@ -289,7 +191,7 @@ class AmortizedGuide(nn.Module):
             trace = poutine.block(traced.get_trace)(x, *args, **kwargs)
         batch = x.shape[0]
         flat = x.reshape(batch, -1)
-        plate = self._resolve_plate(trace, batch)
+        plate = resolve_plate(trace, batch, self.data_plate)
         sites, data_dims, supports, init = [], set(), {}, {}
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
@@ -308,7 +210,7 @@ class AmortizedGuide(nn.Module):
                         f"sites inside the {plate.name!r} plate only (move other axes into the event with .to_event())"
                     )
                 data_dims.add(data[0][2])
-            kind = _discrete_kind(fn.support, event_shape)
+            kind = discrete_kind(fn.support, event_shape)
             if kind is not None and not local:
                 raise ValueError(
                     f"global site {name!r} is discrete; AmortizedGuide has variational parameters for "
@@ -325,7 +227,7 @@ class AmortizedGuide(nn.Module):
                     )
                 init[name] = u
             else:
-                init[name] = _prior_logits(fn, kind[1])
+                init[name] = prior_logits(fn, kind[1])
             supports[name] = fn.support
             sites.append(SiteInfo(name, local, kind[0], batch_shape, event_shape, frames, kind[1]))
         if len(data_dims) > 1:
@@ -376,7 +278,7 @@ class AmortizedGuide(nn.Module):
                 family = "diag" if self.family == "iaf" and s.width < 2 else self.family
                 posterior = make_posterior(family, s.width, width, self.flows)
                 loc0 = init[s.name].reshape(-1, s.width).mean(0)  # batch mean of the unconstrained init
-                self._start_at(head, posterior, loc0, width)
+                start_head(head, posterior, loc0, width, self.init_scale, self._cap(s))
                 self.heads[key] = head.to(device=device, dtype=dtype)
                 self.posteriors[key] = posterior.to(device=device, dtype=dtype)
             else:
@@ -387,28 +289,9 @@ class AmortizedGuide(nn.Module):
                     head.bias.copy_(logits if logits is not None else torch.zeros(s.width))
                 self.heads[key] = head.to(device=device, dtype=dtype)
 
-    def _start_at(self, head: Encoder, posterior: nn.Module, loc0: torch.Tensor, width: int) -> None:
-        """Make ``q(u | x)`` start at ``N(loc0, init_scale^2 I)`` for every ``x``: zero output
-        weights, the start in the biases. An IAF's steps start with zero output layers, so each is
-        the fixed map ``u -> sigmoid(2) u`` (Pyro's stable update with a zero network), and the
-        base Normal starts where that composition's inverse takes the target."""
-        loc0 = loc0.to(dtype=torch.float32)
-        scale0 = torch.full_like(loc0, self.init_scale)
-        if isinstance(posterior, POSTERIORS["iaf"]):
-            with torch.no_grad():
-                for step in posterior.steps:
-                    last = step.nn.layers[-1]
-                    last.weight.zero_()
-                    last.bias.zero_()
-                flow = ComposeTransform(posterior.transforms(torch.zeros(1, width)))
-                base_loc = flow.inv(loc0[None])[0]
-                base_scale = flow.inv(loc0[None] + scale0[None])[0] - base_loc  # the map is linear
-            loc0, scale0 = base_loc, base_scale
-        with torch.no_grad():
-            head.loc.weight.zero_()
-            head.scale.weight.zero_()
-            head.loc.bias.copy_(loc0)
-            head.scale.bias.copy_(_inverse_softplus(scale0 - 1e-4))  # encoder_features adds 1e-4
+    def _cap(self, site: SiteInfo) -> Optional[float]:
+        """The scale cap of a local continuous site: ``max_scale`` for a constrained support."""
+        return None if self._transform(site) is None else self.max_scale
 
     def _transform(self, site: SiteInfo):
         """``biject_to`` of the site's support, or ``None`` for an unconstrained (real) site."""
@@ -483,6 +366,7 @@ class AmortizedGuide(nn.Module):
         lead = (-1,) + (1,) * (-self.data_dim - 1)  # (B, 1, ..., 1): the data axis at data_dim
         if s.kind == "continuous":
             loc, scale, feats = encoder_features(self.heads[key], h)
+            scale = cap_scale(scale, self._cap(s))
             loc, scale, feats = (t.reshape(*lead, t.shape[-1]) for t in (loc, scale, feats))
             base = self.posteriors[key](loc, scale, feats)  # event (d,)
             transform = self._transform(s)
