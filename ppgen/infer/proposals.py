@@ -29,6 +29,7 @@ pairs are refused with an error naming what to use instead.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple, Optional
 
@@ -41,7 +42,7 @@ from ppgen.infer.refine import family_of, local_log_joint, refine_local
 from ppgen.infer.traces import DATA, _trace_pair, check_positive_int, find_data_plate
 
 __all__ = ["Proposal", "Prepared", "LocalPair", "local_pair", "Guide", "Refined", "Widened", "StudentT",
-           "Defensive", "DefensiveMixture", "proposal_log_weights", "as_proposal"]
+           "Defensive", "DefensiveMixture", "proposal_log_weights", "as_proposal", "refined_of"]
 
 
 class Prepared(NamedTuple):
@@ -137,8 +138,10 @@ class Refined(Proposal):
     :param steps: Adam steps per datapoint; :param samples: draws per step;
     :param lr: Adam's step size; :param elbo_samples: draws for the estimates of ``L[q]``, ``L[q*]``.
 
-    The last chunk's ``q*`` is kept, so proposals built on the same :class:`Refined` object
-    (:class:`Widened`, :class:`StudentT`, :class:`Defensive`) reuse it for the same chunk.
+    Inside ``with refined.keep():`` the last chunk's ``q*`` is kept, so proposals built on the
+    same :class:`Refined` object (:class:`Widened`, :class:`StudentT`, :class:`Defensive`) reuse
+    it for the same chunk (same tensors, unmodified); outside it every call refines afresh (a
+    model trained further in between must not meet a stale ``q*``).
     """
 
     def __init__(self, steps: int = 50, samples: int = 16, lr: float = 0.05, elbo_samples: int = 100):
@@ -149,13 +152,25 @@ class Refined(Proposal):
         self.steps, self.samples, self.lr, self.elbo_samples = steps, samples, float(lr), elbo_samples
         self.name = f"refined({steps}x{samples})"
         self._memo: Optional[tuple] = None
+        self._keeping = 0
+
+    @contextlib.contextmanager
+    def keep(self):
+        """Within this block, reuse the last chunk's ``q*`` for the same chunk (see above)."""
+        self._keeping += 1
+        try:
+            yield self
+        finally:
+            self._keeping -= 1
+            if not self._keeping:
+                self._memo = None
 
     def cost(self, num_samples):
         return 3.0 * self.steps * self.samples + 2.0 * self.elbo_samples + num_samples
 
     def prepare(self, pair, args, kwargs):
         key = (id(pair.model), pair.site, *(_fingerprint(a) for a in (*args, *kwargs.values())))
-        if self._memo is not None and self._memo[0] == key:
+        if self._keeping and self._memo is not None and self._memo[0] == key:
             return self._memo[1]
         q = _site_dist(pair, args, kwargs)
         family_of(q)  # refuse a non-Gaussian guide before any work
@@ -164,7 +179,7 @@ class Refined(Proposal):
         stats = {"elbo_q": r.elbo_q, "elbo_q_se": r.elbo_q_se, "elbo_qstar": r.elbo_qstar,
                  "elbo_qstar_se": r.elbo_qstar_se}
         out = Prepared({pair.site: r.q}, stats)
-        self._memo = (key, out)
+        self._memo = (key, out) if self._keeping else None
         return out
 
 
@@ -289,3 +304,14 @@ def proposal_log_weights(pair: LocalPair, prepared: Prepared, args: tuple, kwarg
         rounding = max(rounding, torch.finfo(lw.dtype).eps)
         parts.append(lw.T.double().cpu())
     return torch.cat(parts, 1), rounding
+
+
+def refined_of(proposals) -> list["Refined"]:
+    """The distinct :class:`Refined` objects inside ``proposals`` (through the wrappers)."""
+    out: list = []
+    for p in proposals:
+        while isinstance(p, _Wrapper):
+            p = p.inner
+        if isinstance(p, Refined) and all(p is not q for q in out):
+            out.append(p)
+    return out

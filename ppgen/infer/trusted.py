@@ -27,6 +27,7 @@ mean carries ``sqrt(sum se^2) / N`` (the error of the mean over these fixed data
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -35,7 +36,7 @@ import torch
 
 from ppgen.infer.batches import as_batch
 from ppgen.infer.evidence import EvidenceResult, khat_threshold, khat_untrusted, log_evidence
-from ppgen.infer.proposals import Proposal, Refined, Widened
+from ppgen.infer.proposals import Proposal, Refined, Widened, refined_of
 
 __all__ = ["default_candidates", "trusted_evidence", "TrustedResult", "inference_gaps", "Gaps"]
 
@@ -114,10 +115,13 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     t0 = time.perf_counter()
     head = batch.rows(slice(0, p)).data
     shares, results = {}, {}
-    for c in candidates:
-        r = log_evidence(model, guide, head, k, proposal=c, **common)
-        results[c.name] = r
-        shares[c.name] = float(khat_untrusted(r.khat, k).double().mean())
+    with contextlib.ExitStack() as stack:  # candidates on one Refined share its q* of the pilot
+        for refined in refined_of(candidates):
+            stack.enter_context(refined.keep())
+        for c in candidates:
+            r = log_evidence(model, guide, head, k, proposal=c, **common)
+            results[c.name] = r
+            shares[c.name] = float(khat_untrusted(r.khat, k).double().mean())
     chosen = min(candidates, key=lambda c: shares[c.name])  # first listed on ties
     rest = None
     if p < n:

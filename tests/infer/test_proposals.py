@@ -64,11 +64,12 @@ def test_refined_diag_reaches_best_in_family_and_gaps_match_closed_form(lg):
     guide = diag_encoder(m)
     exact = m.log_evidence(x)
     refined = Refined(100, 16, 0.05, elbo_samples=2000)
-    r = log_evidence(m.model, guide, x, 1000, proposal=Widened(refined, 1.2), seed=3, batch_size=N)
-    # q* itself (the same chunk's, kept by the Refined object): its exact KL to the posterior is
-    # the best diagonal one's within 0.01 nats
-    pair = local_pair(m.model, guide, (x,), {}, "data", 1)
-    qstar = refined.prepare(pair, (x,), {}).distributions["z"]
+    with refined.keep():
+        r = log_evidence(m.model, guide, x, 1000, proposal=Widened(refined, 1.2), seed=3, batch_size=N)
+        # q* itself (the same chunk's, kept by the Refined object): its exact KL to the posterior
+        # is the best diagonal one's within 0.01 nats
+        pair = local_pair(m.model, guide, (x,), {}, "data", 1)
+        qstar = refined.prepare(pair, (x,), {}).distributions["z"]
     q0 = dist.Normal(m.posterior(x).loc + 0.3, 2.0 * torch.linalg.inv(m.post_cov).diagonal().rsqrt()).to_event(1)
     excess = kl_to_posterior(m, x, qstar) - best_diag_kl(m)
     assert excess.min() >= -1e-9 and excess.max() < 0.01
@@ -99,6 +100,12 @@ def test_refined_fullcov_reaches_exact_posterior(lg):
 
 
 SHARED = {"diag_encoder": Refined(30, 8, elbo_samples=20), "fullcov_encoder": Refined(30, 8, elbo_samples=20)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_shared_refinements():
+    with SHARED["diag_encoder"].keep(), SHARED["fullcov_encoder"].keep():
+        yield
 
 
 @pytest.mark.parametrize("make", [
@@ -190,6 +197,17 @@ def test_refusals(lg):
         inference_gaps(log_evidence(m.model, m.guide, x, 20))
     with pytest.raises(ValueError, match="factor"):
         Widened(Refined(), 0.0)
+
+
+def test_refined_is_recomputed_outside_keep(lg):
+    """A kept q* must not outlive its block: the model may change in between (further training)."""
+    m, x = lg
+    refined = Refined(5, 2)
+    pair = local_pair(m.model, diag_encoder(m), (x,), {}, "data", 1)
+    with refined.keep():
+        a = refined.prepare(pair, (x,), {})
+        assert refined.prepare(pair, (x,), {}) is a
+    assert refined.prepare(pair, (x,), {}) is not a
 
 
 @pytest.mark.slow
