@@ -98,6 +98,10 @@ def evidence_report(
     else:
         r = log_evidence(model, guide, data, config.samples, **common)
     report = {"config": dataclasses.asdict(config), **r.summary(), "is_seconds": time.perf_counter() - t0, **extra}
+    if r.local is not None:  # "elbo" stays the encoder's L[q]; the proposal's mean log weight apart
+        report["proposal_mean_log_weight"] = report["elbo"]
+        report["elbo"] = float(r.local["elbo_q"].mean())
+        report["gap"] = report["log_px"] - report["elbo"]
     if config.ais_steps > 0:
         report.update(ais_entries(model, data, r, config))
     if out is not None:
@@ -140,7 +144,8 @@ def format_report(report: dict) -> str:
     rows = [
         ("datapoints", f"{report['n']}"),
         ("ELBO", f"{report['elbo']:.3f}"),
-        *((f"IWAE K={k}", f"{v:.3f}") for k, v in report["ladder"].items()),
+        *((f"IWAE K={k}" if report.get("proposal", "guide") == "guide" else f"IS bound K={k} ({report['proposal']})",
+           f"{v:.3f}") for k, v in report["ladder"].items()),
         (f"IS log p(x), K={report['num_samples']}", f"{report['log_px']:.3f} +- {report['log_px_stderr']:.3f}"),
         ("IS - ELBO gap", f"{report['gap']:.3f}"),
         ("median ESS", f"{report['median_ess']:.1f}"),
@@ -233,11 +238,15 @@ def plot_gaps(gaps, report: dict, path: Path) -> Path:
     all if none is trusted), their means in the legend."""
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     keep = gaps.trusted if gaps.trusted.any() else torch.ones_like(gaps.trusted)
+    values = {name: getattr(gaps, name)[keep].numpy() for name in ("approximation", "amortization")}
+    both = np.concatenate(list(values.values()))
+    bins = np.linspace(both.min(), both.max(), 41)  # one set of bins for both gaps
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, color in (("approximation", "tab:blue"), ("amortization", "tab:orange")):
-        v = getattr(gaps, name)[keep].numpy()
-        ax.hist(v, bins=40, alpha=0.6, color=color, label=f"{name} gap (mean {v.mean():.2f} nats)")
+    for (name, v), color in zip(values.items(), ("tab:blue", "tab:orange")):
+        ax.hist(v, bins=bins, histtype="step", lw=2, color=color, label=f"{name} gap (mean {v.mean():.2f} nats)")
     ax.set_xlabel("nats per datapoint")
     ax.set_ylabel("datapoints")
     chosen = report.get("choice", {}).get("chosen", report.get("proposal", ""))
