@@ -121,7 +121,8 @@ def ais_entries(model, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
         "n": len(sub),
         "log_px": float(a.log_px.mean()),
         "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
-        "elbo_same_points": float(r.elbo[: len(sub)].mean()),
+        # the encoder's ELBO (L[q] when the draws came from a refined proposal)
+        "elbo_same_points": float((r.elbo if r.local is None else r.local["elbo_q"])[: len(sub)].mean()),
         "accept": float(a.accept.mean()),
         "seconds": time.perf_counter() - t0,
     }
