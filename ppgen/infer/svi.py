@@ -252,7 +252,7 @@ def train_svi(
                 done, skipped = 0, 0
             # This epoch's step records, still on the device; read by `settle` (one host read).
             pending: list = []
-            halt = torch.zeros((), device=device) if stop_on_bad else None
+            halt = torch.zeros((), dtype=torch.float32, device=device) if stop_on_bad else None
 
             def settle() -> None:
                 """Read the pending records; add the applied steps' losses; raise on the first

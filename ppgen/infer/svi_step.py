@@ -3,12 +3,13 @@
 The step keeps everything on the device. For the pathwise ELBOs (``Trace_ELBO`` for ``reparam``
 and ``stl``, ``analytic-kl``, and ppgen's multi-sample ``iwae``/``dreg``/``vimco``) the loss is
 Pyro's ``differentiable_loss`` evaluated under :func:`ppgen.infer.compile.pyro_compat`, a 0-d
-tensor, never a Python float. After the backward pass one fused ``torch._foreach_norm(.., inf)``
-gives each gradient's largest absolute entry, which is finite exactly when the gradient holds no
-NaN/inf (a maximum cannot overflow); the loss and those norms form the step's *record*
-``(1 + P,)``. A record with a non-finite entry skips the update on the device: the record's
-verdict is handed to torch's fused Adam as ``found_inf``, which then leaves parameters, moments and
-step count untouched. Nothing is read on the host; :func:`ppgen.infer.svi.train_svi` reads the
+tensor, never a Python float. After the backward pass one fused ``torch._foreach_norm`` gives
+each gradient's 2-norm, which is finite unless the gradient holds a NaN/inf, or entries so large
+that their squares overflow (beyond ~1.8e19 in float32 with float32 accumulation, as on CUDA:
+exactly where Adam's second moment ``g^2`` would overflow too); the loss and those norms form the
+step's *record* ``(1 + P,)``. A record with a non-finite entry skips the update on the device:
+torch's fused AMP check turns the record into ``found_inf``, which fused Adam takes to leave
+parameters, moments and step count untouched. Nothing is read on the host; :func:`ppgen.infer.svi.train_svi` reads the
 records of an epoch once, at its end (or at a checkpoint), and applies the stop/skip policy.
 
 With ``compile=True`` the loss (and through AOTAutograd its backward) runs as one
@@ -91,9 +92,9 @@ class DataScale(DataPlate):
 
 
 def record_problem(record: list[float], names: list[str]) -> Optional[str]:
-    """Why a step's record (its loss, then each gradient's largest absolute entry, read on the
-    host) skipped the update: ``None`` (it did not), ``"loss"``, or ``"gradient of '<name>'"``
-    for the first parameter whose gradient holds a NaN or an infinity."""
+    """Why a step's record (its loss, then each gradient's 2-norm, read on the host) skipped the
+    update: ``None`` (it did not), ``"loss"``, or ``"gradient of '<name>'"`` for the first
+    parameter whose gradient norm is not finite (a NaN/inf entry, or squares beyond float32)."""
     if not math.isfinite(record[0]):
         return "loss"
     for name, norm in zip(names, record[1:]):
@@ -120,9 +121,9 @@ class SVIStep:
     """An SVI update on a batch, built by :func:`make_svi_step`.
 
     ``record = step.on_device(x)`` takes the update and returns its record, a ``(1 + P,)`` tensor
-    on the device (the loss, negative ELBO at full-dataset scale, then the largest absolute
-    gradient entry of each of the ``P`` parameters ``step.names``); the update was applied
-    exactly when every entry is finite. No host read. ``step(x)`` does the same and returns the
+    on the device (the loss, negative ELBO at full-dataset scale, then the gradient 2-norm of
+    each of the ``P`` parameters ``step.names``); the update was applied exactly when every entry
+    is finite. No host read. ``step(x)`` does the same and returns the
     loss as a float (NaN when a gradient was not finite), with ``step.nonfinite`` saying why the
     update was skipped (``None``, ``"loss"``, ``"gradient of '<name>'"``): one host read, for
     interactive use and tests.
@@ -142,6 +143,8 @@ class SVIStep:
         self._checking = False
         self.estimator: Optional[str] = None  # the estimator's name, set by make_svi_step
         self.nonfinite: Optional[str] = None
+        self._found: Optional[torch.Tensor] = None  # found_inf of the skip policy, reused
+        self._one: Optional[torch.Tensor] = None
 
     # -- the loss ----------------------------------------------------------------------------
     def _loss(self, *args, **kwargs) -> torch.Tensor:
@@ -264,21 +267,29 @@ class SVIStep:
             (loss,) = self.job.average(self.params, loss)
         grads = [p.grad for p in self.params]
         present = [g for g in grads if g is not None]
-        norms = iter(torch._foreach_norm(present, math.inf) if present else [])
-        zero = loss.new_zeros(())
-        record = torch.stack([loss.to(zero.dtype)] + [next(norms).to(zero.dtype) if g is not None else zero
-                                                      for g in grads])
-        bad = record.isfinite().all().logical_not().to(torch.float32)
-        if halt is not None:
-            torch.maximum(halt, bad, out=halt)
-            bad = halt
+        norms = iter(torch._foreach_norm(present) if present else [])  # one pass; ord=inf is 10x slower on CPU
+        dtype = present[0].dtype if present else loss.dtype
+        record = torch.stack([loss.to(dtype)] + [next(norms) if g is not None else loss.new_zeros((), dtype=dtype)
+                                                 for g in grads])
+        # found_inf = 1 where the record holds a NaN/inf: one fused check (torch's AMP kernel, with
+        # an unscale by 1). Under the stop policy `halt` is never cleared, so it stays 1.
+        if halt is None:
+            if self._found is None or self._found.device != record.device:
+                self._found = torch.zeros((), dtype=torch.float32, device=record.device)
+            halt = self._found.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_([record], halt, self._unit(record.device))
         if self.fused:  # fused Adam skips the whole update (moments and step count too) when 1
-            self.optimizer.found_inf = bad
+            self.optimizer.found_inf = halt
             self.optimizer.step()
-        elif not bool(bad):  # the multi-tensor kernel has no found_inf: one host read
+        elif not bool(halt):  # the multi-tensor kernel has no found_inf: one host read
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return record
+
+    def _unit(self, device: torch.device) -> torch.Tensor:
+        if self._one is None or self._one.device != device:
+            self._one = torch.ones((), dtype=torch.float32, device=device)
+        return self._one
 
     def __call__(self, x: Any) -> float:
         record = self.on_device(x).tolist()
