@@ -37,6 +37,7 @@ import torch
 from ppgen.infer.batches import as_batch
 from ppgen.infer.evidence import EvidenceResult, khat_threshold, khat_untrusted, log_evidence
 from ppgen.infer.proposals import Proposal, Refined, Widened, refined_of
+from ppgen.infer.traces import DATA
 
 __all__ = ["default_candidates", "trusted_evidence", "TrustedResult", "inference_gaps", "Gaps"]
 
@@ -79,7 +80,7 @@ def _cat(a: EvidenceResult, b: Optional[EvidenceResult]) -> EvidenceResult:
 
 def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates: Optional[Sequence[Proposal]] = None,
                      budget: float = 1.5, pilot: int = 50, seed: Optional[int] = 0, batch_size: int = 100,
-                     particle_chunk: int = 500, progress: bool = False) -> TrustedResult:
+                     particle_chunk: int = 500, progress: bool = False, data_plate: str = DATA) -> TrustedResult:
     """Per-datapoint ``log p(x)`` from the candidate proposal with the fewest untrusted datapoints.
 
     :param model: a Pyro model with one local latent site whose guide is Gaussian (the VAE's
@@ -91,6 +92,8 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     :param candidates: proposals to choose from (default :func:`default_candidates`).
     :param budget: the plan's cost may be at most ``budget`` times that of plain IS with ``K``.
     :param pilot: datapoints the candidates are compared on (``min(pilot, N)``).
+    :param seed, batch_size, particle_chunk, progress, data_plate: as for ``log_evidence`` (the
+        pilot draws with ``seed``, the rest with ``seed + 1``).
     """
     candidates = list(candidates) if candidates is not None else default_candidates()
     if not candidates or not all(isinstance(c, Proposal) for c in candidates):
@@ -111,7 +114,8 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
             f"budget={budget} x plain IS with K={num_samples} leaves {k} draws per datapoint after preparing the "
             f"proposals ({prep:.0f} model evaluations each): raise budget or num_samples, or use fewer refine steps"
         )
-    common = dict(batch_size=batch_size, particle_chunk=particle_chunk, seed=seed, progress=progress)
+    common = dict(batch_size=batch_size, particle_chunk=particle_chunk, seed=seed, progress=progress,
+                  data_plate=data_plate)
     t0 = time.perf_counter()
     head = batch.rows(slice(0, p)).data
     shares, results = {}, {}
