@@ -188,7 +188,10 @@ def test_cli_train_sample_and_metrics(tmp_path, capsys):
     out = str(tmp_path / "gan")
     assert main(["train", "gan", "--data", "digits", "--no-download", "--hidden", "32", "--latent-dim", "4",
                  "--epochs", "1", "--out", out, "--no-progress", "--loss", "hinge"]) == 0
-    assert json.loads((tmp_path / "gan" / "config.json").read_text())["loop"]["loss"] == "hinge"
+    loop = json.loads((tmp_path / "gan" / "config.json").read_text())["loop"]
+    assert loop["loss"] == "hinge"
+    # the defaults: R1 (gamma 1) and the generator EMA on, spectral normalization off
+    assert (loop["r1_gamma"], loop["ema_decay"], loop["ema_warmup"], loop["spectral_norm"]) == (1.0, 0.999, True, False)
     assert main(["sample", out, "--n", "16"]) == 0
     assert (tmp_path / "gan" / "figures" / "samples-16.png").exists()
     assert main(["metrics", out, "--n", "500", "--n-val", "100", "--cache-dir", str(tmp_path), "--no-download"]) == 0
@@ -277,7 +280,7 @@ def test_r1_in_the_loop_logs_the_penalty_of_the_discriminator_it_trains():
         assert all(math.isfinite(v) and v > 0 for v in logs[gamma])
     assert logs[10.0][-1] < logs[0.1][-1]
     plain = adversarial_loop(make_generator(2, 2, (16,), sigmoid=False), make_discriminator(2, (16,)), data,
-                             LoopConfig(epochs=1, batch_size=32))
+                             LoopConfig(epochs=1, batch_size=32, r1_gamma=0.0))
     assert "r1" not in plain.history[0]
 
 

@@ -180,7 +180,7 @@ def cmd_train_m2(args: argparse.Namespace) -> int:
 def add_train_gan(sub) -> None:
     from ppgen.gan import LOSSES, LoopConfig
 
-    plain = LoopConfig()  # the defaults of the stabilizer flags are the config's
+    defaults = LoopConfig()  # the stabilizer flags default to the config's values
 
     p = sub.add_parser("gan", help="train a GAN by the adversarial loop",
                        description="Train a GAN: decoder-class generator vs encoder-trunk discriminator.")
@@ -194,14 +194,14 @@ def add_train_gan(sub) -> None:
     p.add_argument("--lr-d", type=positive_float, default=None, help="discriminator learning rate (default: --lr)")
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 of both optimizers")
     p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 of both optimizers")
-    p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=plain.spectral_norm,
-                   help=f"spectral normalization of every discriminator layer (default: {plain.spectral_norm})")
-    p.add_argument("--r1-gamma", type=float, default=plain.r1_gamma, metavar="GAMMA",
-                   help=f"R1 penalty GAMMA/2 E||grad_x d(x)||^2 on real data; 0: off (default: {plain.r1_gamma})")
-    p.add_argument("--ema-decay", type=float, default=plain.ema_decay, metavar="D",
-                   help=f"average of the generator's weights used for sampling; 0: off (default: {plain.ema_decay})")
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=plain.ema_warmup,
-                   help=f"EMA decay min(D, (1+t)/(10+t)) at generator step t (default: {plain.ema_warmup})")
+    p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=defaults.spectral_norm,
+                   help=f"spectral normalization of every discriminator layer (default: {defaults.spectral_norm})")
+    p.add_argument("--r1-gamma", type=float, default=defaults.r1_gamma, metavar="GAMMA",
+                   help=f"R1 penalty GAMMA/2 E||grad_x d(x)||^2 on real data; 0: off (default: {defaults.r1_gamma})")
+    p.add_argument("--ema-decay", type=float, default=defaults.ema_decay, metavar="D",
+                   help=f"average of the generator's weights used for sampling; 0: off (default: {defaults.ema_decay})")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=defaults.ema_warmup,
+                   help=f"EMA decay min(D, (1+t)/(10+t)) at generator step t (default: {defaults.ema_warmup})")
     add_loop_flags(p)
     p.set_defaults(lr=2e-4, func=cmd_train_gan)  # --lr is the generator's learning rate
 

@@ -60,9 +60,12 @@ class LoopConfig:
     beta2: float = 0.999  # Adam beta2
     seed: int = 0  # seed of initialization, shuffling and noise
     device: str = "cpu"  # "cpu" or "cuda"
+    # Stabilizers. Defaults by measurement (README, "GAN stabilizers"): on Fashion-MNIST the plain
+    # loop's classifier Frechet distance rose from 74.5 (epoch 3) to 105.8 (epoch 10); R1 with
+    # gamma 1 and the EMA gave 12.8 at epoch 10 for 1.3x the step time, SN and the EMA 13.2 for 1.6x.
     spectral_norm: bool = False  # spectral normalization of every discriminator layer (Miyato et al. 2018)
-    r1_gamma: float = 0.0  # gamma of the R1 penalty gamma/2 E||grad_x d(x)||^2 on real data (Mescheder et al. 2018); 0: off
-    ema_decay: float = 0.0  # decay d of the generator's weight average used for sampling (ppgen.ema.EMA); 0: off
+    r1_gamma: float = 1.0  # gamma of the R1 penalty gamma/2 E||grad_x d(x)||^2 on real data (Mescheder et al. 2018); 0: off
+    ema_decay: float = 0.999  # decay d of the generator's weight average used for sampling (ppgen.ema.EMA); 0: off
     ema_warmup: bool = True  # EMA decay min(d, (1 + t) / (10 + t)) at generator step t instead of d
 
     def __post_init__(self) -> None:
