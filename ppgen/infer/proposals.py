@@ -7,8 +7,8 @@ cover the posterior's. The encoder's ``q(z | x)`` is often too narrow (Cremer et
 al. 2017), so ppgen offers, as objects with one interface:
 
 ===================  =============================================================================
-:class:`Guide`       the guide itself, ``q(z | x)`` (what :func:`~ppgen.infer.evidence.log_evidence`
-                     uses by default, through traces of the guide: any model/guide pair)
+:class:`Guide`       the guide's ``q(z | x)`` as a distribution (``log_evidence``'s default,
+                     ``proposal=None``, draws the same through the guide's traces, for any pair)
 :class:`Refined`     ``q*``: each datapoint's own Gaussian, started at ``q(z | x_n)`` and optimised
                      on its ELBO (:func:`ppgen.infer.refine.refine_local`, Cremer et al. 2018)
 :class:`Widened`     another proposal with its scale multiplied by ``factor`` (heavier coverage)
@@ -22,9 +22,10 @@ Every proposal's :meth:`Proposal.prepare` returns, for one chunk of datapoints, 
 and per-datapoint statistics it found on the way (``L[q]`` and ``L[q*]`` for a refined one).
 :meth:`Proposal.as_start` turns it into the callable AIS starts from:
 ``start(x_batch) -> {site: distribution}``, from which ``rsample((K,))`` and ``log_prob`` are
-taken. All but :class:`Guide` need a model with one local latent site in the datapoint plate
-whose guide distribution is Gaussian (the VAE's ``diag`` and ``fullcov`` posteriors); other
-pairs are refused with an error naming what to use instead.
+taken. Every proposal object needs a model with one local latent site in the datapoint plate
+(batch shape ``(B,)``), and all but :class:`Guide` a Gaussian guide distribution there (the VAE's
+``diag`` and ``fullcov`` posteriors); other pairs are refused with an error naming what to use
+instead: ``log_evidence``'s default ``proposal=None`` (the guide's traces, any pair) or AIS.
 """
 
 from __future__ import annotations
