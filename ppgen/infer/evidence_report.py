@@ -125,6 +125,9 @@ def ais_entries(model, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
         "elbo_same_points": float((r.elbo if r.local is None else r.local["elbo_q"])[: len(sub)].mean()),
         "accept": float(a.accept.mean()),
         "seconds": time.perf_counter() - t0,
+        # per datapoint: IS and AIS within 3 combined standard errors of each other
+        "share_within_3se_of_is": float(((r.log_px[: len(sub)] - a.log_px).abs()
+                                         <= 3 * (r.stderr[: len(sub)].pow(2) + a.stderr.pow(2)).sqrt()).double().mean()),
     }
     b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
     return {"ais": ais, "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}}
@@ -175,6 +178,7 @@ def format_report(report: dict) -> str:
             (f"AIS log p(x) (first {a['n']})", f"{a['log_px']:.3f}"),
             (f"IS on the same {a['n']}", f"{a['is_log_px_same_points']:.3f}"),
             ("AIS - IS", f"{a['log_px'] - a['is_log_px_same_points']:.3f}"),
+            ("share of points where AIS and IS agree within 3 SE", f"{a.get('share_within_3se_of_is', float('nan')):.2f}"),
             ("AIS acceptance", f"{a['accept']:.2f}"),
             ("BDMC lower / upper (simulated)", f"{b['lower']:.3f} / {b['upper']:.3f}"),
             ("BDMC gap", f"{b['gap']:.3f}"),
