@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import sys
 from typing import Any, Callable, Iterator, Optional
 
 import pyro
@@ -120,9 +119,3 @@ def pyro_compat() -> Iterator[None]:
         for owner, name, old, _ in rows:
             setattr(owner, name, old)
 
-
-def is_active() -> bool:
-    """Whether :func:`pyro_compat` is in force (for tests)."""
-    from pyro.poutine import runtime
-
-    return runtime.Message is dict and "pyro.poutine.runtime" in sys.modules

@@ -9,8 +9,9 @@ that their squares overflow (beyond ~1.8e19 in float32 with float32 accumulation
 exactly where Adam's second moment ``g^2`` would overflow too); the loss and those norms form the
 step's *record* ``(1 + P,)``. A record with a non-finite entry skips the update on the device:
 torch's fused AMP check turns the record into ``found_inf``, which fused Adam takes to leave
-parameters, moments and step count untouched. Nothing is read on the host; :func:`ppgen.infer.svi.train_svi` reads the
-records of an epoch once, at its end (or at a checkpoint), and applies the stop/skip policy.
+parameters, moments and step count untouched. Nothing is read on the host:
+:func:`ppgen.infer.svi.train_svi` reads the records of an epoch once, at its end (or at a
+checkpoint), and applies the stop/skip policy.
 
 With ``compile=True`` the loss (and through AOTAutograd its backward) runs as one
 ``torch.compile(fullgraph=True)`` graph. Whether that works depends on model, guide and
@@ -19,6 +20,13 @@ gradients against the eager ones on the same random draws (inductor's ``fallback
 a compiled run draws the same numbers as an eager one), and on any failure or difference runs
 eagerly and says why in one warning line. Estimators whose Pyro ELBO reads the loss on the host
 inside ``loss_and_grads`` (the score-function family, ``enum``) always run eagerly.
+
+Measured with Pyro 1.9.2 and torch 2.14 (tests/infer/test_compile.py): the VAE with the diag
+and fullcov guides, Bernoulli and Gaussian likelihoods, KL warm-up and free bits, under
+``reparam``, ``analytic-kl`` and ``iwae`` compiles and matches eager within 1e-5; the IAF guide
+does not (dynamo stops in its transforms) and runs eagerly. ``stl`` (``torch.autograd.grad`` inside the loss) and
+``dreg`` (gradient hooks) are not tried. A model reading a Python float that changes (the KL
+weight under warm-up) gets one graph per value, up to :data:`RECOMPILE_LIMIT`.
 """
 
 from __future__ import annotations
