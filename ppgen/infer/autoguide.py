@@ -38,7 +38,8 @@ deviation (constants fixed on the first batch), and caps the size of its feature
 (:meth:`AmortizedGuide._features`). Before, random output heads on raw ``x`` started far from the
 prior (positive draws of mean 24 and sd 29 on data of magnitude 10) and the loss went NaN at
 epoch 2 at lr 1e-2 (issue 16). A local latent with a constrained support has its unconstrained
-scale capped at ``max_scale`` (3): on a sparse gamma DEF at lr 1e-2 the scales grew to 22, and
+scale capped at ``max_scale`` (3) and its location kept within ``max_shift`` (15) of its start:
+on a sparse gamma DEF at lr 1e-2 the unbounded scales grew to 22 and locations to -64, and
 ``exp`` of the draws overflowed and underflowed the model's arithmetic (a NaN gradient at epoch 37).
 Plates, site kinds and the start of each factor live in :mod:`ppgen.infer.autoguide_init`.
 
@@ -66,8 +67,10 @@ from torch.nn import functional as F
 
 from ppgen.infer.autoguide_init import (
     SiteInfo,
+    bound_shift,
     cap_scale,
     discrete_kind,
+    enter_plates,
     init_to_mean_or_median,
     prior_logits,
     resolve_plate,
@@ -108,6 +111,9 @@ class AmortizedGuide(nn.Module):
         tanh(scale / max_scale)`` (:func:`~ppgen.infer.autoguide_init.cap_scale`: draws pushed
         through ``exp`` far out in a wide q overflow or underflow the model's arithmetic);
         ``None`` for no cap. Real-valued sites are never capped.
+    :param max_shift: how far, in unconstrained units, the location of q for such a site may move
+        from its start: ``u0 + max_shift * tanh((loc - u0) / max_shift)``
+        (:func:`~ppgen.infer.autoguide_init.bound_shift`); ``None`` for no bound.
     :param data_plate: name of the plate that indexes the datapoints (the rows of ``x``). When
         the model has no plate of that name, the one plate whose size is ``len(x)`` is used;
         none or several is a ``ValueError``.
@@ -130,6 +136,7 @@ class AmortizedGuide(nn.Module):
         init_loc_fn: Optional[Callable] = None,
         data_plate: str = DATA_PLATE,
         max_scale: Optional[float] = 3.0,
+        max_shift: Optional[float] = 15.0,
     ):
         super().__init__()
         if not callable(model):
@@ -147,6 +154,9 @@ class AmortizedGuide(nn.Module):
         if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
                                       or not init_scale < max_scale):
             raise ValueError(f"max_scale must be None or a number above init_scale ({init_scale}), got {max_scale!r}")
+        if max_shift is not None and (isinstance(max_shift, bool) or not isinstance(max_shift, (int, float))
+                                      or not max_shift > 0):
+            raise ValueError(f"max_shift must be None or a positive number, got {max_shift!r}")
         if init_loc_fn is not None and not callable(init_loc_fn):
             raise TypeError(
                 f"init_loc_fn must be a callable site -> value (e.g. pyro.infer.autoguide.init_to_mean), "
@@ -159,10 +169,12 @@ class AmortizedGuide(nn.Module):
         self.discrete, self.init_scale, self.name = discrete, float(init_scale), name
         self.init_loc_fn = init_loc_fn if init_loc_fn is not None else init_to_mean_or_median
         self.max_scale = None if max_scale is None else float(max_scale)
+        self.max_shift = None if max_shift is None else float(max_shift)
         self.data_plate = data_plate
         self.trunk = encoder
         self.heads = nn.ModuleDict()  # site index -> Encoder head (loc/scale) or Linear logits head
         self.posteriors = nn.ModuleDict()  # site index -> posterior family module
+        self.loc_start = nn.ParameterDict()  # site index -> start of a bounded head's loc (never trained)
         self.global_loc = nn.ParameterList()
         self.global_scale = nn.ParameterList()  # softplus^-1 of the scale
         self.sites: list[SiteInfo] = []
@@ -279,6 +291,8 @@ class AmortizedGuide(nn.Module):
                 posterior = make_posterior(family, s.width, width, self.flows)
                 loc0 = init[s.name].reshape(-1, s.width).mean(0)  # batch mean of the unconstrained init
                 start_head(head, posterior, loc0, width, self.init_scale, self._cap(s))
+                if self._cap(s) is not None and self.max_shift is not None:  # kept in checkpoints
+                    self.loc_start[key] = nn.Parameter(head.loc.bias.detach().clone())
                 self.heads[key] = head.to(device=device, dtype=dtype)
                 self.posteriors[key] = posterior.to(device=device, dtype=dtype)
             else:
@@ -342,7 +356,7 @@ class AmortizedGuide(nn.Module):
         values, g = {}, 0
         for s in self.sites:  # global latents first, each in its own plates
             if not s.local:
-                with _plates(s.frames):
+                with enter_plates(s.frames):
                     values[s.name] = pyro.sample(s.name, self._global_dist(s, g))
                 g += 1
         if any(s.local for s in self.sites):
@@ -367,6 +381,8 @@ class AmortizedGuide(nn.Module):
         if s.kind == "continuous":
             loc, scale, feats = encoder_features(self.heads[key], h)
             scale = cap_scale(scale, self._cap(s))
+            if key in self.loc_start:
+                loc = bound_shift(loc, self.loc_start[key].detach(), self.max_shift)
             loc, scale, feats = (t.reshape(*lead, t.shape[-1]) for t in (loc, scale, feats))
             base = self.posteriors[key](loc, scale, feats)  # event (d,)
             transform = self._transform(s)
@@ -387,17 +403,3 @@ class AmortizedGuide(nn.Module):
             return fn, {"enumerate": "parallel"}
         return fn, {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": 0.95}}
 
-
-class _plates:
-    """Enter ``pyro.plate(name, size, dim=dim)`` for each frame, outermost first."""
-
-    def __init__(self, frames: tuple):
-        self.plates = [pyro.plate(name, *((size,) if size != -1 else ()), dim=dim) for name, size, dim in frames]
-
-    def __enter__(self):
-        for p in self.plates:
-            p.__enter__()
-
-    def __exit__(self, *exc):
-        for p in reversed(self.plates):
-            p.__exit__(*exc)

@@ -7,7 +7,8 @@ on the same model (issue 16).
 - at lr 1e-2, where the guide before the scale cap stopped on a NaN gradient (epoch 37 from the
   mean start, 85 from the median start), it trains without a non-finite step and ends above
   AutoNormal after the same number of epochs;
-- the cap bounds q's unconstrained scale on constrained local sites only.
+- the cap bounds q's unconstrained scale, and the shift bound its location, on constrained local
+  sites only.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def test_def_trains_at_lr_1e2_without_nan_and_ends_above_autonormal():
     assert r.history[-1]["val_elbo"] > -150, [h["val_elbo"] for h in r.history]
 
 
-def test_scale_cap_bounds_constrained_local_sites_only():
+def test_scale_and_location_bounds_hold_on_constrained_local_sites_only():
     def model(x):
         with pyro.plate("data", x.shape[0]):
             s = pyro.sample("s", dist.LogNormal(x.new_zeros(()), 1.0))
@@ -88,21 +89,26 @@ def test_scale_cap_bounds_constrained_local_sites_only():
             pyro.sample("x", dist.Normal(z[:, None], s[:, None]).expand(x.shape).to_event(1), obs=x)
 
     x = torch.randn(8, 3)
-    guide = AmortizedGuide(model, hidden=(8,), max_scale=2.0)
+    guide = AmortizedGuide(model, hidden=(8,), max_scale=2.0, max_shift=4.0)
     guide(x)
-    for i, s in enumerate(guide.sites):  # a head asking for an enormous scale
+    for i, s in enumerate(guide.sites):  # a head asking for an enormous scale, far from the start
         with torch.no_grad():
             guide.heads[str(i)].scale.bias.fill_(50.0)
+            guide.heads[str(i)].loc.bias.fill_(-100.0)
     tr = poutine.trace(guide).get_trace(x)
 
-    def normal_scale(name):
+    def normal(name):
         fn = tr.nodes[name]["fn"]
         while not isinstance(fn, dist.Normal):
             fn = fn.base_dist
-        return fn.scale
+        return fn
 
-    assert torch.allclose(normal_scale("s"), torch.tensor(2.0))  # 2 tanh(50 / 2): capped
-    assert torch.allclose(normal_scale("z"), torch.tensor(50.0), rtol=1e-3)  # real site: not capped
+    assert torch.allclose(normal("s").scale, torch.tensor(2.0))  # 2 tanh(50 / 2): capped
+    assert torch.allclose(normal("s").loc, torch.tensor(0.5 - 4.0))  # start log E[s] = 1/2, shift -4
+    assert torch.allclose(normal("z").scale, torch.tensor(50.0), rtol=1e-3)  # real site: not bounded
+    assert torch.allclose(normal("z").loc, torch.tensor(-100.0))
     assert AmortizedGuide(model, max_scale=None).max_scale is None
     with pytest.raises(ValueError, match="max_scale must be None or a number above init_scale"):
         AmortizedGuide(model, init_scale=0.5, max_scale=0.5)
+    with pytest.raises(ValueError, match="max_shift must be None or a positive number"):
+        AmortizedGuide(model, max_shift=0)
