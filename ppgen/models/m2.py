@@ -69,11 +69,8 @@ class M2Config:
     num_classes: int = 10  # K, values of the class latent y
     latent_dim: int = 8  # width of the style latent z
     hidden: tuple[int, ...] = (256,)  # hidden widths of classifier, encoder and decoder
-    alpha: float = 0.0  # weight of the classifier term on labelled rows (Kingma et al. 2014, eq. 9)
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}")
         for name in ("num_classes", "latent_dim"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -84,7 +81,7 @@ class M2Config:
             raise ValueError(f"hidden must be positive integer widths, got {self.hidden!r}")
 
     def build(self, x_dim: int) -> "M2":
-        return M2(x_dim, self.num_classes, self.latent_dim, self.hidden, self.alpha)
+        return M2(x_dim, self.num_classes, self.latent_dim, self.hidden)
 
 
 class M2(nn.Module):
@@ -103,6 +100,8 @@ class M2(nn.Module):
     def __init__(self, x_dim: int, num_classes: int = 10, z_dim: int = 8, hidden: Sequence[int] = (256,),
                  alpha: float = 0.0):
         super().__init__()
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+            raise ValueError(f"alpha must be a non-negative number, got {alpha!r}")
         self.x_dim, self.num_classes, self.z_dim, self.alpha = x_dim, num_classes, z_dim, float(alpha)
         self.classifier = mlp([x_dim, *hidden, num_classes])
         self.encoder = mlp([x_dim + num_classes, *hidden, 2 * z_dim])
