@@ -38,7 +38,7 @@ deviation (constants fixed on the first batch), and caps the size of its feature
 (:meth:`AmortizedGuide._features`). Before, random output heads on raw ``x`` started far from the
 prior (positive draws of mean 24 and sd 29 on data of magnitude 10) and the loss went NaN at
 epoch 2 at lr 1e-2 (issue 16). A local latent with a constrained support has its unconstrained
-scale capped at ``max_scale`` (3) and its location kept within ``max_shift`` (15) of its start:
+scale capped at ``max_scale`` (1.5) and its location kept within ``max_shift`` (15) of its start:
 on a sparse gamma DEF at lr 1e-2 the unbounded scales grew to 22 and locations to -64, and
 ``exp`` of the draws overflowed and underflowed the model's arithmetic (a NaN gradient at epoch 37).
 Plates, site kinds and the start of each factor live in :mod:`ppgen.infer.autoguide_init`.
@@ -135,7 +135,7 @@ class AmortizedGuide(nn.Module):
         *,
         init_loc_fn: Optional[Callable] = None,
         data_plate: str = DATA_PLATE,
-        max_scale: Optional[float] = 3.0,
+        max_scale: Optional[float] = 1.5,
         max_shift: Optional[float] = 15.0,
     ):
         super().__init__()
