@@ -140,8 +140,9 @@ def cmd_train_cvae(args: argparse.Namespace) -> int:
 
 def add_train_m2(sub) -> None:
     p = sub.add_parser("m2", help="train the M2 model (class + style latents) by SVI",
-                       description="Train the M2 model of Kingma et al. (2014) unsupervised: a categorical class "
-                       "latent (enumerated or score-function) and a continuous style latent.")
+                       description="Train the M2 model of Kingma et al. (2014): a categorical class latent "
+                       "(enumerated or score-function) and a continuous style latent; unsupervised, or "
+                       "semi-supervised with --labels-fraction and the classifier term --alpha.")
     add_data_flags(p)
     p.add_argument("--num-classes", type=positive_int, default=10)
     p.add_argument("--latent-dim", type=positive_int, default=8, help="style latent width")
@@ -149,6 +150,11 @@ def add_train_m2(sub) -> None:
     p.add_argument("--discrete", default="enum", choices=["enum", "score"],
                    help="class latent: exact enumeration (default) or score function with a baseline")
     p.add_argument("--eval-samples", type=positive_int, default=1000, help="K importance samples for log p(x)")
+    p.add_argument("--labels-fraction", type=float, default=0.0,
+                   help="share of training images whose label is used (default 0: unsupervised)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="weight of the classifier term log q(y|x) on labelled images (Kingma et al. 2014 use "
+                   "0.1 N; default 0)")
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_m2)
 
@@ -162,15 +168,17 @@ def cmd_train_m2(args: argparse.Namespace) -> int:
         raise ValueError("ppgen train m2 does not resume; run it again with --overwrite")
     config = M2RunConfig(
         data=data_config(args),
-        model=M2Config(args.num_classes, args.latent_dim, args.hidden),
+        model=M2Config(args.num_classes, args.latent_dim, args.hidden, args.alpha),
         svi=SVIConfig(DISCRETE_ESTIMATORS[args.discrete], 1, args.epochs, args.batch_size, args.lr, args.seed,
                       args.device),
         eval_samples=args.eval_samples,
+        labels_fraction=args.labels_fraction,
     )
     done = train_m2(config, args.out, args.overwrite, not args.no_progress, not args.no_download)
     m = done.metrics
     print(f"test log p(x) {m['test_log_px']:.3f} +- {m['test_log_px_stderr']:.3f} nats (IS, K={m['eval_samples']}), "
-          f"cluster accuracy {m['cluster_accuracy']:.3f}; run written to {done.run.path}")
+          f"accuracy {m['accuracy']:.3f} (cluster-matched {m['cluster_accuracy']:.3f}, {m['labels_used']} labels used); "
+          f"run written to {done.run.path}")
     return 0
 
 

@@ -69,6 +69,7 @@ class M2Config:
     num_classes: int = 10  # K, values of the class latent y
     latent_dim: int = 8  # width of the style latent z
     hidden: tuple[int, ...] = (256,)  # hidden widths of classifier, encoder and decoder
+    alpha: float = 0.0  # weight of the classifier term on labelled rows (Kingma et al. 2014, eq. 9)
 
     def __post_init__(self) -> None:
         for name in ("num_classes", "latent_dim"):
@@ -81,7 +82,7 @@ class M2Config:
             raise ValueError(f"hidden must be positive integer widths, got {self.hidden!r}")
 
     def build(self, x_dim: int) -> "M2":
-        return M2(x_dim, self.num_classes, self.latent_dim, self.hidden)
+        return M2(x_dim, self.num_classes, self.latent_dim, self.hidden, self.alpha)
 
 
 class M2(nn.Module):

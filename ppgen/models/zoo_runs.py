@@ -131,6 +131,7 @@ class M2RunConfig:
     model: M2Config = M2Config()  # architecture
     svi: SVIConfig = SVIConfig(estimator="enum")  # loop; estimator "enum" or "score-discrete"
     eval_samples: int = 1000  # K importance samples per test image for log p(x)
+    labels_fraction: float = 0.0  # share of training images whose label is used (0: unsupervised)
     family: str = "m2"  # model family, for reports
 
     def __post_init__(self) -> None:
@@ -142,6 +143,19 @@ class M2RunConfig:
             raise ValueError("M2 has a Bernoulli likelihood: use a binarization ('dynamic' or 'static'), not 'none'")
         if isinstance(self.eval_samples, bool) or not isinstance(self.eval_samples, int) or self.eval_samples < 1:
             raise ValueError(f"eval_samples must be a positive integer, got {self.eval_samples!r}")
+        f = self.labels_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise ValueError(f"labels_fraction must be a number in [0, 1], got {f!r}")
+        if self.model.alpha > 0 and f == 0:
+            raise ValueError(f"alpha={self.model.alpha} weights a classifier term on labelled images, but "
+                             "labels_fraction is 0: give labels_fraction > 0, or alpha 0 for unsupervised M2")
+
+
+def labelled_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Boolean mask ``(n,)`` marking ``round(fraction * n)`` rows chosen at random (seeded)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(fraction * n)]] = True
+    return mask
 
 
 class M2Run(NamedTuple):
@@ -156,9 +170,12 @@ class M2Run(NamedTuple):
 
 def train_m2(config: M2RunConfig, out: Union[str, Path], overwrite: bool = False, progress: bool = True,
              download: bool = True) -> M2Run:
-    """Train M2 unsupervised, then report test log p(x) (IS, K = ``eval_samples``) and the
-    cluster accuracy of ``argmax q(y | x)`` against the labels. Writes config.json,
-    metrics.jsonl, checkpoint.pt, m2.json and figures/samples.png (one class per column)."""
+    """Train M2 (unsupervised, or semi-supervised on ``labels_fraction`` of the training labels with
+    the classifier term ``alpha``: one dict batch ``{x, y, labelled}``, labelled and unlabelled rows
+    mixed), then report test log p(x) (IS, K = ``eval_samples``), the accuracy of
+    ``argmax q(y | x)`` against the labels and its cluster accuracy (best class matching). Writes
+    config.json, metrics.jsonl, checkpoint.pt, m2.json and figures/samples.png (one class per
+    column)."""
     run = Run(out, overwrite=overwrite)
     run.save_config(config_to_dict(config))
     data = config.data.load(download)
@@ -166,16 +183,28 @@ def train_m2(config: M2RunConfig, out: Union[str, Path], overwrite: bool = False
     seed_everything(config.svi.seed)
     m2 = config.model.build(data.dim).to(device)
     m2.check_data(data.val)
-    result = train_svi(m2.model, m2.guide, data.train, data.val, config.svi, run=run,
-                       transform=binarize if data.dynamic else None, progress=progress)
+    train, transform = data.train, binarize if data.dynamic else None
+    if config.labels_fraction > 0:
+        if int(data.train_labels.max()) >= m2.num_classes:
+            raise ValueError(f"the labels of {config.data.name} go up to {int(data.train_labels.max())}, but "
+                             f"num_classes is {m2.num_classes}: raise num_classes")
+        mask = labelled_subset(len(train), config.labels_fraction, config.svi.seed)
+        train = {"x": train, "y": data.train_labels, "labelled": mask}
+        if data.dynamic:
+            def transform(batch: dict) -> dict:
+                return {**batch, "x": binarize(batch["x"])}
+    result = train_svi(m2.model, m2.guide, train, data.val, config.svi, run=run, transform=transform,
+                       progress=progress)
     test = data.test.to(device)
     ev = log_evidence(m2.model, m2.guide, test, config.eval_samples, seed=config.svi.seed)
     metrics = {
         "test_log_px": float(ev.log_px.mean()),
         "test_log_px_stderr": float(ev.stderr.pow(2).sum().sqrt() / len(test)),
         "test_elbo": float(ev.elbo.mean()),
+        "accuracy": float((m2.classify(test).cpu() == data.test_labels.cpu()).double().mean()),
         "cluster_accuracy": cluster_accuracy(m2.classify(test).cpu(), data.test_labels.cpu(), m2.num_classes),
         "eval_samples": config.eval_samples,
+        "labels_used": round(config.labels_fraction * len(data.train)),
     }
     run.log({"epoch": config.svi.epochs, **metrics})
     (run.path / "m2.json").write_text(__import__("json").dumps(metrics, indent=2))

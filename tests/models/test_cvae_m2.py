@@ -11,8 +11,8 @@ from ppgen.infer.estimators import prepare_guide
 from ppgen.infer.evidence import log_evidence
 from ppgen.infer.svi import SVIConfig
 from ppgen.models.cvae import CVAE, CVAEConfig, quadrant_mask
-from ppgen.models.m2 import M2, cluster_accuracy
-from ppgen.models.zoo_runs import CVAERunConfig, M2RunConfig, train_cvae
+from ppgen.models.m2 import M2, M2Config, cluster_accuracy
+from ppgen.models.zoo_runs import CVAERunConfig, M2RunConfig, labelled_subset, train_cvae, train_m2
 
 
 def test_quadrant_mask_known_layout():
@@ -180,3 +180,24 @@ def test_run_configs_refuse_bad_settings():
 
     with pytest.raises(ValueError, match="binarization"):
         CVAERunConfig(data=DataConfig(binarization="none"))
+    with pytest.raises(ValueError, match="labels_fraction"):
+        M2RunConfig(labels_fraction=1.5)
+    with pytest.raises(ValueError, match="labels_fraction is 0"):
+        M2RunConfig(model=M2Config(alpha=5.0))
+
+
+def test_labelled_subset_is_seeded_and_exact_in_size():
+    a, b = labelled_subset(1257, 0.1, 3), labelled_subset(1257, 0.1, 3)
+    assert a.dtype == torch.bool and int(a.sum()) == 126 and torch.equal(a, b)
+    assert not torch.equal(a, labelled_subset(1257, 0.1, 4))
+
+
+def test_semi_supervised_m2_run_classifies_far_above_the_unsupervised_run(tmp_path):
+    # 10% of the digits' labels with the classifier term (Kingma et al. 2014, eq. 9), one mixed run:
+    # measured 0.71 accuracy after 10 epochs, against 0.09 raw (0.39 cluster-matched) unsupervised.
+    svi = SVIConfig(estimator="enum", epochs=5, batch_size=50, lr=3e-3, seed=0)
+    semi = train_m2(M2RunConfig(model=M2Config(alpha=20.0), svi=svi, eval_samples=10, labels_fraction=0.1),
+                    tmp_path / "semi", progress=False).metrics
+    unsup = train_m2(M2RunConfig(svi=svi, eval_samples=10), tmp_path / "unsup", progress=False).metrics
+    assert semi["labels_used"] == 126 and unsup["labels_used"] == 0
+    assert semi["accuracy"] > 0.5 > unsup["cluster_accuracy"] + 0.05
