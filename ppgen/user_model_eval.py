@@ -65,12 +65,12 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     report = {"config": dataclasses.asdict(config), "evidence": "per-datapoint", **r.summary(),
               "is_seconds": time.perf_counter() - t0}
     if config.ais_steps > 0:
-        report.update(_ais(model, split, r, config, run_config))
+        report.update(_ais(model, guide, split, r, config, run_config))
     write_report(report, r, path)
     return report
 
 
-def _ais(model: Callable, data: Any, r, config, run_config: ModelRunConfig) -> dict:
+def _ais(model: Callable, guide: Callable, data: Any, r, config, run_config: ModelRunConfig) -> dict:
     """The ``"ais"`` and ``"bdmc"`` entries of an evidence report, as ``ppgen evidence`` writes
     them for a VAE run (:func:`ppgen.infer.ais.ais_log_evidence`, :func:`ppgen.infer.ais.bdmc`)."""
     from ppgen.infer.evidence_report import ais_entries
@@ -78,7 +78,7 @@ def _ais(model: Callable, data: Any, r, config, run_config: ModelRunConfig) -> d
     if not isinstance(data, torch.Tensor) or run_config.data_plate != "data":
         raise ValueError("AIS (--ais-steps) takes a model(x) on one data tensor with its datapoints in "
                          "pyro.plate('data', ...); this run's data or plate differs: leave out --ais-steps")
-    return ais_entries(model, data, r, config)
+    return ais_entries(model, guide, data, r, config)
 
 
 def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:

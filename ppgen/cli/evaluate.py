@@ -172,6 +172,8 @@ def add_evidence(sub) -> None:
     p.add_argument("--ais-steps", type=int, default=0, help="AIS annealing steps (0: no AIS)")
     p.add_argument("--ais-chains", type=positive_int, default=16, help="AIS chains per datapoint")
     p.add_argument("--ais-limit", type=positive_int, default=100, help="datapoints for AIS and BDMC")
+    p.add_argument("--ais-start", choices=["encoder", "prior"], default="encoder",
+                   help="start of the AIS/BDMC path: the guide's q(z|x) (default; far fewer steps) or the prior")
     p.add_argument("--outer-samples", type=positive_int, default=100,
                    help="model runs with global latents: S outer draws of the globals for the joint "
                    "log p(x_1..N) (ppgen.joint_log_evidence; --samples is then K per datapoint)")
@@ -199,7 +201,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     proposal = args.proposal or ("auto" if args.gaps else "guide")
     config = EvidenceConfig(
         args.samples, args.split, args.limit, args.batch_size, args.particle_chunk,
-        args.ais_steps, args.ais_chains, args.ais_limit, args.seed, args.device,
+        args.ais_steps, args.ais_chains, args.ais_limit, args.ais_start, args.seed, args.device,
         proposal, args.gaps, args.budget, args.refine_steps, args.refine_samples, args.pilot,
     )
     if _family(args.run) == "model":  # a declared model (ppgen train model)

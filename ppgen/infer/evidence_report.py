@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import torch
 
-from ppgen.infer.ais import ais_log_evidence, bdmc
+from ppgen.infer.ais import ais_log_evidence, bdmc, guide_start
 from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence
 from ppgen.infer.trusted import default_candidates, inference_gaps, trusted_evidence
 from ppgen.plots import save_figure
@@ -39,6 +39,7 @@ class EvidenceConfig:
     ais_steps: int = 0  # AIS annealing steps (0: no AIS)
     ais_chains: int = 16  # AIS chains per datapoint
     ais_limit: int = 100  # datapoints for AIS and BDMC (the first ones of the split)
+    ais_start: str = "encoder"  # AIS/BDMC path from "encoder" (the guide's q(z|x)) or "prior"
     seed: int = 0  # seeds the draws
     device: str = "cpu"  # "cpu" or "cuda"
     proposal: str = "guide"  # "guide" (IS from the guide) or "auto" (refined q* proposals chosen by k-hat)
@@ -59,6 +60,8 @@ class EvidenceConfig:
             raise ValueError(f"limit must be a positive integer or None, got {self.limit!r}")
         if not isinstance(self.ais_steps, int) or self.ais_steps < 0:
             raise ValueError(f"ais_steps must be a non-negative integer, got {self.ais_steps!r}")
+        if self.ais_start not in ("encoder", "prior"):
+            raise ValueError(f"ais_start must be 'encoder' or 'prior', got {self.ais_start!r}")
         if self.proposal not in ("guide", "auto"):
             raise ValueError(f"proposal must be 'guide' or 'auto', got {self.proposal!r}")
         if self.gaps and self.proposal == "guide":
@@ -103,7 +106,7 @@ def evidence_report(
         report["elbo"] = float(r.local["elbo_q"].mean())
         report["gap"] = report["log_px"] - report["elbo"]
     if config.ais_steps > 0:
-        report.update(ais_entries(model, data, r, config))
+        report.update(ais_entries(model, guide, data, r, config))
     if out is not None:
         write_report(report, r, out)
         if gaps is not None:
@@ -111,14 +114,18 @@ def evidence_report(
     return report
 
 
-def ais_entries(model, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
+def ais_entries(model, guide, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
     """The ``"ais"`` and ``"bdmc"`` entries of an evidence report: AIS and BDMC on the first
-    ``config.ais_limit`` datapoints of ``data``, next to the IS result ``r`` on the same points."""
+    ``config.ais_limit`` datapoints of ``data``, next to the IS result ``r`` on the same points,
+    their paths starting at ``config.ais_start`` (the guide's q(z|x), or the prior)."""
     sub = data[: config.ais_limit]
+    start = guide_start(guide) if config.ais_start == "encoder" else None
     t0 = time.perf_counter()
-    a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed)
+    a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size,
+                         seed=config.seed, start=start)
     ais = {
         "n": len(sub),
+        "start": config.ais_start,
         "log_px": float(a.log_px.mean()),
         "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
         # the encoder's ELBO (L[q] when the draws came from a refined proposal)
@@ -129,7 +136,8 @@ def ais_entries(model, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
         "share_within_3se_of_is": float(((r.log_px[: len(sub)] - a.log_px).abs()
                                          <= 3 * (r.stderr[: len(sub)].pow(2) + a.stderr.pow(2)).sqrt()).double().mean()),
     }
-    b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1)
+    b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1,
+             start=start)
     return {"ais": ais, "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}}
 
 
@@ -175,7 +183,7 @@ def format_report(report: dict) -> str:
     if "ais" in report:
         a, b = report["ais"], report["bdmc"]
         rows += [
-            (f"AIS log p(x) (first {a['n']})", f"{a['log_px']:.3f}"),
+            (f"AIS log p(x) (first {a['n']}, from the {a.get('start', 'prior')})", f"{a['log_px']:.3f}"),
             (f"IS on the same {a['n']}", f"{a['is_log_px_same_points']:.3f}"),
             ("AIS - IS", f"{a['log_px'] - a['is_log_px_same_points']:.3f}"),
             ("share of points where AIS and IS agree within 3 SE", f"{a.get('share_within_3se_of_is', float('nan')):.2f}"),

@@ -241,6 +241,25 @@ def test_report_writes_exact_numbers_and_figures(lg, tmp_path):
         EvidenceConfig(split="train")
 
 
+@pytest.mark.parametrize("start", ["encoder", "prior"])
+def test_report_ais_from_the_exact_posterior_guide_is_exact(lg, start):
+    # The guide is the exact posterior: AIS started there has every weight equal to p(x) (and BDMC
+    # a zero gap) at any number of steps; from the prior, 3 steps leave a clear error.
+    from ppgen.infer.evidence_report import EvidenceConfig, evidence_report
+
+    x = lg.sample(12, seed=11)
+    config = EvidenceConfig(samples=20, ais_steps=3, ais_chains=4, ais_limit=12, ais_start=start)
+    report = evidence_report(lg.model, lg.guide, x, config)
+    error = abs(report["ais"]["log_px"] - float(lg.log_evidence(x).mean()))
+    assert report["ais"]["start"] == start
+    if start == "encoder":
+        assert error < 1e-4 and abs(report["bdmc"]["gap"]) < 1e-4
+    else:
+        assert error > 0.05 and report["bdmc"]["gap"] > 0.05
+    with pytest.raises(ValueError, match="ais_start"):
+        EvidenceConfig(ais_start="posterior")
+
+
 def test_cli_reports_a_missing_run(tmp_path, capsys):
     from ppgen.cli import main
 
