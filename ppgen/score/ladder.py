@@ -15,6 +15,9 @@ models*, for annealed Langevin (:func:`ppgen.score.sampling.annealed_langevin`),
   the ratio of the sampler's variance after ``T`` steps to ``sigma_i^2`` for Gaussian data, so
   that it is as close to 1 as it gets (:func:`langevin_variance_ratio`, :func:`langevin_step_size`).
 
+The preconditioning of Karras et al. (2022) (:mod:`ppgen.score.networks`) takes the data's scale
+from :func:`data_moments`: the mean and standard deviation of all coordinates pooled.
+
 Reproduced in the tests: CIFAR-10 (``D = 3072``, ``sigma_L = 0.01``, ``gamma = 1.0376``, ``T = 5``)
 gives the paper's ``eps = 6.2e-6``, CelebA 64 its ``3.3e-6``.
 """
@@ -29,7 +32,7 @@ import torch
 #: levels of a data ladder in D <= 4, where technique 2 bounds no ratio
 LOW_DIM_LEVELS = 20
 
-__all__ = ["LOW_DIM_LEVELS", "NoiseLadder", "data_noise_ladder", "langevin_step_size", "langevin_variance_ratio", "level_overlap",
+__all__ = ["LOW_DIM_LEVELS", "NoiseLadder", "data_moments", "data_noise_ladder", "langevin_step_size", "langevin_variance_ratio", "level_overlap",
            "max_pairwise_distance", "overlap_ratio"]
 
 
@@ -51,6 +54,21 @@ def max_pairwise_distance(x: torch.Tensor, subsample: int = 2000, seed: int = 0)
     for i in range(0, x.shape[0], 512):
         best = torch.maximum(best, torch.cdist(x[i : i + 512], x).max())
     return float(best)
+
+
+def data_moments(x: torch.Tensor) -> tuple[float, float]:
+    """``(mu, sigma_data)``: the mean and standard deviation (divisor N D) of all entries of ``x``
+    (N, D) pooled, computed in float64 -- the isotropic Gaussian ``N(mu, sigma_data^2 I)`` closest to
+    the data, whose noised score the preconditioned nets return at ``F = 0`` (Karras et al. 2022,
+    ``sigma_data``)."""
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.numel() < 2:
+        raise ValueError(f"x must be a tensor of shape (N, D) with at least 2 entries, got {getattr(x, 'shape', type(x))}")
+    x = x.double()
+    mean = x.mean()
+    std = float((x - mean).pow(2).mean().sqrt())
+    if not std > 0:
+        raise ValueError("the training data are constant (standard deviation 0): sigma_data is undefined; give --sigma-data")
+    return float(mean), std
 
 
 def _phi(t: float) -> float:

@@ -13,6 +13,12 @@ models*, each a :class:`ScoreConfig` field and a flag, all on by default for ``d
   before training by :func:`ppgen.score.ladder.data_noise_ladder`, stored in config.json and described
   in ladder.json) and the step size from the ladder and ``T`` (``eta`` None: technique 4);
 - the noise-conditional score ``s(x, sigma) = s(x) / sigma`` (technique 3), built into both nets;
+  by default replaced by the preconditioning of Karras et al. (2022) (``precondition``: input scaled
+  by ``1 / sqrt(sigma^2 + sigma_data^2)``, a Fourier embedding of ``log sigma`` in every hidden
+  layer, the output a denoiser with EDM's skip/output scalings; :mod:`ppgen.score.networks`), with
+  the data's mean and standard deviation resolved from the training data and stored in config.json
+  so sampling and ``--resume`` rebuild the same net (runs from before it load as ``precondition``
+  False);
 - an EMA of the weights (``ema_decay``; technique 5, :class:`ppgen.ema.EMA`) that sampling,
   figures and ``ppgen metrics`` use, checkpointed so that resuming continues it exactly;
 - the final denoising step ``x + sigma_min^2 s(x, sigma_min)`` (``denoise``; Jolicoeur-Martineau
@@ -46,7 +52,7 @@ from ppgen.runs import (
     seeded,
     set_rng_state,
 )
-from ppgen.score.ladder import NoiseLadder, data_noise_ladder, langevin_step_size
+from ppgen.score.ladder import NoiseLadder, data_moments, data_noise_ladder, langevin_step_size
 from ppgen.score.networks import ScoreNet, UNetScore
 from ppgen.score.objectives import OBJECTIVES, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
 
@@ -80,6 +86,9 @@ class ScoreConfig:
     denoise: bool = True  # end annealed Langevin with x + sigma_min^2 s(x, sigma_min) (Tweedie's posterior mean)
     init: Optional[str] = None  # Langevin start: gaussian (data mean + sigma_max z) | uniform (data box); None: by objective
     ema_decay: float = 0.999  # EMA of the weights for sampling and metrics (technique 5); 0: sample the live weights
+    precondition: bool = True  # dsm: EDM preconditioning of the net (Karras et al. 2022); False: s(x) / sigma (Song & Ermon)
+    sigma_data: Optional[float] = None  # dsm + precondition: data std (all coordinates pooled); None: from the training data
+    data_mean: Optional[float] = None  # dsm + precondition: data mean (pooled); None: from the training data
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, forgetting the initial weights
     family: str = "score"  # model family, for `ppgen sample` and reports
 
@@ -109,6 +118,13 @@ class ScoreConfig:
         if self.init == "gaussian" and not self.conditional:
             raise ValueError(f"init 'gaussian' starts at the top noise level; objective {self.objective!r} has no "
                              "ladder: use init 'uniform'")
+        if self.sigma_data is not None and not (0 < self.sigma_data < math.inf):
+            raise ValueError(f"sigma_data must be a positive finite number (or None: from the data), got {self.sigma_data}")
+        if self.data_mean is not None and not math.isfinite(self.data_mean):
+            raise ValueError(f"data_mean must be finite (or None: from the data), got {self.data_mean}")
+        if (self.sigma_data is not None or self.data_mean is not None) and not (self.conditional and self.precondition):
+            raise ValueError("sigma_data/data_mean set the preconditioning of a noise-conditional net: they need "
+                             "objective 'dsm' with precondition True (leave them None otherwise)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
@@ -142,10 +158,17 @@ class ScoreConfig:
         return None if self.data in TOYS else DataConfig(self.data).image_shape
 
     def build(self) -> nn.Module:
+        """The score network; a preconditioned one needs ``sigma_data``/``data_mean`` (:func:`resolve_ladder`)."""
         dim = 2 if self.data in TOYS else math.prod(self.image_shape)
+        pre = {}
+        if self.conditional and self.precondition:
+            if self.sigma_data is None or self.data_mean is None:
+                raise ValueError("sigma_data/data_mean are None (set from the data): resolve them with "
+                                 "ppgen.score.resolve_ladder(config, train) first")
+            pre = {"sigma_data": self.sigma_data, "data_mean": self.data_mean}
         if self.arch == "unet":
-            return UNetScore(self.image_shape, self.width)
-        return ScoreNet(dim, self.hidden, conditional=self.conditional)
+            return UNetScore(self.image_shape, self.width, **pre)
+        return ScoreNet(dim, self.hidden, conditional=self.conditional, **pre)
 
     def loss(self, net: nn.Module, x: torch.Tensor, noise: Optional[dict] = None) -> torch.Tensor:
         """The objective on batch ``x`` (B, D), with the ``noise`` of :meth:`draw_noise` (rows of
@@ -188,14 +211,20 @@ class ScoreRun(NamedTuple):
 
 def resolve_ladder(config: ScoreConfig, train: torch.Tensor) -> tuple[ScoreConfig, Optional[NoiseLadder]]:
     """``config`` with ``sigma_max``/``n_sigmas`` set from training data ``train`` (N, D) where None
-    (Song & Ermon 2020, techniques 1-2; :func:`ppgen.score.ladder.data_noise_ladder`), and the ladder's
-    rule values (None for noise-free objectives, which have no ladder). Deterministic: the
-    subsample is seeded by ``split_seed``, so a resumed run resolves to the same ladder."""
+    (Song & Ermon 2020, techniques 1-2; :func:`ppgen.score.ladder.data_noise_ladder`), and with
+    ``precondition``, ``sigma_data``/``data_mean`` where None (:func:`ppgen.score.ladder.data_moments`);
+    and the ladder's rule values (None for noise-free objectives, which have no ladder).
+    Deterministic: the subsample is seeded by ``split_seed``, so a resumed run resolves to the same ladder."""
     if not config.conditional:
         return config, None
     ladder = data_noise_ladder(train, config.sigma_min, config.sigma_max, config.n_sigmas, config.ladder_subsample,
                                seed=config.split_seed)
-    return dataclasses.replace(config, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas), ladder
+    config = dataclasses.replace(config, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
+    if config.precondition and (config.sigma_data is None or config.data_mean is None):
+        mean, std = data_moments(train)
+        config = dataclasses.replace(config, sigma_data=config.sigma_data or std,
+                                     data_mean=mean if config.data_mean is None else config.data_mean)
+    return config, ladder
 
 
 def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,18 +235,33 @@ def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor,
     return data.train, data.val
 
 
-def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int) -> dict:
+def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int, resolved: Optional[ScoreConfig] = None) -> dict:
     """The ladder of config ``asked`` (before :func:`resolve_ladder`) and the rules behind it, as
     written to ladder.json: ``sigma_max, n_sigmas, gamma, overlap, sigma_min, steps_per_level, eps,
-    rules``."""
+    rules``, and ``sigma_data, data_mean`` of the ``resolved`` config when it is preconditioned."""
     m = min(n_train, asked.ladder_subsample)
     rules = {"sigma_max": f"technique 1: largest pairwise distance of {m} of {n_train} training points"
                           if asked.sigma_max is None else "given",
              "n_sigmas": "technique 2: fewest levels with overlap >= 0.5" if asked.n_sigmas is None else "given",
              "eps": "technique 4: variance ratio closest to 1" if asked.eta is None else "eta * sigma_min^2"}
     done = dataclasses.replace(asked, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
+    pre = {}
+    if resolved is not None and resolved.precondition:
+        rules["sigma_data"] = "given" if asked.sigma_data is not None else f"std of the {n_train} training points, pooled"
+        rules["data_mean"] = "given" if asked.data_mean is not None else f"mean of the {n_train} training points, pooled"
+        pre = {"sigma_data": resolved.sigma_data, "data_mean": resolved.data_mean}
     return {**ladder._asdict(), "sigma_min": asked.sigma_min, "steps_per_level": done.steps,
-            "eps": done.step_size(), "rules": rules}
+            "eps": done.step_size(), **pre, "rules": rules}
+
+
+#: config fields added later and the values that rebuild the runs made before them
+_LEGACY = {"precondition": False, "sigma_data": None, "data_mean": None}
+
+
+def _stored_config(run: Run) -> dict:
+    """config.json of ``run``, with the fields it predates set to what its net was built with."""
+    stored = run.load_config()
+    return {**{k: v for k, v in _LEGACY.items() if k not in stored}, **stored}
 
 
 _RESUMABLE = {"epochs", "device", "langevin_steps", "eta", "denoise", "init"}
@@ -257,11 +301,16 @@ def train_score(
     train, val = load_data(config, download)
     asked, (config, ladder) = config, resolve_ladder(config, train)
     if resume:
-        check_resumable(run.load_config(), config_to_dict(config), may_change=_RESUMABLE)
+        stored = _stored_config(run)
+        if not stored.get("precondition", True) and config.precondition and config.conditional:
+            raise ValueError(f"cannot resume {run.path}: it was trained without preconditioning (precondition False, "
+                             "or made before it existed); resume it with ScoreConfig(precondition=False), or start "
+                             "afresh with --overwrite")
+        check_resumable(stored, config_to_dict(config), may_change=_RESUMABLE)
     if rank == 0:
         run.save_config(config_to_dict(config))
         if ladder is not None:
-            (run.path / "ladder.json").write_text(json.dumps(ladder_record(asked, ladder, len(train)), indent=1))
+            (run.path / "ladder.json").write_text(json.dumps(ladder_record(asked, ladder, len(train), config), indent=1))
     n, bs = len(train), config.batch_size
     if bs > n:
         raise ValueError(f"batch_size {bs} is larger than the training set ({n} points); use --batch-size {n} or smaller")
@@ -361,7 +410,7 @@ def load_score(path: Union[str, Path], device: str = "cpu", averaged: bool = Tru
     """Rebuild the network of run ``path``, with the EMA weights when the run kept them and
     ``averaged`` (what sampling and metrics use), else the live ones; returns ``(net, config, checkpoint)``."""
     run = Run(path, resume=True)
-    config = config_from_dict(ScoreConfig, run.load_config())
+    config = config_from_dict(ScoreConfig, _stored_config(run))
     ckpt = run.load_checkpoint(map_location=resolve_device(device))
     net = config.build().to(device)
     net.load_state_dict(ckpt["ema"]["module"] if averaged and "ema" in ckpt else ckpt["net"])
