@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ppgen.data import TOY_RADIUS, TOY_STD, DataConfig, Dataset, default_data_dir, toy_log_density
-from ppgen.metrics_pr import label_histogram, precision_recall, total_variation
+from ppgen.metrics_pr import check_2d, label_histogram, precision_recall, total_variation
 from ppgen.nets import mlp
 
 __all__ = [
@@ -32,16 +32,6 @@ __all__ = [
     "classifier_frechet_distance", "classifier_metrics", "parzen_log_likelihood", "choose_parzen_bandwidth", "parzen_evaluation",
     "RUN_SAMPLERS", "image_metrics", "run_metrics", "generator_model", "generator_ais_log_likelihood",
 ]
-
-
-def _check_2d(x: torch.Tensor, name: str, dim: Optional[int] = None) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        want = f"(N, {dim})" if dim is not None else "(N, D)"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
 
 
 # --------------------------------------------------------------------------- 2-D toys
@@ -57,7 +47,7 @@ def mode_coverage(samples: torch.Tensor, n_sigma: float = 3.0, min_share: float 
     :param samples: ``(N, 2)`` points.
     :returns: ``(modes covered out of 8, share of high-quality samples)``.
     """
-    _check_2d(samples, "samples", 2)
+    check_2d(samples, "samples", 2)
     angle = torch.arange(8, device=samples.device) * (2 * math.pi / 8)
     centres = TOY_RADIUS * torch.stack([angle.cos(), angle.sin()], 1).to(samples.dtype)
     dist, mode = torch.cdist(samples, centres).min(1)
@@ -70,7 +60,7 @@ def toy_log_likelihood(name: str, samples: torch.Tensor) -> float:
     """Mean exact data log-density ``E_{x~model}[log p_data(x)]`` of samples ``(N, 2)`` on a toy
     with a closed-form density (8gaussians, checkerboard, rings); ``-inf`` if any sample falls
     outside the support. Higher is better, but it rewards collapse onto the densest points."""
-    _check_2d(samples, "samples", 2)
+    check_2d(samples, "samples", 2)
     return float(toy_log_density(name, samples.cpu().float()).mean())
 
 
@@ -81,8 +71,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets ``a`` (N, F) and ``b`` (M, F):
     ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` (Dowson & Landau 1982;
     Heusel et al. 2017). Computed in float64 with symmetric eigendecompositions."""
-    _check_2d(a, "a")
-    _check_2d(b, "b", a.shape[1])
+    check_2d(a, "a")
+    check_2d(b, "b", a.shape[1])
     if min(a.shape[0], b.shape[0]) < 2:
         raise ValueError(f"need at least 2 points per set, got {a.shape[0]} and {b.shape[0]}")
     a, b = a.double(), b.double()
@@ -106,7 +96,7 @@ class FeatureClassifier(nn.Module):
         self.head = nn.Linear(hidden[-1], classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        _check_2d(x, "x", self.x_dim)
+        check_2d(x, "x", self.x_dim)
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,8 +176,8 @@ def classifier_metrics(classifier: FeatureClassifier, samples: torch.Tensor, ref
     - ``label_tv``: total variation between the predicted-class shares of the samples
       (``label_hist_samples``) and of the reference (``label_hist_data``), in [0, 1].
     """
-    _check_2d(samples, "samples", classifier.x_dim)
-    _check_2d(reference, "reference", classifier.x_dim)
+    check_2d(samples, "samples", classifier.x_dim)
+    check_2d(reference, "reference", classifier.x_dim)
     f_s, y_s = _features_and_labels(classifier, samples)
     f_r, y_r = _features_and_labels(classifier, reference)
     pr = precision_recall(f_r, f_s, k)
@@ -217,8 +207,8 @@ def parzen_log_likelihood(samples: torch.Tensor, x: torch.Tensor, sigma: float, 
     depends strongly on the number of samples and on the bandwidth grid. Use it only to compare
     with published numbers computed the same way, never as evidence of a model's likelihood.
     """
-    _check_2d(samples, "samples")
-    _check_2d(x, "x", samples.shape[1])
+    check_2d(samples, "samples")
+    check_2d(x, "x", samples.shape[1])
     return _parzen_grid(samples, x, [sigma], chunk)[0]
 
 
@@ -243,8 +233,8 @@ def _parzen_grid(samples: torch.Tensor, x: torch.Tensor, sigmas: Sequence[float]
 def choose_parzen_bandwidth(samples: torch.Tensor, val: torch.Tensor,
                             sigmas: Sequence[float] = tuple(torch.logspace(-1.3, 0, 14).tolist())) -> float:
     """The ``sigma`` of the grid maximizing mean Parzen log-likelihood of validation data ``val``."""
-    _check_2d(samples, "samples")
-    _check_2d(val, "val", samples.shape[1])
+    check_2d(samples, "samples")
+    check_2d(val, "val", samples.shape[1])
     scores = _parzen_grid(samples, val, sigmas).mean(1)
     return float(sigmas[int(scores.argmax())])
 
@@ -294,7 +284,7 @@ def image_metrics(samples: torch.Tensor, data: Dataset, n_val: int = 1000, cache
     (Frechet distance, precision, recall, label balance), the same for the validation split as a
     yardstick (``*_val_vs_test``), and the Parzen log-likelihood of the test split (bandwidth
     chosen on ``n_val`` validation images)."""
-    _check_2d(samples, "samples", data.dim)
+    check_2d(samples, "samples", data.dim)
     clf, acc = feature_classifier(data, cache_dir, device=device)
     ll, se, sigma = parzen_evaluation(samples.to(device), data.val[:n_val].to(device), data.test.to(device))
     yardstick = classifier_metrics(clf, data.val, data.test, k)
@@ -354,7 +344,7 @@ def generator_ais_log_likelihood(generator: nn.Module, x: torch.Tensor, sigma: f
     z_dim = getattr(generator, "z_dim", None)
     if not isinstance(z_dim, int):
         raise TypeError(f"generator must have an integer z_dim attribute, got {z_dim!r}")
-    _check_2d(x, "x", getattr(generator, "x_dim", None))
+    check_2d(x, "x", getattr(generator, "x_dim", None))
     for p in generator.parameters():
         p.requires_grad_(False)
     try:

@@ -40,7 +40,8 @@ class PrecisionRecall(NamedTuple):
     k: int
 
 
-def _check(x: torch.Tensor, name: str, dim: Optional[int] = None) -> None:
+def check_2d(x: torch.Tensor, name: str, dim: Optional[int] = None) -> None:
+    """Refuse anything but a finite ``(N, dim)`` tensor (``(N, F)`` when ``dim`` is None)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
@@ -58,7 +59,7 @@ def _check_chunk(chunk: int) -> None:
 def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
     """Distance from each row of ``x`` (N, F) to its ``k``-th nearest neighbour among the other
     rows: shape ``(N,)``. A duplicate of a row is a neighbour at distance 0."""
-    _check(x, "x")
+    check_2d(x, "x")
     _check_chunk(chunk)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < x.shape[0]:
         raise ValueError(f"k must be an integer in [1, N - 1] = [1, {x.shape[0] - 1}] for {x.shape[0]} points, "
@@ -74,8 +75,8 @@ def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
 def manifold_membership(y: torch.Tensor, x: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Whether each row of ``y`` (M, F) lies in the union of balls of radius ``radii`` (N,)
     around the rows of ``x`` (N, F): a bool tensor ``(M,)``."""
-    _check(x, "x")
-    _check(y, "y", x.shape[1])
+    check_2d(x, "x")
+    check_2d(y, "y", x.shape[1])
     _check_chunk(chunk)
     if radii.shape != (x.shape[0],):
         raise ValueError(f"radii must have shape ({x.shape[0]},), one per row of x, got {tuple(radii.shape)}")
@@ -96,8 +97,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
     :param k: neighbour whose distance is each ball's radius (``1 <= k < min(N, M)``).
     :param chunk: rows of pairwise distances held at once (memory ``chunk * max(N, M)``).
     """
-    _check(real, "real")
-    _check(fake, "fake", real.shape[1])
+    check_2d(real, "real")
+    check_2d(fake, "fake", real.shape[1])
     if fake.device != real.device:
         raise ValueError(f"real and fake must be on one device, got {real.device} and {fake.device}")
     precision = manifold_membership(fake, real, knn_radii(real, k, chunk), chunk).double().mean()
