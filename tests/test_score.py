@@ -505,6 +505,25 @@ def test_preconditioned_net_with_zero_output_is_the_noised_gaussian_score(make):
         torch.testing.assert_close(x + sigma**2 * ref, mu + sd**2 / (sd**2 + sigma**2) * (x - mu), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda r: ScoreNet(64, (32, 32), True, 0.4, 0.3, r),
+                                  lambda r: UNetScore((1, 8, 8), 8, 0.4, 0.3, r)], ids=["mlp", "unet"])
+def test_data_range_clamps_the_denoiser_and_only_there(make):
+    # D = x + sigma^2 s is clamped to the data's range [0, 1], where E[x0 | x] lies; inside it the
+    # score is the unclamped one, and far outside it the score points back into the box
+    torch.manual_seed(0)
+    free, boxed = make(None), make((0.0, 1.0))
+    boxed.load_state_dict(free.state_dict())
+    x = torch.randn(6, 64) * 3
+    for sigma in (0.01, 0.3, 20.0):
+        sg = torch.full((6,), sigma)
+        d_free, d_box = x + sigma**2 * free(x, sg), x + sigma**2 * boxed(x, sg)
+        torch.testing.assert_close(d_box, d_free.clamp(0, 1), rtol=1e-4, atol=1e-4 * max(1.0, sigma**2))
+        inside = (d_free > 0) & (d_free < 1)
+        torch.testing.assert_close(boxed(x, sg)[inside], free(x, sg)[inside])
+    far = torch.full((2, 64), 50.0)
+    assert (boxed(far, torch.full((2,), 0.5)) < 0).all() and (boxed(-far, torch.full((2,), 0.5)) > 0).all()
+
+
 def test_edm_target_has_unit_scale_and_dsm_is_edm_loss_times_a_level_weight():
     from ppgen.score.networks import edm_coefficients
 
@@ -568,7 +587,7 @@ def test_preconditioning_is_resolved_stored_and_old_runs_still_load(tmp_path):
     old = train_score(_toy_config(epochs=1, precondition=False), tmp_path / "old", progress=False, figures=False)
     path = tmp_path / "old" / "config.json"
     stored = json.loads(path.read_text())
-    for k in ("precondition", "sigma_data", "data_mean"):
+    for k in ("precondition", "sigma_data", "data_mean", "data_range"):
         del stored[k]
     path.write_text(json.dumps(stored))
     net, config, _ = load_score(tmp_path / "old", averaged=False)
@@ -579,8 +598,16 @@ def test_preconditioning_is_resolved_stored_and_old_runs_still_load(tmp_path):
     resumed = train_score(_toy_config(epochs=2, precondition=False), tmp_path / "old", resume=True, progress=False,
                           figures=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    with pytest.raises(ValueError, match="sigma_data/data_mean set the preconditioning"):
+    assert done.config.data_range is None  # a 2-D toy is not bounded: no clamp
+    from ppgen.score import load_data, resolve_ladder
+
+    digits = ScoreConfig(data="digits")
+    train = load_data(digits, download=False)[0]
+    assert resolve_ladder(digits, train)[0].data_range == (float(train.min()), float(train.max())) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="sigma_data/data_mean/data_range set the preconditioning"):
         ScoreConfig(objective="ssm", sigma_data=0.5)
+    with pytest.raises(ValueError, match="data_range must be"):
+        ScoreConfig(data_range=(1.0, 0.0))
     with pytest.raises(ValueError, match="sigma_data must be a positive"):
         ScoreNet(2, conditional=True, sigma_data=0.0)
     with pytest.raises(ValueError, match="resolve_ladder"):  # a preconditioned net needs the data's moments

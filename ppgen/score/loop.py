@@ -16,7 +16,7 @@ models*, each a :class:`ScoreConfig` field and a flag, all on by default for ``d
   by default replaced by the preconditioning of Karras et al. (2022) (``precondition``: input scaled
   by ``1 / sqrt(sigma^2 + sigma_data^2)``, a Fourier embedding of ``log sigma`` in every hidden
   layer, the output a denoiser with EDM's skip/output scalings; :mod:`ppgen.score.networks`), with
-  the data's mean and standard deviation resolved from the training data and stored in config.json
+  the data's mean, standard deviation and (images) range resolved from the training data and stored in config.json
   so sampling and ``--resume`` rebuild the same net (runs from before it load as ``precondition``
   False);
 - an EMA of the weights (``ema_decay``; technique 5, :class:`ppgen.ema.EMA`) that sampling,
@@ -89,6 +89,7 @@ class ScoreConfig:
     precondition: bool = True  # dsm: EDM preconditioning of the net (Karras et al. 2022); False: s(x) / sigma (Song & Ermon)
     sigma_data: Optional[float] = None  # dsm + precondition: data std (all coordinates pooled); None: from the training data
     data_mean: Optional[float] = None  # dsm + precondition: data mean (pooled); None: from the training data
+    data_range: Optional[tuple[float, float]] = None  # dsm + precondition, images: (min, max) entry the denoiser is clamped to; None: from the data
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, forgetting the initial weights
     family: str = "score"  # model family, for `ppgen sample` and reports
 
@@ -122,9 +123,12 @@ class ScoreConfig:
             raise ValueError(f"sigma_data must be a positive finite number (or None: from the data), got {self.sigma_data}")
         if self.data_mean is not None and not math.isfinite(self.data_mean):
             raise ValueError(f"data_mean must be finite (or None: from the data), got {self.data_mean}")
-        if (self.sigma_data is not None or self.data_mean is not None) and not (self.conditional and self.precondition):
-            raise ValueError("sigma_data/data_mean set the preconditioning of a noise-conditional net: they need "
-                             "objective 'dsm' with precondition True (leave them None otherwise)")
+        if self.data_range is not None and not (len(self.data_range) == 2 and self.data_range[0] < self.data_range[1]):
+            raise ValueError(f"data_range must be (min, max) with min < max (or None: from the data), got {self.data_range}")
+        if (self.sigma_data is not None or self.data_mean is not None or self.data_range is not None) and not (
+                self.conditional and self.precondition):
+            raise ValueError("sigma_data/data_mean/data_range set the preconditioning of a noise-conditional net: they "
+                             "need objective 'dsm' with precondition True (leave them None otherwise)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
@@ -165,7 +169,7 @@ class ScoreConfig:
             if self.sigma_data is None or self.data_mean is None:
                 raise ValueError("sigma_data/data_mean are None (set from the data): resolve them with "
                                  "ppgen.score.resolve_ladder(config, train) first")
-            pre = {"sigma_data": self.sigma_data, "data_mean": self.data_mean}
+            pre = {"sigma_data": self.sigma_data, "data_mean": self.data_mean, "data_range": self.data_range}
         if self.arch == "unet":
             return UNetScore(self.image_shape, self.width, **pre)
         return ScoreNet(dim, self.hidden, conditional=self.conditional, **pre)
@@ -224,6 +228,8 @@ def resolve_ladder(config: ScoreConfig, train: torch.Tensor) -> tuple[ScoreConfi
         mean, std = data_moments(train)
         config = dataclasses.replace(config, sigma_data=config.sigma_data or std,
                                      data_mean=mean if config.data_mean is None else config.data_mean)
+    if config.precondition and config.data_range is None and config.image_shape is not None:  # toys: unbounded
+        config = dataclasses.replace(config, data_range=(float(train.min()), float(train.max())))
     return config, ladder
 
 
@@ -249,13 +255,13 @@ def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int, resolve
     if resolved is not None and resolved.precondition:
         rules["sigma_data"] = "given" if asked.sigma_data is not None else f"std of the {n_train} training points, pooled"
         rules["data_mean"] = "given" if asked.data_mean is not None else f"mean of the {n_train} training points, pooled"
-        pre = {"sigma_data": resolved.sigma_data, "data_mean": resolved.data_mean}
+        pre = {"sigma_data": resolved.sigma_data, "data_mean": resolved.data_mean, "data_range": resolved.data_range}
     return {**ladder._asdict(), "sigma_min": asked.sigma_min, "steps_per_level": done.steps,
             "eps": done.step_size(), **pre, "rules": rules}
 
 
 #: config fields added later and the values that rebuild the runs made before them
-_LEGACY = {"precondition": False, "sigma_data": None, "data_mean": None}
+_LEGACY = {"precondition": False, "sigma_data": None, "data_mean": None, "data_range": None}
 
 
 def _stored_config(run: Run) -> dict:

@@ -12,6 +12,10 @@ Noise-conditional nets come in two parametrizations, both returning the score of
   ``(D - x) / sigma^2 = -(x - mu) / (sigma^2 + sigma_data^2) + c_out F / sigma^2``. With ``F = 0`` it
   is the exact score of ``N(mu, sigma_data^2 I)`` noised at ``sigma``, and the denoising target of
   ``F``, ``(x0 - mu - c_skip (x - mu)) / c_out``, has unit variance at every ``sigma`` for such data.
+  With ``data_range = (lo, hi)`` (the smallest and largest training entry) ``D`` is clamped to
+  ``[lo, hi]``: the posterior mean ``E[x0 | x]`` lies there, so the clamp only moves ``D`` towards
+  it, and far from the data the score points back into the box (without it, annealed Langevin
+  on Fashion-MNIST escaped to where the MLP's extrapolation pushes outward, and overflowed).
 - **legacy** (``sigma_data`` None), Song & Ermon (2020), technique 3: ``log sigma`` appended to the
   input (raw scale) and the output divided by ``sigma``. Kept so runs trained with it still load.
 
@@ -54,7 +58,11 @@ class NoiseEmbedding(nn.Module):
         return self.net(torch.cat([c_noise, a.sin(), a.cos()], -1))
 
 
-def _check_sigma_data(sigma_data: Optional[float], data_mean: float) -> None:
+def _check_sigma_data(sigma_data: Optional[float], data_mean: float, data_range: Optional[tuple]) -> None:
+    if data_range is not None and not (len(data_range) == 2 and data_range[0] < data_range[1]):
+        raise ValueError(f"data_range must be (min, max) with min < max, or None, got {data_range!r}")
+    if data_range is not None and sigma_data is None:
+        raise ValueError("data_range bounds the preconditioned denoiser: it needs sigma_data")
     if sigma_data is not None and not (isinstance(sigma_data, (int, float)) and 0 < sigma_data < math.inf):
         raise ValueError(f"sigma_data must be a positive finite number (or None: no preconditioning), got {sigma_data!r}")
     if not (isinstance(data_mean, (int, float)) and math.isfinite(data_mean)):
@@ -72,18 +80,21 @@ class ScoreNet(nn.Module):
 
     :param sigma_data: the data's standard deviation (all coordinates pooled), or None.
     :param data_mean: the data's mean ``mu`` (pooled), used with ``sigma_data``.
+    :param data_range: ``(lo, hi)`` the range of the data's entries, the denoiser is clamped to; or None.
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), conditional: bool = False,
-                 sigma_data: Optional[float] = None, data_mean: float = 0.0):
+                 sigma_data: Optional[float] = None, data_mean: float = 0.0,
+                 data_range: Optional[tuple[float, float]] = None):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        _check_sigma_data(sigma_data, data_mean)
+        _check_sigma_data(sigma_data, data_mean, data_range)
         if sigma_data is not None and not conditional:
             raise ValueError("sigma_data (preconditioning) needs a noise-conditional net: pass conditional=True")
         self.dim, self.conditional = dim, conditional
         self.sigma_data, self.data_mean = (None if sigma_data is None else float(sigma_data)), float(data_mean)
+        self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
         if self.sigma_data is None:
             self.net = mlp([dim + int(conditional), *hidden, dim], activation=nn.SiLU)
             return
@@ -107,12 +118,17 @@ class ScoreNet(nn.Module):
         e, h = self.embed(c_noise), c_in * xc
         for layer, proj in zip(self.layers, self.emb_proj):
             h = F.silu(layer(h) + proj(e))
-        return _edm_score(self.out(h), xc, sigma, c_out, self.sigma_data)
+        return _edm_score(self.out(h), x, xc, sigma, c_out, self.sigma_data, self.data_range)
 
 
-def _edm_score(f: torch.Tensor, xc: torch.Tensor, sigma: torch.Tensor, c_out: torch.Tensor, sigma_data: float) -> torch.Tensor:
+def _edm_score(f: torch.Tensor, x: torch.Tensor, xc: torch.Tensor, sigma: torch.Tensor, c_out: torch.Tensor,
+               sigma_data: float, data_range: Optional[tuple[float, float]]) -> torch.Tensor:
     # (D - x) / sigma^2 with D = mu + c_skip (x - mu) + c_out F, written without the cancellation of D - x
-    return c_out / sigma**2 * f - xc / (sigma**2 + sigma_data**2)
+    s = c_out / sigma**2 * f - xc / (sigma**2 + sigma_data**2)
+    if data_range is None:
+        return s
+    d = x + sigma**2 * s  # the denoiser; E[x0 | x] lies in the data's range, so project D onto it
+    return s + (d.clamp(*data_range) - d) / sigma**2
 
 
 def _sigma_column(sigma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -143,14 +159,16 @@ class UNetScore(nn.Module):
     """
 
     def __init__(self, image_shape: Sequence[int] = (1, 28, 28), width: int = 32,
-                 sigma_data: Optional[float] = None, data_mean: float = 0.0):
+                 sigma_data: Optional[float] = None, data_mean: float = 0.0,
+                 data_range: Optional[tuple[float, float]] = None):
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
             raise ValueError(f"UNetScore needs image height and width divisible by 4, got {h}x{w}")
-        _check_sigma_data(sigma_data, data_mean)
+        _check_sigma_data(sigma_data, data_mean, data_range)
         self.image_shape, self.dim, self.conditional = tuple(image_shape), c * h * w, True
         self.sigma_data, self.data_mean = (None if sigma_data is None else float(sigma_data)), float(data_mean)
+        self.data_range = None if data_range is None else (float(data_range[0]), float(data_range[1]))
         e = 4 * width
         if self.sigma_data is None:
             self.embed = nn.Sequential(nn.Linear(1, e), nn.SiLU(), nn.Linear(e, e))
@@ -181,4 +199,5 @@ class UNetScore(nn.Module):
             return self._body(x, self.embed(sigma.log())) / sigma
         c_in, _, c_out, c_noise = edm_coefficients(sigma, self.sigma_data)
         xc = x - self.data_mean
-        return _edm_score(self._body(c_in * xc, self.embed(c_noise)), xc, sigma, c_out, self.sigma_data)
+        return _edm_score(self._body(c_in * xc, self.embed(c_noise)), x, xc, sigma, c_out, self.sigma_data,
+                          self.data_range)
