@@ -12,7 +12,10 @@ from ppgen.models.vae import VAE, VAEConfig
 from ppgen.runs import Run
 from ppgen.train import VAERunConfig, load_vae, train_vae
 
-from ppgen.infer.ais import ais_log_evidence, bdmc
+from ppgen.ema import EMA
+from ppgen.infer.ais import ais_log_evidence, bdmc, guide_start
+from ppgen.infer.trusted import inference_gaps, trusted_evidence
+from ppgen.metrics_pr import precision_recall
 from ppgen.infer.evidence import EvidenceResult, log_evidence
 from ppgen.infer.nested_evidence import JointEvidenceResult, joint_log_evidence
 from ppgen.models.linear_gaussian import LinearGaussian
@@ -43,6 +46,7 @@ __all__ = [
 ]
 __all__ += ["EvidenceResult", "LinearGaussian", "ais_log_evidence", "bdmc", "log_evidence"]
 __all__ += ["JointEvidenceResult", "joint_log_evidence"]
+__all__ += ["EMA", "guide_start", "inference_gaps", "precision_recall", "trusted_evidence"]
 
 from ppgen.infer.autoguide import AmortizedGuide  # noqa: E402
 
