@@ -1,5 +1,7 @@
 """Score matching and Langevin sampling against analytic scores of Gaussian mixtures."""
 
+import math
+
 import pytest
 import torch
 
@@ -545,8 +547,43 @@ def test_edm_target_has_unit_scale_and_dsm_is_edm_loss_times_a_level_weight():
             sc = net(xb, s.expand(256))
             f = (sc + (xb - mu) / (sigma**2 + sd**2)) * sigma**2 / c_out
             dsm = ncsn_loss(net, x0[:256], s, torch.zeros(256, dtype=torch.long), eb)
+            weighted = ncsn_loss(net, x0[:256], s, torch.zeros(256, dtype=torch.long), eb, sigma_data=sd)
         edm = (f - tb).pow(2).sum(-1).mean()
         assert float(dsm) == pytest.approx(0.5 * sd**2 / (sigma**2 + sd**2) * float(edm), rel=1e-4)
+        assert float(weighted) == pytest.approx(0.5 * float(edm), rel=1e-4)  # the EDM weight: 0.5 ||F - F*||^2
+
+
+def test_edm_weight_makes_every_levels_irreducible_loss_equal():
+    # x0 ~ N(mu, sd^2 I_d): F = 0 is the optimum (zero-output test above), and the loss left there is
+    # 0.5 E||sigma s + eps||^2 = 0.5 d sd^2 / (sigma^2 + sd^2) under lambda = sigma^2 (shrinking as 1 / sigma^2
+    # above sd), and 0.5 d at every level with the EDM weight (sigma^2 + sd^2) / sd^2
+    sd, mu, d, n = 0.35, 0.3, 8, 40000
+    g = torch.Generator().manual_seed(1)
+    x0 = mu + sd * torch.randn(n, d, generator=g)
+    net = _zero_output(ScoreNet(d, (16,), True, sd, mu))
+    sigmas = geometric_sigmas(20.0, 0.01, 5)
+    for i, sigma in enumerate(sigmas.tolist()):
+        levels, eps = torch.full((n,), i), torch.randn(n, d, generator=g)
+        with torch.no_grad():
+            plain, weighted = (float(ncsn_loss(net, x0, sigmas, levels, eps, w)) for w in (None, sd))
+        # Monte Carlo: 0.5 ||.||^2 is 0.5 (sd^2 / v) chi^2_d per point, relative std sqrt(2 / (d n)) = 0.0025
+        assert plain == pytest.approx(0.5 * d * sd**2 / (sigma**2 + sd**2), rel=0.015), (sigma, plain)
+        assert weighted == pytest.approx(0.5 * d, rel=0.015), (sigma, weighted)
+    with pytest.raises(ValueError, match="sigma_data"):
+        ncsn_loss(net, x0[:4], sigmas, sigma_data=0.0)
+
+
+def test_noise_embedding_frequencies():
+    from ppgen.score.networks import NoiseEmbedding
+
+    assert NoiseEmbedding(8).freq.max() == pytest.approx(math.pi * 2**5.5)  # the first runs': 142 rad
+    five = NoiseEmbedding(8, 5)
+    torch.testing.assert_close(five.freq, math.pi * torch.tensor([1, 2**0.5, 2, 2**1.5, 4]))
+    assert five.net[0].in_features == 11 and five(torch.zeros(3, 1)).shape == (3, 8)
+    assert NoiseEmbedding(8, 0)(torch.zeros(3, 1)).shape == (3, 8)  # c_noise alone
+    assert UNetScore((1, 8, 8), 8, 0.4, 0.3, noise_freqs=3).embed.freq.numel() == 3
+    with pytest.raises(ValueError, match="n_freq"):
+        NoiseEmbedding(8, -1)
 
 
 @pytest.mark.slow
@@ -587,7 +624,7 @@ def test_preconditioning_is_resolved_stored_and_old_runs_still_load(tmp_path):
     old = train_score(_toy_config(epochs=1, precondition=False), tmp_path / "old", progress=False, figures=False)
     path = tmp_path / "old" / "config.json"
     stored = json.loads(path.read_text())
-    for k in ("precondition", "sigma_data", "data_mean", "data_range"):
+    for k in ("precondition", "sigma_data", "data_mean", "data_range", "loss_weight", "noise_freqs"):
         del stored[k]
     path.write_text(json.dumps(stored))
     net, config, _ = load_score(tmp_path / "old", averaged=False)
@@ -612,3 +649,52 @@ def test_preconditioning_is_resolved_stored_and_old_runs_still_load(tmp_path):
         ScoreNet(2, conditional=True, sigma_data=0.0)
     with pytest.raises(ValueError, match="resolve_ladder"):  # a preconditioned net needs the data's moments
         ScoreConfig(sigma_max=1.0, n_sigmas=4).build()
+
+
+def test_loss_weight_and_noise_freqs_are_resolved_stored_and_kept_on_resume(tmp_path):
+    import json
+
+    from ppgen.score import ScoreConfig, load_score, train_score
+
+    new = train_score(_toy_config(epochs=1, noise_freqs=4), tmp_path / "new", progress=False, figures=False)
+    assert new.config.loss_weight == "edm" and new.net.embed.freq.numel() == 4
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["loss_weight"] == "edm"
+    assert train_score(_toy_config(epochs=1, precondition=False), tmp_path / "plain", progress=False,
+                       figures=False).config.loss_weight == "sigma2"
+    # a preconditioned run from before loss_weight/noise_freqs: lambda = sigma^2 and 12 frequencies, kept on resume
+    old = train_score(_toy_config(epochs=1, loss_weight="sigma2"), tmp_path / "old", progress=False, figures=False)
+    path = tmp_path / "old" / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["loss_weight"], stored["noise_freqs"]
+    path.write_text(json.dumps(stored))
+    net, config, _ = load_score(tmp_path / "old", averaged=False)
+    assert config.loss_weight == "sigma2" and config.noise_freqs == 12 and net.embed.freq.numel() == 12
+    x, s = torch.randn(5, 2), torch.full((5,), 0.3)
+    assert torch.allclose(net(x, s), old.net(x, s), atol=1e-6)
+    resumed = train_score(_toy_config(epochs=2), tmp_path / "old", resume=True, progress=False, figures=False)
+    assert resumed.config.loss_weight == "sigma2" and [r["epoch"] for r in resumed.history] == [1, 2]
+    with pytest.raises(ValueError, match="loss_weight"):  # an explicit other weighting is a different run
+        train_score(_toy_config(epochs=3, loss_weight="edm"), tmp_path / "old", resume=True, progress=False,
+                    figures=False)
+    with pytest.raises(ValueError, match="loss_weight 'edm' weights the preconditioned"):
+        ScoreConfig(precondition=False, loss_weight="edm")
+    with pytest.raises(ValueError, match="objective 'ssm' has none"):
+        ScoreConfig(objective="ssm", loss_weight="sigma2")
+    with pytest.raises(ValueError, match="loss_weight must be"):
+        ScoreConfig(loss_weight="uniform")
+    with pytest.raises(ValueError, match="noise_freqs must be"):
+        ScoreConfig(noise_freqs=-1)
+
+
+def test_cli_flags_map_onto_the_score_config(tmp_path):
+    import argparse
+
+    from ppgen.cli.train import add_train_score
+
+    parser = argparse.ArgumentParser()
+    add_train_score(parser.add_subparsers())
+    args = parser.parse_args(["score", "--out", str(tmp_path), "--no-precondition", "--sigma-data", "0.4",
+                              "--loss-weight", "sigma2", "--noise-freqs", "5"])
+    assert (args.precondition, args.sigma_data, args.loss_weight, args.noise_freqs) == (False, 0.4, "sigma2", 5)
+    args = parser.parse_args(["score", "--out", str(tmp_path)])
+    assert (args.precondition, args.sigma_data, args.loss_weight) == (True, None, None)

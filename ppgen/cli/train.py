@@ -273,6 +273,17 @@ def add_train_score(sub) -> None:
                    help="decay of the EMA of the weights used for sampling and metrics (0: none)")
     p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
                    help="constant EMA decay from the first step (default: min(decay, (1+t)/(10+t)))")
+    p.add_argument("--no-precondition", dest="precondition", action="store_false",
+                   help="dsm: the net as s(x) / sigma (Song & Ermon 2020) instead of EDM's preconditioning "
+                        "(Karras et al. 2022)")
+    p.add_argument("--sigma-data", type=positive_float, default=None,
+                   help="dsm, preconditioned: the data's standard deviation (default: from the training data)")
+    p.add_argument("--loss-weight", default=None, choices=["edm", "sigma2"],
+                   help="dsm: weight of each noise level: edm (unit weight on the preconditioned net's output; "
+                        "default when preconditioned) or sigma2 (lambda = sigma^2, Song & Ermon; default with "
+                        "--no-precondition). --resume keeps the run's own")
+    p.add_argument("--noise-freqs", type=int, default=12,
+                   help="dsm, preconditioned: Fourier frequencies pi*2^(k/2), k < N, of the noise-level embedding")
     add_loop_flags(p)
     p.set_defaults(func=cmd_train_score)
 
@@ -282,7 +293,8 @@ def cmd_train_score(args: argparse.Namespace) -> int:
 
     names = ("data", "data_dir", "split_seed", "toy_n", "objective", "arch", "hidden", "width", "sigma_max", "sigma_min",
              "n_sigmas", "ladder_subsample", "projections", "epochs", "batch_size", "lr", "seed", "device",
-             "langevin_steps", "eta", "denoise", "init", "ema_decay", "ema_warmup")
+             "langevin_steps", "eta", "denoise", "init", "ema_decay", "ema_warmup", "precondition", "sigma_data",
+             "loss_weight", "noise_freqs")
     config = ScoreConfig(**{k: getattr(args, k) for k in names})
     done = train_score(config, args.out, args.resume, args.overwrite, not args.no_progress, not args.no_download)
     if done.run is None:  # a torchrun worker other than rank 0: rank 0 reports

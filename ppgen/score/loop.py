@@ -90,6 +90,8 @@ class ScoreConfig:
     sigma_data: Optional[float] = None  # dsm + precondition: data std (all coordinates pooled); None: from the training data
     data_mean: Optional[float] = None  # dsm + precondition: data mean (pooled); None: from the training data
     data_range: Optional[tuple[float, float]] = None  # dsm + precondition, images: (min, max) entry the denoiser is clamped to; None: from the data
+    loss_weight: Optional[str] = None  # dsm: edm (unit weight on the preconditioned output F) | sigma2 (lambda = sigma^2); None: edm if precondition
+    noise_freqs: int = 12  # dsm + precondition: Fourier frequencies pi 2^(k/2), k < noise_freqs, of the noise embedding
     ema_warmup: bool = True  # EMA decay min(ema_decay, (1 + t) / (10 + t)) at update t, forgetting the initial weights
     family: str = "score"  # model family, for `ppgen sample` and reports
 
@@ -129,6 +131,16 @@ class ScoreConfig:
                 self.conditional and self.precondition):
             raise ValueError("sigma_data/data_mean/data_range set the preconditioning of a noise-conditional net: they "
                              "need objective 'dsm' with precondition True (leave them None otherwise)")
+        if self.loss_weight not in (None, "edm", "sigma2"):
+            raise ValueError(f"loss_weight must be 'edm' or 'sigma2' (or None: by precondition), got {self.loss_weight!r}")
+        if self.loss_weight is not None and not self.conditional:
+            raise ValueError(f"loss_weight weights the levels of the dsm ladder; objective {self.objective!r} has none: "
+                             "leave it None")
+        if self.loss_weight == "edm" and not self.precondition:
+            raise ValueError("loss_weight 'edm' weights the preconditioned output F; with precondition False use "
+                             "loss_weight 'sigma2' (Song & Ermon's lambda = sigma^2)")
+        if not (isinstance(self.noise_freqs, int) and self.noise_freqs >= 0):
+            raise ValueError(f"noise_freqs must be an integer >= 0, got {self.noise_freqs!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
@@ -169,7 +181,8 @@ class ScoreConfig:
             if self.sigma_data is None or self.data_mean is None:
                 raise ValueError("sigma_data/data_mean are None (set from the data): resolve them with "
                                  "ppgen.score.resolve_ladder(config, train) first")
-            pre = {"sigma_data": self.sigma_data, "data_mean": self.data_mean, "data_range": self.data_range}
+            pre = {"sigma_data": self.sigma_data, "data_mean": self.data_mean, "data_range": self.data_range,
+                   "noise_freqs": self.noise_freqs}
         if self.arch == "unet":
             return UNetScore(self.image_shape, self.width, **pre)
         return ScoreNet(dim, self.hidden, conditional=self.conditional, **pre)
@@ -185,7 +198,8 @@ class ScoreConfig:
         if self.objective == "ssm":
             return ssm_loss(net, x, self.projections, projections=noise.get("directions"))
         sigmas = self.sigmas.to(x.device)
-        return ncsn_loss(net, x, sigmas, noise.get("levels"), noise.get("eps"))
+        edm = self.precondition and self.loss_weight in (None, "edm")
+        return ncsn_loss(net, x, sigmas, noise.get("levels"), noise.get("eps"), self.sigma_data if edm else None)
 
     def draw_noise(self, n: int, dim: int, generator: torch.Generator) -> dict:
         """The noise :meth:`loss` needs for ``n`` datapoints of dimension ``dim``, drawn from
@@ -228,6 +242,8 @@ def resolve_ladder(config: ScoreConfig, train: torch.Tensor) -> tuple[ScoreConfi
         mean, std = data_moments(train)
         config = dataclasses.replace(config, sigma_data=config.sigma_data or std,
                                      data_mean=mean if config.data_mean is None else config.data_mean)
+    if config.loss_weight is None:
+        config = dataclasses.replace(config, loss_weight="edm" if config.precondition else "sigma2")
     if config.precondition and config.data_range is None and config.image_shape is not None:  # toys: unbounded
         config = dataclasses.replace(config, data_range=(float(train.min()), float(train.max())))
     return config, ladder
@@ -261,7 +277,8 @@ def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int, resolve
 
 
 #: config fields added later and the values that rebuild the runs made before them
-_LEGACY = {"precondition": False, "sigma_data": None, "data_mean": None, "data_range": None}
+_LEGACY = {"precondition": False, "sigma_data": None, "data_mean": None, "data_range": None, "loss_weight": "sigma2",
+           "noise_freqs": 12}
 
 
 def _stored_config(run: Run) -> dict:
@@ -308,6 +325,8 @@ def train_score(
     asked, (config, ladder) = config, resolve_ladder(config, train)
     if resume:
         stored = _stored_config(run)
+        if asked.loss_weight is None and config.conditional:  # continue with the weighting the run was trained with
+            config = dataclasses.replace(config, loss_weight=stored.get("loss_weight") or config.loss_weight)
         if not stored.get("precondition", True) and config.precondition and config.conditional:
             raise ValueError(f"cannot resume {run.path}: it was trained without preconditioning (precondition False, "
                              "or made before it existed); resume it with ScoreConfig(precondition=False), or start "

@@ -44,12 +44,15 @@ def edm_coefficients(sigma: torch.Tensor, sigma_data: float) -> tuple[torch.Tens
 
 
 class NoiseEmbedding(nn.Module):
-    """``c_noise (B, 1) -> (B, width)``: sines and cosines of ``c_noise`` at ``n_freq`` fixed
-    frequencies ``pi * 2^(k/2)``, ``k = 0..n_freq-1`` (one to about 45 cycles per unit of
-    ``c_noise = log(sigma)/4``), followed by a two-layer SiLU MLP."""
+    """``c_noise (B, 1) -> (B, width)``: ``c_noise`` with its sines and cosines at ``n_freq`` fixed
+    frequencies ``pi * 2^(k/2)`` rad per unit of ``c_noise = log(sigma)/4``, ``k = 0..n_freq-1``,
+    followed by a two-layer SiLU MLP. ``n_freq`` 12 (the first runs) reaches 142 rad, over 2.8 rad
+    between neighbouring levels of a 98-level ladder, nearly decoupling them; 5 stops at 12.6."""
 
     def __init__(self, width: int, n_freq: int = 12):
         super().__init__()
+        if not isinstance(n_freq, int) or n_freq < 0:
+            raise ValueError(f"n_freq (Fourier frequencies of the noise embedding) must be an integer >= 0, got {n_freq!r}")
         self.register_buffer("freq", math.pi * 2.0 ** (torch.arange(n_freq) / 2), persistent=False)
         self.net = nn.Sequential(nn.Linear(2 * n_freq + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU())
 
@@ -81,11 +84,12 @@ class ScoreNet(nn.Module):
     :param sigma_data: the data's standard deviation (all coordinates pooled), or None.
     :param data_mean: the data's mean ``mu`` (pooled), used with ``sigma_data``.
     :param data_range: ``(lo, hi)`` the range of the data's entries, the denoiser is clamped to; or None.
+    :param noise_freqs: Fourier frequencies of the noise embedding (:class:`NoiseEmbedding`), with ``sigma_data``.
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (128, 128), conditional: bool = False,
                  sigma_data: Optional[float] = None, data_mean: float = 0.0,
-                 data_range: Optional[tuple[float, float]] = None):
+                 data_range: Optional[tuple[float, float]] = None, noise_freqs: int = 12):
         super().__init__()
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -100,7 +104,7 @@ class ScoreNet(nn.Module):
             return
         widths = [dim, *hidden]
         emb = max(64, min(hidden, default=64) // 2)
-        self.embed = NoiseEmbedding(emb)
+        self.embed = NoiseEmbedding(emb, noise_freqs)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.emb_proj = nn.ModuleList(nn.Linear(emb, b) for b in widths[1:])
         self.out = nn.Linear(widths[-1], dim)
@@ -160,7 +164,7 @@ class UNetScore(nn.Module):
 
     def __init__(self, image_shape: Sequence[int] = (1, 28, 28), width: int = 32,
                  sigma_data: Optional[float] = None, data_mean: float = 0.0,
-                 data_range: Optional[tuple[float, float]] = None):
+                 data_range: Optional[tuple[float, float]] = None, noise_freqs: int = 12):
         super().__init__()
         c, h, w = image_shape
         if h % 4 or w % 4:
@@ -173,7 +177,7 @@ class UNetScore(nn.Module):
         if self.sigma_data is None:
             self.embed = nn.Sequential(nn.Linear(1, e), nn.SiLU(), nn.Linear(e, e))
         else:
-            self.embed = NoiseEmbedding(e)
+            self.embed = NoiseEmbedding(e, noise_freqs)
         self.inc = _Block(c, width, e)
         self.down1 = _Block(width, 2 * width, e, stride=2)
         self.down2 = _Block(2 * width, 2 * width, e, stride=2)

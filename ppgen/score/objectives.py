@@ -173,28 +173,42 @@ def dsm_loss(score_net: Callable, x: torch.Tensor, sigma: float, eps: Optional[t
 
 
 def ncsn_loss(score_net: Callable, x: torch.Tensor, sigmas: torch.Tensor, levels: Optional[torch.Tensor] = None,
-              eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+              eps: Optional[torch.Tensor] = None, sigma_data: Optional[float] = None) -> torch.Tensor:
     """Noise-conditional DSM over a ladder (Song & Ermon 2019, eq. 6 with ``lambda = sigma^2``):
     each datapoint draws a level ``sigma`` uniformly from ``sigmas`` and contributes
     ``0.5 ||sigma s(x~, sigma) + eps||^2`` with ``x~ = x + sigma eps``.
+
+    With ``sigma_data`` given, each term is multiplied by ``(sigma^2 + sigma_data^2) / sigma_data^2``,
+    the weighting of Karras et al. (2022), eq. 8 and Table 1 (``lambda = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2`` on the denoiser error): for the EDM-preconditioned nets of
+    :mod:`ppgen.score.networks` the term is then ``0.5 ||F - F*||^2``, the network output's
+    error against its target with unit weight at every level. Under ``lambda = sigma^2`` it is
+    ``0.5 sigma_data^2 / (sigma^2 + sigma_data^2) ||F - F*||^2``, so levels far above
+    ``sigma_data`` hardly train ``F``.
 
     :param score_net: ``(x (B, D), sigma (B,)) -> (B, D)``.
     :param x: clean batch ``(B, D)``.
     :param sigmas: noise levels ``(L,)``, e.g. :func:`geometric_sigmas`.
     :param levels: optional indices into ``sigmas`` ``(B,)`` to use instead of drawing them.
     :param eps: optional standard normal noise ``(B, D)`` to use instead of drawing it.
+    :param sigma_data: the data's standard deviation for the EDM weighting, or None (``lambda = sigma^2``).
     """
     _check_batch(x)
     if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or not (sigmas > 0).all():
         raise ValueError(f"sigmas must be a 1-d tensor of positive noise levels, got {sigmas!r}")
     _check_noise(levels, (x.shape[0],), "levels")
     _check_noise(eps, tuple(x.shape), "eps")
+    if sigma_data is not None:
+        _check_sigma(sigma_data, "sigma_data")
     if levels is None:
         levels = torch.randint(len(sigmas), (x.shape[0],), device=x.device)
     sigma = sigmas.to(x)[levels.to(x.device)]
     eps = torch.randn_like(x) if eps is None else eps.to(x)
     s = score_net(x + sigma[:, None] * eps, sigma)
-    return 0.5 * (sigma[:, None] * s + eps).pow(2).sum(-1).mean()
+    term = 0.5 * (sigma[:, None] * s + eps).pow(2).sum(-1)
+    if sigma_data is not None:
+        term = term * (sigma**2 + sigma_data**2) / sigma_data**2
+    return term.mean()
 
 
 def dae_loss(denoiser: Callable, x: torch.Tensor, sigma: float) -> torch.Tensor:
