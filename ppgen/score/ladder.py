@@ -15,7 +15,8 @@ models*, for annealed Langevin (:func:`ppgen.score.sampling.annealed_langevin`),
   the ratio of the sampler's variance after ``T`` steps to ``sigma_i^2`` for Gaussian data, so
   that it is as close to 1 as it gets (:func:`langevin_variance_ratio`, :func:`langevin_step_size`).
 
-The preconditioning of Karras et al. (2022) (:mod:`ppgen.score.networks`) takes the data's scale
+:func:`resolve_ladder` fills a :class:`ppgen.score.ScoreConfig`'s data-dependent fields by these rules and
+:func:`ladder_record` describes them (ladder.json). The preconditioning of Karras et al. (2022) (:mod:`ppgen.score.networks`) takes the data's scale
 from :func:`data_moments`: the mean and standard deviation of all coordinates pooled.
 
 Reproduced in the tests: CIFAR-10 (``D = 3072``, ``sigma_L = 0.01``, ``gamma = 1.0376``, ``T = 5``)
@@ -24,16 +25,20 @@ gives the paper's ``eps = 6.2e-6``, CelebA 64 its ``3.3e-6``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from ppgen.score.loop import ScoreConfig
 
 #: levels of a data ladder in D <= 4, where technique 2 bounds no ratio
 LOW_DIM_LEVELS = 20
 
 __all__ = ["LOW_DIM_LEVELS", "NoiseLadder", "data_moments", "data_noise_ladder", "langevin_step_size", "langevin_variance_ratio", "level_overlap",
-           "max_pairwise_distance", "overlap_ratio"]
+           "ladder_record", "max_pairwise_distance", "overlap_ratio", "resolve_ladder"]
 
 
 def max_pairwise_distance(x: torch.Tensor, subsample: int = 2000, seed: int = 0) -> float:
@@ -162,3 +167,47 @@ def data_noise_ladder(x: torch.Tensor, sigma_min: float, sigma_max: Optional[flo
         n_sigmas = LOW_DIM_LEVELS if math.isinf(g) else math.ceil(math.log(sigma_max / sigma_min) / math.log(g) - 1e-9) + 1
     gamma = (sigma_max / sigma_min) ** (1.0 / (n_sigmas - 1)) if n_sigmas > 1 else 1.0  # 1: one level
     return NoiseLadder(float(sigma_max), int(n_sigmas), gamma, level_overlap(gamma, x.shape[1]))
+
+
+# --------------------------------------------------------------------------- a run's config
+
+
+def resolve_ladder(config: "ScoreConfig", train: torch.Tensor) -> tuple["ScoreConfig", Optional[NoiseLadder]]:
+    """``config`` with ``sigma_max``/``n_sigmas`` set from training data ``train`` (N, D) where None
+    (Song & Ermon 2020, techniques 1-2; :func:`ppgen.score.ladder.data_noise_ladder`), and with
+    ``precondition``, ``sigma_data``/``data_mean`` where None (:func:`data_moments`);
+    and the ladder's rule values (None for noise-free objectives, which have no ladder).
+    Deterministic: the subsample is seeded by ``split_seed``, so a resumed run resolves to the same ladder."""
+    if not config.conditional:
+        return config, None
+    ladder = data_noise_ladder(train, config.sigma_min, config.sigma_max, config.n_sigmas, config.ladder_subsample,
+                               seed=config.split_seed)
+    config = dataclasses.replace(config, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
+    if config.precondition and (config.sigma_data is None or config.data_mean is None):
+        mean, std = data_moments(train)
+        config = dataclasses.replace(config, sigma_data=config.sigma_data or std,
+                                     data_mean=mean if config.data_mean is None else config.data_mean)
+    if config.loss_weight is None:
+        config = dataclasses.replace(config, loss_weight="edm" if config.precondition else "sigma2")
+    if config.precondition and config.data_range is None and config.image_shape is not None:  # toys: unbounded
+        config = dataclasses.replace(config, data_range=(float(train.min()), float(train.max())))
+    return config, ladder
+
+
+def ladder_record(asked: "ScoreConfig", ladder: NoiseLadder, n_train: int, resolved: Optional["ScoreConfig"] = None) -> dict:
+    """The ladder of config ``asked`` (before :func:`resolve_ladder`) and the rules behind it, as
+    written to ladder.json: ``sigma_max, n_sigmas, gamma, overlap, sigma_min, steps_per_level, eps,
+    rules``, and ``sigma_data, data_mean`` of the ``resolved`` config when it is preconditioned."""
+    m = min(n_train, asked.ladder_subsample)
+    rules = {"sigma_max": f"technique 1: largest pairwise distance of {m} of {n_train} training points"
+                          if asked.sigma_max is None else "given",
+             "n_sigmas": "technique 2: fewest levels with overlap >= 0.5" if asked.n_sigmas is None else "given",
+             "eps": "technique 4: variance ratio closest to 1" if asked.eta is None else "eta * sigma_min^2"}
+    done = dataclasses.replace(asked, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
+    pre = {}
+    if resolved is not None and resolved.precondition:
+        rules["sigma_data"] = "given" if asked.sigma_data is not None else f"std of the {n_train} training points, pooled"
+        rules["data_mean"] = "given" if asked.data_mean is not None else f"mean of the {n_train} training points, pooled"
+        pre = {"sigma_data": resolved.sigma_data, "data_mean": resolved.data_mean, "data_range": resolved.data_range}
+    return {**ladder._asdict(), "sigma_min": asked.sigma_min, "steps_per_level": done.steps,
+            "eps": done.step_size(), **pre, "rules": rules}

@@ -18,7 +18,8 @@ models*, each a :class:`ScoreConfig` field and a flag, all on by default for ``d
   layer, the output a denoiser with EDM's skip/output scalings; :mod:`ppgen.score.networks`), with
   the data's mean, standard deviation and (images) range resolved from the training data and stored in config.json
   so sampling and ``--resume`` rebuild the same net (runs from before it load as ``precondition``
-  False);
+  False), and DSM weighted so each level trains ``F`` equally (``loss_weight`` edm;
+  :func:`ppgen.score.objectives.ncsn_loss`);
 - an EMA of the weights (``ema_decay``; technique 5, :class:`ppgen.ema.EMA`) that sampling,
   figures and ``ppgen metrics`` use, checkpointed so that resuming continues it exactly;
 - the final denoising step ``x + sigma_min^2 s(x, sigma_min)`` (``denoise``; Jolicoeur-Martineau
@@ -52,7 +53,7 @@ from ppgen.runs import (
     seeded,
     set_rng_state,
 )
-from ppgen.score.ladder import NoiseLadder, data_moments, data_noise_ladder, langevin_step_size
+from ppgen.score.ladder import ladder_record, langevin_step_size, resolve_ladder
 from ppgen.score.networks import ScoreNet, UNetScore
 from ppgen.score.objectives import OBJECTIVES, geometric_sigmas, ism_loss, ncsn_loss, ssm_loss
 
@@ -227,53 +228,12 @@ class ScoreRun(NamedTuple):
     sampler: Optional[nn.Module] = None  # the net that samples: the EMA of ``net``'s weights, or ``net``
 
 
-def resolve_ladder(config: ScoreConfig, train: torch.Tensor) -> tuple[ScoreConfig, Optional[NoiseLadder]]:
-    """``config`` with ``sigma_max``/``n_sigmas`` set from training data ``train`` (N, D) where None
-    (Song & Ermon 2020, techniques 1-2; :func:`ppgen.score.ladder.data_noise_ladder`), and with
-    ``precondition``, ``sigma_data``/``data_mean`` where None (:func:`ppgen.score.ladder.data_moments`);
-    and the ladder's rule values (None for noise-free objectives, which have no ladder).
-    Deterministic: the subsample is seeded by ``split_seed``, so a resumed run resolves to the same ladder."""
-    if not config.conditional:
-        return config, None
-    ladder = data_noise_ladder(train, config.sigma_min, config.sigma_max, config.n_sigmas, config.ladder_subsample,
-                               seed=config.split_seed)
-    config = dataclasses.replace(config, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
-    if config.precondition and (config.sigma_data is None or config.data_mean is None):
-        mean, std = data_moments(train)
-        config = dataclasses.replace(config, sigma_data=config.sigma_data or std,
-                                     data_mean=mean if config.data_mean is None else config.data_mean)
-    if config.loss_weight is None:
-        config = dataclasses.replace(config, loss_weight="edm" if config.precondition else "sigma2")
-    if config.precondition and config.data_range is None and config.image_shape is not None:  # toys: unbounded
-        config = dataclasses.replace(config, data_range=(float(train.min()), float(train.max())))
-    return config, ladder
-
-
 def load_data(config: ScoreConfig, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train, val)`` tensors ``(N, D)``: toy draws, or image grey levels in [0, 1]."""
     if config.data in TOYS:
         return toy_sample(config.data, config.toy_n, config.split_seed), toy_sample(config.data, 2000, config.split_seed + 1)
     data = DataConfig(config.data, "none", config.data_dir, config.split_seed).load(download)
     return data.train, data.val
-
-
-def ladder_record(asked: ScoreConfig, ladder: NoiseLadder, n_train: int, resolved: Optional[ScoreConfig] = None) -> dict:
-    """The ladder of config ``asked`` (before :func:`resolve_ladder`) and the rules behind it, as
-    written to ladder.json: ``sigma_max, n_sigmas, gamma, overlap, sigma_min, steps_per_level, eps,
-    rules``, and ``sigma_data, data_mean`` of the ``resolved`` config when it is preconditioned."""
-    m = min(n_train, asked.ladder_subsample)
-    rules = {"sigma_max": f"technique 1: largest pairwise distance of {m} of {n_train} training points"
-                          if asked.sigma_max is None else "given",
-             "n_sigmas": "technique 2: fewest levels with overlap >= 0.5" if asked.n_sigmas is None else "given",
-             "eps": "technique 4: variance ratio closest to 1" if asked.eta is None else "eta * sigma_min^2"}
-    done = dataclasses.replace(asked, sigma_max=ladder.sigma_max, n_sigmas=ladder.n_sigmas)
-    pre = {}
-    if resolved is not None and resolved.precondition:
-        rules["sigma_data"] = "given" if asked.sigma_data is not None else f"std of the {n_train} training points, pooled"
-        rules["data_mean"] = "given" if asked.data_mean is not None else f"mean of the {n_train} training points, pooled"
-        pre = {"sigma_data": resolved.sigma_data, "data_mean": resolved.data_mean, "data_range": resolved.data_range}
-    return {**ladder._asdict(), "sigma_min": asked.sigma_min, "steps_per_level": done.steps,
-            "eps": done.step_size(), **pre, "rules": rules}
 
 
 #: config fields added later and the values that rebuild the runs made before them
