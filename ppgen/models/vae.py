@@ -149,8 +149,11 @@ class VAE(nn.Module):
         if free_bits > 0 and posterior != "diag":
             raise ValueError(f"free bits need the 'diag' posterior, got posterior={posterior!r}")
         self.kl_warmup, self.free_bits = int(kl_warmup), float(free_bits)
-        # Objective settings in force; changed only inside `objective` (training steps).
+        # Objective settings in force; changed only inside `objective` (training steps). The KL
+        # weight also lives in a 0-d buffer, updated in place, so a compiled step reads it as a
+        # tensor and does not recompile for every warm-up value (not saved in checkpoints).
         self._kl_weight, self._free_bits = 1.0, 0.0
+        self.register_buffer("_kl_weight_t", torch.ones(()), persistent=False)
 
     @contextlib.contextmanager
     def objective(self, epoch: Optional[int] = None, kl_weight: Optional[float] = None,
@@ -167,13 +170,15 @@ class VAE(nn.Module):
             raise ValueError(f"free bits need the 'diag' posterior, got {self.posterior_name!r}")
         saved = self._kl_weight, self._free_bits
         self._kl_weight, self._free_bits = float(beta), lam
+        self._kl_weight_t.fill_(float(beta))
         try:
             yield
         finally:
             self._kl_weight, self._free_bits = saved
+            self._kl_weight_t.fill_(saved[0])
 
     def _latent_scale(self):
-        return poutine.scale(scale=self._kl_weight) if self._kl_weight != 1.0 else contextlib.nullcontext()
+        return poutine.scale(scale=self._kl_weight_t) if self._kl_weight != 1.0 else contextlib.nullcontext()
 
     def _register_guide(self) -> None:
         pyro.module("encoder", self.encoder)
