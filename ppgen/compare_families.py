@@ -134,14 +134,17 @@ def _steps(family: str, history: list[dict]) -> int:
     return int(history[-1]["step"])
 
 
-def _parameters(family: str, cfg, dim: int, shape: tuple) -> int:
-    """Trainable parameters of everything the family trains (VAE: encoder + decoder; GAN: G + D)."""
+def _parameters(family: str, cfg, dim: int, shape: tuple, path: Path) -> int:
+    """Trainable parameters of everything the family trains (VAE: encoder + decoder; GAN: G + D;
+    the score net as the run in ``path`` built it, its preconditioning resolved from the data)."""
     if family == "vae":
         nets = [cfg.model.build(dim, shape)]
     elif family == "gan":
         nets = list(cfg.build(dim, shape))
     else:
-        nets = [cfg.build()]
+        from ppgen.score import load_score
+
+        nets = [load_score(path)[0]]
     return sum(p.numel() for net in nets for p in net.parameters())
 
 
@@ -250,7 +253,7 @@ def compare_families(config: CompareConfig, out: Union[str, Path], download: boo
                                     "wall_seconds": state["wall"], "eval_seconds": time.perf_counter() - t0, **metrics})
             cfg = run_config(family, config, seed, state["epochs"])
             runs[family].append({"seed": seed, "path": str(path), "checkpoints": checkpoints, "segments": state["segments"],
-                                 "parameters": _parameters(family, cfg, data.dim, data.image_shape)})
+                                 "parameters": _parameters(family, cfg, data.dim, data.image_shape, path)})
             if seed == 0:
                 samples[family] = x[:64]
             last = checkpoints[-1]
