@@ -158,6 +158,11 @@ def labelled_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
     return mask
 
 
+def _binarize_images(batch: dict) -> dict:
+    """Dynamic binarization of the images of a dict batch ``{x, y, labelled}``."""
+    return {**batch, "x": binarize(batch["x"])}
+
+
 class M2Run(NamedTuple):
     """A trained M2 model with its test metrics."""
 
@@ -190,9 +195,7 @@ def train_m2(config: M2RunConfig, out: Union[str, Path], overwrite: bool = False
                              f"num_classes is {m2.num_classes}: raise num_classes")
         mask = labelled_subset(len(train), config.labels_fraction, config.svi.seed)
         train = {"x": train, "y": data.train_labels, "labelled": mask}
-        if data.dynamic:
-            def transform(batch: dict) -> dict:
-                return {**batch, "x": binarize(batch["x"])}
+        transform = _binarize_images if data.dynamic else None
     result = train_svi(m2.model, m2.guide, train, data.val, config.svi, run=run, transform=transform,
                        progress=progress)
     test = data.test.to(device)
