@@ -15,6 +15,9 @@ and ``BroadcastMessenger._pyro_sample``            filters TorchScript tracer wa
                                                    the device (no host read, no graph break)
 ``warn_if_nan`` in the ELBOs (``sys._getframe``,   nothing: the SVI step checks loss and gradients
 a data-dependent ``if``)                           for NaN/inf itself, on the device
+torch's ``Distribution._get_checked_instance``     ``type(self).__new__(type(self))``, which dynamo
+(``expand``, e.g. a plate broadcasting a prior):   traces on torch 2.11 as on 2.14 (2.11 stops at
+``self.__new__(type(self))``                       ``self.__new__``; measured on the GPU machine)
 =================================================  ===============================================
 
 The changes are written for, and checked against, Pyro 1.9.2 (:data:`PYRO_VERSION`); on another
@@ -57,6 +60,13 @@ def _no_nan_warning(value: Any, msg: str = "", *, filename: Any = None, lineno: 
     return value
 
 
+def _checked_instance(self, cls, _instance=None):
+    if _instance is None and type(self).__init__ != cls.__init__:
+        raise NotImplementedError(f"Subclass {type(self).__name__} of {cls.__name__} that defines a custom "
+                                  "__init__ method must also define a custom .expand() method.")
+    return type(self).__new__(type(self)) if _instance is None else _instance
+
+
 def _messenger_call(self, fn: Callable) -> Callable:
     if not callable(fn):
         raise ValueError(f"{fn!r} is not callable, did you mean to pass it as a keyword arg?")
@@ -72,6 +82,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
     """``(owner, attribute, stand-in)`` for every change (imported lazily: the modules are
     Pyro's own)."""
     from pyro import primitives
+    from torch.distributions import Distribution
     from pyro.infer import trace_elbo, trace_mean_field_elbo
     from pyro.poutine import broadcast_messenger, messenger, runtime, subsample_messenger
 
@@ -84,6 +95,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (messenger.Messenger, "__call__", _messenger_call),
         (subsample_messenger._Subsample, "sample", subsample_sample.__wrapped__),
         (broadcast_messenger.BroadcastMessenger, "_pyro_sample", staticmethod(broadcast.__wrapped__)),
+        (Distribution, "_get_checked_instance", _checked_instance),
     ]
     for module in (trace_elbo, trace_mean_field_elbo):
         out += [(module, "torch_item", _detach), (module, "warn_if_nan", _no_nan_warning)]

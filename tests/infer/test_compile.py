@@ -145,16 +145,20 @@ def test_models_that_break_the_graph_fall_back_to_eager_numbers(one_thread, vae_
 def test_pyro_compat_changes_pyro_only_inside_the_block():
     from pyro.infer import trace_elbo
     from pyro.poutine import messenger, runtime
+    from torch.distributions import Distribution
 
-    before = (runtime.Message, messenger.Messenger.__call__, trace_elbo.torch_item, trace_elbo.warn_if_nan)
+    def patched():
+        return (runtime.Message, messenger.Messenger.__call__, trace_elbo.torch_item, trace_elbo.warn_if_nan,
+                Distribution._get_checked_instance)
+
+    before = patched()
     with compat.pyro_compat():
         assert runtime.Message is dict and trace_elbo.torch_item(torch.tensor(2.0)).requires_grad is False
-        inside = (runtime.Message, messenger.Messenger.__call__, trace_elbo.torch_item, trace_elbo.warn_if_nan)
-        assert all(a is not b for a, b in zip(before, inside))
+        assert all(a is not b for a, b in zip(before, patched()))
     with contextlib.suppress(KeyError):
         with compat.pyro_compat():
             raise KeyError  # an error inside the block restores Pyro as well
-    assert (runtime.Message, messenger.Messenger.__call__, trace_elbo.torch_item, trace_elbo.warn_if_nan) == before
+    assert patched() == before
 
 
 def test_compat_handlers_give_pyros_values():
