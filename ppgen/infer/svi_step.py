@@ -21,7 +21,8 @@ a compiled run draws the same numbers as an eager one), and on any failure or di
 eagerly and says why in one warning line. Estimators whose Pyro ELBO reads the loss on the host
 inside ``loss_and_grads`` (the score-function family, ``enum``) always run eagerly.
 
-Measured with Pyro 1.9.2 and torch 2.14 (tests/infer/test_compile.py): the VAE with the diag
+Measured with Pyro 1.9.2 and torch 2.14 on the CPU (tests/infer/test_compile.py), and torch 2.11
+on CUDA, also with CUDA graphs (tests/test_cuda.py): the VAE with the diag
 and fullcov guides, Bernoulli and Gaussian likelihoods, KL warm-up and free bits, under
 ``reparam``, ``analytic-kl`` and ``iwae`` compiles and matches eager within 1e-5; the IAF guide
 does not (dynamo stops in its transforms) and runs eagerly. ``stl`` (``torch.autograd.grad`` inside the loss) and
