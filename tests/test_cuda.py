@@ -94,29 +94,28 @@ def test_langevin_on_device_reaches_the_target_moments(device):
     assert torch.allclose(out.x.var(0).cpu(), torch.ones(2), atol=0.08)
 
 
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_compiled_step_matches_eager_on_cuda(mode):
-    # On the CPU tests/infer/test_compile.py covers this; here the CUDA graphs mode too. Same
-    # draws (inductor's fallback_random), so compiled and eager steps give the same parameters.
-    if "cuda" not in _devices():
-        pytest.skip("no CUDA GPU")
+def test_compiled_step_matches_eager_on_device(device):
+    # Same draws (inductor's fallback_random), so compiled and eager steps give the same losses
+    # and parameters; on CUDA also with CUDA graphs (mode="reduce-overhead", CUDA only).
     from ppgen.infer.svi import make_svi_step
     from ppgen.models.vae import VAE
 
-    x = torch.bernoulli(torch.full((32, 20), 0.3, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))
-    torch.manual_seed(0)
-    nets = [VAE(20, 3, (16,)).cuda() for _ in range(2)]
-    nets[1].load_state_dict(nets[0].state_dict())
-    out = []
-    for net, compiled in zip(nets, (True, False)):
-        step, _ = make_svi_step(net.model, net.guide, SVIConfig(lr=0.01), x, scale=2.0)
-        if compiled:
-            step.compile(x, mode=mode)
-            assert step.compiled, step.why_eager
-        pyro.set_rng_seed(1)
-        records = torch.stack([step.on_device(x) for _ in range(5)])
-        out.append((records, [p.detach().clone() for p in step.params]))
-    torch.testing.assert_close(out[0][0][:, 0], out[1][0][:, 0], rtol=1e-5, atol=1e-4)
-    for p, q in zip(out[0][1], out[1][1]):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    x = torch.bernoulli(torch.full((32, 20), 0.3, device=device), generator=torch.Generator(device).manual_seed(0))
+    for mode in [None] + (["reduce-overhead"] if device == "cuda" else []):
+        torch.manual_seed(0)
+        nets = [VAE(20, 3, (16,)).to(device) for _ in range(2)]
+        nets[1].load_state_dict(nets[0].state_dict())
+        out = []
+        for net, compiled in zip(nets, (True, False)):
+            step, _ = make_svi_step(net.model, net.guide, SVIConfig(lr=0.01), x, scale=2.0)
+            if compiled:
+                step.compile(x, mode=mode)
+                assert step.compiled, step.why_eager
+            pyro.set_rng_seed(1)
+            records = torch.stack([step.on_device(x) for _ in range(5)])
+            out.append((records, [p.detach().clone() for p in step.params]))
+        torch.testing.assert_close(out[0][0][:, 0], out[1][0][:, 0], rtol=1e-5, atol=1e-4)
+        for p, q in zip(out[0][1], out[1][1]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
