@@ -236,7 +236,7 @@ def cmd_train_gan(args: argparse.Namespace) -> int:
 
 def add_train_score(sub) -> None:
     from ppgen.data import DATASETS, TOYS
-    from ppgen.score import OBJECTIVES
+    from ppgen.score import OBJECTIVES, ScoreConfig
 
     p = sub.add_parser("score", help="train a score model by score matching",
                        description="Train a score network s(x) = grad log p(x) by score matching; sample by Langevin.")
@@ -285,7 +285,7 @@ def add_train_score(sub) -> None:
     p.add_argument("--noise-freqs", type=int, default=12,
                    help="dsm, preconditioned: Fourier frequencies pi*2^(k/2), k < N, of the noise-level embedding")
     add_loop_flags(p)
-    p.set_defaults(func=cmd_train_score)
+    p.set_defaults(lr=ScoreConfig.lr, func=cmd_train_score)
 
 
 def cmd_train_score(args: argparse.Namespace) -> int:
