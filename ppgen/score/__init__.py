@@ -5,7 +5,8 @@
 - :mod:`ppgen.score.sampling`: Langevin and annealed Langevin dynamics; a Gaussian mixture with
   exact scores as a known answer.
 - :mod:`ppgen.score.ladder`: Song & Ermon (2020)'s rules for the noise ladder and step size.
-- :mod:`ppgen.score.loop`: :class:`ScoreConfig` and :func:`train_score` (EMA, checkpoints, resume).
+- :mod:`ppgen.score.config`: :class:`ScoreConfig`, its validation, the objective and net it builds.
+- :mod:`ppgen.score.loop`: :func:`train_score` and :func:`load_score` (EMA, checkpoints, resume).
 - :mod:`ppgen.score.samples`: samples, figures and the ``ppgen metrics`` sampler of a run.
 
 Everything public is re-exported here: ``from ppgen.score import ScoreConfig, train_score``.
