@@ -24,14 +24,25 @@ and per-datapoint statistics it found on the way (``L[q]`` and ``L[q*]`` for a r
 ``start(x_batch) -> {site: distribution}``, from which ``rsample((K,))`` and ``log_prob`` are
 taken. Every proposal object needs a model with one local latent site in the datapoint plate
 (batch shape ``(B,)``), and all but :class:`Guide` a Gaussian guide distribution there (the VAE's
-``diag`` and ``fullcov`` posteriors); other pairs are refused with an error naming what to use
-instead: ``log_evidence``'s default ``proposal=None`` (the guide's traces, any pair) or AIS.
+``diag`` and ``fullcov`` posteriors), or a Gaussian under fixed bijective transforms (a
+``TransformedDistribution``: ``LogNormal``, a logistic-normal, the IAF posterior), whose Gaussian
+base is what gets refined, widened or made Student-t while the transforms stay (the density keeps
+their ``log|det J|``: :func:`ppgen.infer.refine.gaussian_site`); other pairs are refused with an
+error naming what to use instead: ``log_evidence``'s default ``proposal=None`` (the guide's
+traces, any pair) or AIS.
+
+Models that cannot take a particle plate (a ``BatchNorm1d`` in the decoder, as ProdLDA's): every
+chunk is first checked by :func:`ppgen.infer.refine.particle_problem` (one draw scored with and
+without the plate); where they disagree, or the plate raises, the chunk's model evaluations
+(refinement, ELBOs and the ``K`` draws) run one ordinary trace per particle instead, with a
+``UserWarning`` saying why (:attr:`Prepared.vectorized` is ``False``). Same numbers, slower.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import pyro.distributions as dist
@@ -39,7 +50,10 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.batches import as_batch
-from ppgen.infer.refine import family_of, local_log_joint, refine_local
+from torch.distributions import TransformedDistribution
+from torch.distributions.utils import _sum_rightmost
+
+from ppgen.infer.refine import gaussian_site, local_log_joint, particle_problem, push_forward, refine_local
 from ppgen.infer.traces import DATA, _trace_pair, check_positive_int, find_data_plate
 
 __all__ = ["Proposal", "Prepared", "LocalPair", "local_pair", "Guide", "Refined", "Widened", "StudentT",
@@ -52,10 +66,13 @@ class Prepared(NamedTuple):
     :param distributions: ``{site: distribution}``, batch shape ``(B,)``, event shape the site's.
     :param stats: per-datapoint tensors ``(B,)`` found while preparing (e.g. ``elbo_q``,
         ``elbo_qstar`` and their ``_se``), empty if none.
+    :param vectorized: whether the model takes a particle plate on this chunk (else its
+        evaluations run one ordinary trace per particle; see the module docstring).
     """
 
     distributions: dict
     stats: dict
+    vectorized: bool = True
 
 
 class LocalPair(NamedTuple):
@@ -94,6 +111,16 @@ def _site_dist(pair: LocalPair, args: tuple, kwargs: dict, prior: bool = False) 
     return (m if prior else g).nodes[pair.site]["fn"]
 
 
+def _takes_particles(pair: LocalPair, args: tuple, kwargs: dict, q: dist.Distribution) -> bool:
+    """Whether the chunk's model evaluations may use a particle plate (warns when not)."""
+    problem = particle_problem(pair.model, args, kwargs, pair.site, q, pair.nesting, pair.plate)
+    if problem is not None:
+        problem = problem.splitlines()[0]  # Pyro appends the trace's shapes to a shape error
+        warnings.warn(f"proposal: the model cannot take a particle plate on this chunk ({problem}); scoring its "
+                      "particles one ordinary trace at a time (same numbers, slower)", stacklevel=4)
+    return problem is None
+
+
 class Proposal:
     """One proposal for the local latent: subclasses define :meth:`prepare` and ``name``."""
 
@@ -130,7 +157,8 @@ class Guide(Proposal):
     name = "guide"
 
     def prepare(self, pair, args, kwargs):
-        return Prepared({pair.site: _site_dist(pair, args, kwargs)}, {})
+        q = _site_dist(pair, args, kwargs)
+        return Prepared({pair.site: q}, {}, _takes_particles(pair, args, kwargs, q))
 
 
 class Refined(Proposal):
@@ -174,12 +202,13 @@ class Refined(Proposal):
         if self._keeping and self._memo is not None and self._memo[0] == key:
             return self._memo[1]
         q = _site_dist(pair, args, kwargs)
-        family_of(q)  # refuse a non-Gaussian guide before any work
+        gaussian_site(q)  # refuse a non-Gaussian guide before any work
+        vectorized = _takes_particles(pair, args, kwargs, q)
         r = refine_local(pair.model, args, kwargs, pair.site, q, pair.nesting, pair.plate, self.steps,
-                         self.samples, self.lr, self.elbo_samples)
+                         self.samples, self.lr, self.elbo_samples, vectorized)
         stats = {"elbo_q": r.elbo_q, "elbo_q_se": r.elbo_q_se, "elbo_qstar": r.elbo_qstar,
                  "elbo_qstar_se": r.elbo_qstar_se}
-        out = Prepared({pair.site: r.q}, stats)
+        out = Prepared({pair.site: r.q}, stats, vectorized)
         self._memo = (key, out) if self._keeping else None
         return out
 
@@ -201,11 +230,12 @@ class _Wrapper(Proposal):
 
     def prepare(self, pair, args, kwargs):
         p = self.inner.prepare(pair, args, kwargs)
-        return Prepared({s: self.change(d, pair, args, kwargs) for s, d in p.distributions.items()}, p.stats)
+        return p._replace(distributions={s: self.change(d, pair, args, kwargs) for s, d in p.distributions.items()})
 
 
 class Widened(_Wrapper):
-    """``inner``'s Gaussian with its scale (Cholesky factor) multiplied by ``factor >= 1``."""
+    """``inner``'s Gaussian with its scale (Cholesky factor) multiplied by ``factor >= 1`` (under
+    its transforms, if any: the Gaussian base is widened)."""
 
     def __init__(self, inner: Proposal, factor: float = 1.25):
         super().__init__(inner)
@@ -215,13 +245,15 @@ class Widened(_Wrapper):
         self.name = f"{inner.name}*{self.factor:g}"
 
     def change(self, d, pair, args, kwargs):
-        if family_of(d) == "diag":
-            return dist.Normal(d.base_dist.loc, self.factor * d.base_dist.scale).to_event(1)
-        return dist.MultivariateNormal(d.loc, scale_tril=self.factor * d.scale_tril)
+        g = gaussian_site(d)
+        if g.family == "diag":
+            return g.wrap(dist.Normal(g.base.base_dist.loc, self.factor * g.base.base_dist.scale).to_event(1))
+        return g.wrap(dist.MultivariateNormal(g.base.loc, scale_tril=self.factor * g.base.scale_tril))
 
 
 class StudentT(_Wrapper):
-    """A Student-t with ``inner``'s location and scale (Cholesky factor) and ``df`` degrees of freedom."""
+    """A Student-t with ``inner``'s location and scale (Cholesky factor) and ``df`` degrees of freedom
+    (under ``inner``'s transforms, if any: the Gaussian base becomes a Student-t)."""
 
     def __init__(self, inner: Proposal, df: float = 5.0):
         super().__init__(inner)
@@ -231,10 +263,12 @@ class StudentT(_Wrapper):
         self.name = f"t{self.df:g}({inner.name})"
 
     def change(self, d, pair, args, kwargs):
-        if family_of(d) == "diag":
-            loc, scale = d.base_dist.loc, d.base_dist.scale
-            return dist.StudentT(torch.full_like(loc, self.df), loc, scale).to_event(1)
-        return dist.MultivariateStudentT(torch.full_like(d.loc[..., 0], self.df), d.loc, d.scale_tril)
+        g = gaussian_site(d)
+        if g.family == "diag":
+            loc, scale = g.base.base_dist.loc, g.base.base_dist.scale
+            return g.wrap(dist.StudentT(torch.full_like(loc, self.df), loc, scale).to_event(1))
+        b = g.base
+        return g.wrap(dist.MultivariateStudentT(torch.full_like(b.loc[..., 0], self.df), b.loc, b.scale_tril))
 
 
 class Defensive(_Wrapper):
@@ -300,11 +334,26 @@ def proposal_log_weights(pair: LocalPair, prepared: Prepared, args: tuple, kwarg
     (site, r), = prepared.distributions.items()
     parts, rounding = [], 0.0
     for k0 in range(0, num_samples, particle_chunk):
-        z = r.sample((min(particle_chunk, num_samples - k0),))
-        lw = local_log_joint(pair.model, args, kwargs, {site: z}, pair.nesting, pair.plate) - r.log_prob(z)
+        z, log_r = _draw(r, min(particle_chunk, num_samples - k0))
+        lw = local_log_joint(pair.model, args, kwargs, {site: z}, pair.nesting, pair.plate,
+                             prepared.vectorized) - log_r
         rounding = max(rounding, torch.finfo(lw.dtype).eps)
         parts.append(lw.T.double().cpu())
     return torch.cat(parts, 1), rounding
+
+
+def _draw(r: dist.Distribution, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` draws of ``r`` and their log-density, ``(k, B, *event)`` and ``(k, B)``; a
+    ``TransformedDistribution`` is drawn in its base space and scored by the change of variables
+    ``log r(u) - log|det dz/du|`` (exact, without inverting the transforms)."""
+    if not isinstance(r, TransformedDistribution):
+        z = r.sample((k,))
+        return z, r.log_prob(z)
+    base = r.base_dist
+    lifted = len(r.event_shape) - sum(t.codomain.event_dim - t.domain.event_dim for t in r.transforms)
+    u = base.sample((k,))
+    z, ladj = push_forward(r.transforms, u, lifted)
+    return z, _sum_rightmost(base.log_prob(u), lifted - len(base.event_shape)) - ladj
 
 
 def refined_of(proposals) -> list["Refined"]:
