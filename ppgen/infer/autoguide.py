@@ -41,7 +41,8 @@ epoch 2 at lr 1e-2 (issue 16). A local latent with a constrained support has its
 scale capped at ``max_scale`` (1.5) and its location kept within ``max_shift`` (15) of its start:
 on a sparse gamma DEF at lr 1e-2 the unbounded scales grew to 22 and locations to -64, and
 ``exp`` of the draws overflowed and underflowed the model's arithmetic (a NaN gradient at epoch 37).
-Plates, site kinds and the start of each factor live in :mod:`ppgen.infer.autoguide_init`.
+Plates, the latent sites read from the trace and the start of each factor live in
+:mod:`ppgen.infer.autoguide_init`.
 
 The result is a plain Pyro guide ``guide(x, *args, **kwargs)``: the SVI loop, every estimator
 (score-function ones mark its sites non-reparameterized from outside), the evidence tools and the
@@ -60,7 +61,6 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ReshapeTransform
 from pyro.infer.autoguide.initialization import InitMessenger
-from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import biject_to
 from torch.nn import functional as F
@@ -69,10 +69,9 @@ from ppgen.infer.autoguide_init import (
     SiteInfo,
     bound_shift,
     cap_scale,
-    discrete_kind,
     enter_plates,
     init_to_mean_or_median,
-    prior_logits,
+    read_sites,
     resolve_plate,
     start_head,
 )
@@ -204,47 +203,7 @@ class AmortizedGuide(nn.Module):
         batch = x.shape[0]
         flat = x.reshape(batch, -1)
         plate = resolve_plate(trace, batch, self.data_plate)
-        sites, data_dims, supports, init = [], set(), {}, {}
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-                continue
-            fn = site["fn"]
-            frames = tuple((f.name, int(f.size), f.dim) for f in site["cond_indep_stack"] if f.vectorized)
-            frames = tuple(sorted(frames, key=lambda f: f[2]))  # outermost (most negative dim) first
-            data = [f for f in frames if f[0] == plate.name]
-            event_shape = tuple(fn.event_shape)
-            batch_shape = tuple(site["value"].shape[: site["value"].ndim - len(event_shape)])
-            local = bool(data)
-            if local:
-                if len(frames) > 1:
-                    raise ValueError(
-                        f"local site {name!r} sits in plates {[f[0] for f in frames]}; AmortizedGuide encodes "
-                        f"sites inside the {plate.name!r} plate only (move other axes into the event with .to_event())"
-                    )
-                data_dims.add(data[0][2])
-            kind = discrete_kind(fn.support, event_shape)
-            if kind is not None and not local:
-                raise ValueError(
-                    f"global site {name!r} is discrete; AmortizedGuide has variational parameters for "
-                    "continuous global latents only"
-                )
-            if kind is None:
-                unconstrained = biject_to(fn.support).inverse_shape(event_shape)
-                kind = ("continuous", max(1, math.prod(unconstrained)))
-                u = biject_to(fn.support).inv(site["value"].detach())
-                if not bool(torch.isfinite(u).all()):
-                    raise ValueError(
-                        f"init_loc_fn put site {name!r} on the edge of its support ({fn.support}); pass an "
-                        "init_loc_fn that returns interior values (e.g. pyro.infer.autoguide.init_to_feasible)"
-                    )
-                init[name] = u
-            else:
-                init[name] = prior_logits(fn, kind[1])
-            supports[name] = fn.support
-            sites.append(SiteInfo(name, local, kind[0], batch_shape, event_shape, frames, kind[1]))
-        if len(data_dims) > 1:
-            raise ValueError(f"local sites use the {plate.name!r} plate at different dims {sorted(data_dims)}")
-        self.data_dim = data_dims.pop() if data_dims else plate.dim
+        sites, supports, init, self.data_dim = read_sites(trace, plate)
         self.plate_name, self.plate_sized = plate.name, plate.size != -1
         self._supports = supports
         self._build(flat, sites, init)

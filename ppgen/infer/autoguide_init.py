@@ -5,7 +5,8 @@ where each of its variational factors starts.
   unsized ``pyro.plate("data")`` measured by its sites' shapes); :func:`resolve_plate` picks the
   datapoint plate: the one named ``data_plate``, else the single plate whose size is ``len(x)``.
 - **Sites.** :func:`discrete_kind` sorts a support into continuous or one of the discrete kinds
-  the guide has heads for; :class:`SiteInfo` records what the guide needs of each latent site.
+  the guide has heads for; :class:`SiteInfo` records what the guide needs of each latent site;
+  :func:`read_sites` reads them all from the trace, local or global, with each one's start.
 - **Start.** :func:`init_to_mean_or_median` is the default ``init_loc_fn``: the prior's mean
   where it is finite, else its median. A q that starts at the prior mean keeps the model's
   predicted mean at its prior-predictive value wherever the likelihood is linear in the latents
@@ -44,12 +45,13 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.poutine.util import site_is_subsample
 from torch import nn
+from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform
 
 from ppgen.models.posteriors import POSTERIORS
 from ppgen.nets import Encoder
 
-__all__ = ["SiteInfo", "Plate", "model_plates", "resolve_plate", "discrete_kind", "prior_logits",
+__all__ = ["SiteInfo", "Plate", "ModelSites", "model_plates", "resolve_plate", "discrete_kind", "prior_logits", "read_sites",
            "init_to_mean_or_median", "cap_scale", "bound_shift", "start_head", "enter_plates"]
 
 
@@ -169,6 +171,65 @@ def prior_logits(fn, width: int) -> Optional[torch.Tensor]:
         return logits.reshape(-1, width).mean(0)
     except (AttributeError, RuntimeError, ValueError):
         return None
+
+
+class ModelSites(NamedTuple):
+    """The latent sites of a prototype trace, as :func:`read_sites` finds them."""
+
+    sites: list  # a SiteInfo per latent site, in trace order
+    supports: dict  # site name -> its support
+    init: dict  # site name -> its start: the unconstrained init value (continuous) or prior logits (discrete; None if unexposed)
+    data_dim: int  # dim of the datapoint plate at the local sites (the plate's own dim when no site is local)
+
+
+def read_sites(trace, plate: Plate) -> ModelSites:
+    """Sort every latent (unobserved, non-subsample) sample site of ``trace`` into local (inside
+    ``plate``) or global, continuous or one of :func:`discrete_kind`'s kinds, with where its q
+    starts: the site's traced value taken to unconstrained space by ``biject_to(support)``, or
+    :func:`prior_logits` for a discrete site. A local site in a second plate, a discrete global
+    site, a start on the edge of the support, or local sites at different plate dims is a
+    ``ValueError`` that says what to write instead."""
+    sites, data_dims, supports, init = [], set(), {}, {}
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        fn = site["fn"]
+        frames = tuple((f.name, int(f.size), f.dim) for f in site["cond_indep_stack"] if f.vectorized)
+        frames = tuple(sorted(frames, key=lambda f: f[2]))  # outermost (most negative dim) first
+        data = [f for f in frames if f[0] == plate.name]
+        event_shape = tuple(fn.event_shape)
+        batch_shape = tuple(site["value"].shape[: site["value"].ndim - len(event_shape)])
+        local = bool(data)
+        if local:
+            if len(frames) > 1:
+                raise ValueError(
+                    f"local site {name!r} sits in plates {[f[0] for f in frames]}; AmortizedGuide encodes "
+                    f"sites inside the {plate.name!r} plate only (move other axes into the event with .to_event())"
+                )
+            data_dims.add(data[0][2])
+        kind = discrete_kind(fn.support, event_shape)
+        if kind is not None and not local:
+            raise ValueError(
+                f"global site {name!r} is discrete; AmortizedGuide has variational parameters for "
+                "continuous global latents only"
+            )
+        if kind is None:
+            unconstrained = biject_to(fn.support).inverse_shape(event_shape)
+            kind = ("continuous", max(1, math.prod(unconstrained)))
+            u = biject_to(fn.support).inv(site["value"].detach())
+            if not bool(torch.isfinite(u).all()):
+                raise ValueError(
+                    f"init_loc_fn put site {name!r} on the edge of its support ({fn.support}); pass an "
+                    "init_loc_fn that returns interior values (e.g. pyro.infer.autoguide.init_to_feasible)"
+                )
+            init[name] = u
+        else:
+            init[name] = prior_logits(fn, kind[1])
+        supports[name] = fn.support
+        sites.append(SiteInfo(name, local, kind[0], batch_shape, event_shape, frames, kind[1]))
+    if len(data_dims) > 1:
+        raise ValueError(f"local sites use the {plate.name!r} plate at different dims {sorted(data_dims)}")
+    return ModelSites(sites, supports, init, data_dims.pop() if data_dims else plate.dim)
 
 
 def init_to_mean_or_median(site: dict) -> torch.Tensor:
