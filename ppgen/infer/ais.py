@@ -27,11 +27,19 @@ generative models", who also adapt the HMC step size toward a target acceptance 
 ``start`` both chains use it: the forward one starts at ``q(z | x*)``, the reverse one ends there.
 
 Works on any Pyro model whose latent sites are real-valued and sit, with the observations, in a
-single ``pyro.plate("data", B)`` (no other plates): the log-densities are read from Pyro traces.
-A latent may be a scalar, a vector or a matrix per datapoint (event shape ``()``, ``(d,)`` or
-``(d1, d2)``; declare event dims with ``.to_event``). Many datapoints and chains run in parallel
-as one ``(K, B, *event)`` batch. Networks reachable from the model and ``start`` run in eval mode
-(:func:`ppgen.infer.networks.eval_mode`).
+single datapoint plate (no other plates): the log-densities are read from Pyro traces. The data
+may be one tensor, a tuple of model arguments or a dict of keyword arguments
+(:func:`ppgen.infer.batches.as_batch`), and the plate any name (``data_plate=``, else the model's
+single plate of the chunk's size: :func:`ppgen.infer.traces.find_data_plate`). A latent may be a
+scalar, a vector or a matrix per datapoint (event shape ``()``, ``(d,)`` or ``(d1, d2)``; declare
+event dims with ``.to_event``). A latent with constrained support (``LogNormal``, ``Gamma``) is
+refused: HMC moves on the reals; declare the site in unconstrained space (a ``Normal`` whose value
+the model transforms) or use importance sampling (:mod:`ppgen.infer.proposals`). Many datapoints and
+chains run in parallel as one ``(K, B, *event)`` batch, so the model must take a particle plate:
+each chunk is checked first (one state scored with and without it), and a model that mixes the
+particle dimension into its computation (a ``BatchNorm1d`` on the latent's path) is refused, naming
+``log_evidence`` (which falls back to a particle loop). Networks reachable from the model and
+``start`` run in eval mode (:func:`ppgen.infer.networks.eval_mode`).
 """
 
 from __future__ import annotations
@@ -45,15 +53,18 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
+from ppgen.infer.batches import as_batch
 from ppgen.infer.evidence import log_mean_exp
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.traces import _PARTICLES, _data_frame, _plate_nesting, check_positive_int
+from ppgen.infer.traces import _PARTICLES, DATA, DataPlate, _data_frame, _plate_nesting, check_positive_int, \
+    find_data_plate
 from ppgen.runs import seeded
 
 __all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "guide_start", "ais_log_evidence", "bdmc"]
 
-# start(x) -> {latent site name: distribution of batch shape (B,)}, see ais_log_evidence.
-Start = Callable[[torch.Tensor], Mapping[str, torch.distributions.Distribution]]
+# start(x) -> {latent site name: distribution of batch shape (B,)}, see ais_log_evidence; x is
+# the chunk in the form the data came in (a tensor, a tuple, a dict).
+Start = Callable[..., Mapping[str, torch.distributions.Distribution]]
 
 
 class AISResult(NamedTuple):
@@ -103,15 +114,17 @@ def _is_real(support) -> bool:
 
 
 def guide_start(guide: Callable) -> Start:
-    """A ``start`` for :func:`ais_log_evidence` from an amortized Pyro guide ``guide(x)``: the
-    distribution of each sample site of one trace of ``guide(x_batch)``, batch shape ``(B,)``
-    (e.g. ``vae.guide``, giving the encoder's ``q(z | x)``)."""
+    """A ``start`` for :func:`ais_log_evidence` from an amortized Pyro guide: the distribution of
+    each sample site of one trace of the guide on the chunk, batch shape ``(B,)`` (e.g.
+    ``vae.guide``, giving the encoder's ``q(z | x)``). The guide is called as the model is:
+    ``guide(x)``, ``guide(*x)`` for a tuple chunk, ``guide(**x)`` for a dict."""
     if not callable(guide):
         raise TypeError(f"guide must be callable guide(x), got {type(guide).__name__}")
 
-    def start(x: torch.Tensor) -> dict:
+    def start(x) -> dict:
+        batch = as_batch(x, "x_batch", guide)
         with poutine.block(), torch.no_grad():
-            tr = poutine.trace(guide).get_trace(x)
+            tr = poutine.trace(guide).get_trace(*batch.args, **batch.kwargs)
         return {
             name: site["fn"] for name, site in tr.nodes.items()
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
@@ -120,8 +133,8 @@ def guide_start(guide: Callable) -> Start:
     return start
 
 
-def _start_dists(start: Start, x: torch.Tensor, trace, latents: list) -> dict:
-    """``start(x)`` checked against the model's latent sites in ``trace`` (batch ``B = len(x)``)."""
+def _start_dists(start: Start, x, size: int, trace, latents: list) -> dict:
+    """``start(x)`` checked against the model's latent sites in ``trace`` (batch ``B = size``)."""
     qs = start(x)
     if not isinstance(qs, Mapping):
         raise TypeError(f"start(x) must return a dict {{site name: distribution}}, got {type(qs).__name__}")
@@ -131,9 +144,9 @@ def _start_dists(start: Start, x: torch.Tensor, trace, latents: list) -> dict:
         q, site = qs[name], trace.nodes[name]["fn"]
         if not isinstance(q, torch.distributions.Distribution):
             raise TypeError(f"start(x)[{name!r}] must be a torch Distribution, got {type(q).__name__}")
-        if tuple(q.batch_shape) != (len(x),) or q.event_shape != site.event_shape:
+        if tuple(q.batch_shape) != (size,) or q.event_shape != site.event_shape:
             raise ValueError(
-                f"start(x)[{name!r}] must have batch shape ({len(x)},) and event shape "
+                f"start(x)[{name!r}] must have batch shape ({size},) and event shape "
                 f"{tuple(site.event_shape)} (the model's site), got {tuple(q.batch_shape)} and {tuple(q.event_shape)}"
             )
         if not _is_real(q.support):
@@ -145,30 +158,56 @@ class _Target:
     """Per-datapoint log densities of the path's two ends, read from ``model``'s traces: the start
     ``log q(z)`` (the prior ``log p(z)`` when ``start`` is None) and ``log p(x, z) - log q(z)``."""
 
-    def __init__(self, model: Callable, data: torch.Tensor, num_chains: int, start: Optional[Start] = None):
-        self.model, self.data, self.k = model, data, num_chains
-        with poutine.block(), torch.no_grad():
-            tr = poutine.trace(model).get_trace(data)
+    def __init__(self, model: Callable, batch, num_chains: int, start: Optional[Start] = None, plate: str = DATA):
+        self.model, self.batch, self.k, self.plate = model, batch, num_chains, plate
+        self.size, self.device = batch.size, batch.device
+        with poutine.block(), torch.no_grad(), DataPlate(plate):
+            tr = poutine.trace(model).get_trace(*batch.args, **batch.kwargs)
         if _plate_nesting(tr) != 1:
-            raise ValueError("AIS needs a model whose only plate is pyro.plate('data', B)")
+            raise ValueError(f"AIS needs a model whose only plate is the datapoint plate pyro.plate({plate!r}, B); "
+                             "use log_evidence (importance sampling, any plates) for this model")
         self.latents = []
         for name, site in tr.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if _data_frame(site) is None:
-                raise ValueError(f"site {name!r} is not inside pyro.plate('data', ...)")
+                raise ValueError(f"site {name!r} is not inside pyro.plate({plate!r}, ...)")
             if not site["is_observed"]:
                 if not _is_real(site["fn"].support):
-                    raise ValueError(f"AIS needs real-valued latents; site {name!r} has support {site['fn'].support}")
+                    raise ValueError(
+                        f"AIS needs real-valued latents; site {name!r} has support {site['fn'].support}: declare it "
+                        "in unconstrained space (a Normal whose value the model transforms, e.g. exp(u)) or use "
+                        "log_evidence(..., proposal=Widened(Refined())) (importance sampling, any support)")
                 self.latents.append(name)
         if not self.latents:
             raise ValueError("the model has no latent sample site")
-        self.start = None if start is None else _start_dists(start, data, tr, self.latents)
+        self.start = None if start is None else _start_dists(start, batch.data, self.size, tr, self.latents)
 
-    def trace(self, z: Optional[dict] = None, data: Optional[torch.Tensor] = None):
+    def trace(self, z: Optional[dict] = None):
         fn = self.model if z is None else poutine.condition(self.model, data=z)
-        with pyro.plate(_PARTICLES, self.k, dim=-2):
-            return poutine.trace(fn).get_trace(self.data if data is None else data)
+        with DataPlate(self.plate), pyro.plate(_PARTICLES, self.k, dim=-2):
+            return poutine.trace(fn).get_trace(*self.batch.args, **self.batch.kwargs)
+
+    def particle_problem(self, z: dict) -> Optional[str]:
+        """Why the model cannot take the chains' plate (``None`` if it can): the first chain's state
+        scored by an ordinary trace (no plate) and by the plate must agree."""
+        one_z = {n: v[0] for n, v in z.items()}
+        with poutine.block(), DataPlate(self.plate):
+            fn = poutine.condition(self.model, data=one_z)
+            tr = poutine.trace(fn).get_trace(*self.batch.args, **self.batch.kwargs)
+        one = sum(s["fn"].log_prob(s["value"]).reshape(-1).expand(self.size) for s in tr.nodes.values()
+                  if s["type"] == "sample" and not site_is_subsample(s))
+        try:
+            many = sum(self.parts({n: v[:1].expand_as(v) for n, v in z.items()}, raw=True))
+        except Exception as error:
+            return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        eps = torch.finfo(one.dtype).eps
+        bad = ~(((many - one).abs() <= math.sqrt(eps) * (1.0 + one.abs())) | (many == one))
+        if bad.any():
+            where = int(bad.any(0).nonzero()[0])
+            return (f"the same state scores {float(many[0, where]):.6g} with the chains' plate but "
+                    f"{float(one[where]):.6g} without it (datapoint {where} of the chunk)")
+        return None
 
     def initial(self) -> dict:
         """``z_0 ~ q``: one ``(K, B, *event)`` tensor per latent site."""
@@ -177,20 +216,20 @@ class _Target:
             return {n: tr.nodes[n]["value"] for n in self.latents}
         return {n: q.sample((self.k,)) for n, q in self.start.items()}
 
-    def parts(self, z: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def parts(self, z: dict, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log q(z), log p(x, z) - log q(z))``, each of shape ``(K, B)``; for the prior start
-        ``(log p(z), log p(x | z))``."""
+        ``(log p(z), log p(x | z))``; ``raw``: ``(log p(z), log p(x | z))`` whatever the start."""
         tr = self.trace(z)
         prior, lik = 0.0, 0.0
         for name, site in tr.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            lp = site["fn"].log_prob(site["value"]).expand(self.k, len(self.data))
+            lp = site["fn"].log_prob(site["value"]).expand(self.k, self.size)
             if name in z:
                 prior = prior + lp
             else:
                 lik = lik + lp
-        if self.start is None:
+        if self.start is None or raw:
             return prior, lik
         log_q = sum(q.log_prob(z[n]) for n, q in self.start.items())
         return log_q, prior + lik - log_q
@@ -237,9 +276,9 @@ def _hmc(target: _Target, z: dict, beta: float, eps: torch.Tensor, leapfrog: int
 
 
 def _run(target, z, lik, betas, step_size, leapfrog, target_accept):
-    b = len(target.data)
-    log_w = torch.zeros(target.k, b, dtype=torch.float64, device=target.data.device)
-    eps = torch.full((b,), float(step_size), device=target.data.device)
+    b = target.size
+    log_w = torch.zeros(target.k, b, dtype=torch.float64, device=target.device)
+    eps = torch.full((b,), float(step_size), device=target.device)
     accepts = []
     for t in range(1, len(betas)):
         log_w += (float(betas[t]) - float(betas[t - 1])) * lik.double()
@@ -262,11 +301,14 @@ def ais_log_evidence(
     batch_size: int = 100,
     seed: Optional[int] = 0,
     start: Optional[Start] = None,
+    data_plate: str = DATA,
 ) -> AISResult:
     """Per-datapoint AIS estimate of ``log p(x)`` (Neal 2001; Wu et al. 2017).
 
-    :param model: Pyro model ``model(x)``; real latents and observations in ``pyro.plate("data", B)``.
-    :param data: shape ``(N, ...)``.
+    :param model: Pyro model, called as ``model(x)``, ``model(*data)`` for a tuple and
+        ``model(**data)`` for a dict; real latents and observations in one datapoint plate.
+    :param data: a tensor ``(N, ...)``, a tuple of model arguments aligned on dim 0 or a dict of
+        keyword arguments (:func:`ppgen.infer.batches.as_batch`).
     :param num_chains: ``K`` independent AIS chains per datapoint.
     :param num_steps: ``T`` annealing steps (sigmoid schedule), one HMC transition each.
     :param leapfrog: leapfrog steps per HMC transition.
@@ -275,15 +317,25 @@ def ais_log_evidence(
     :param seed: torch seed (the caller's random state is restored); ``None`` keeps the state.
     :param start: where the path starts: ``None`` for the prior ``p(z)``, else a callable
         ``start(x_batch) -> {latent site name: distribution}``, called once per datapoint chunk
-        ``x_batch`` of shape ``(B, ...)``, each distribution normalized, on the reals, of batch
-        shape ``(B,)`` and the site's event shape (e.g. :func:`guide_start` of an encoder guide).
+        ``x_batch`` of ``B`` datapoints in the data's form, each distribution normalized, on the
+        reals, of batch shape ``(B,)`` and the site's event shape (e.g. :func:`guide_start` of an
+        encoder guide, or ``proposal.as_start(model, guide)`` of :mod:`ppgen.infer.proposals`).
+    :param data_plate: the datapoint plate's name (default ``"data"``; else the model's single
+        plate of the chunk's size).
     """
-    return _chunked(model, data, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, False, start)
+    return _chunked(model, data, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, False,
+                    start, data_plate)
 
 
-def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, seed, reverse, start):
-    if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
-        raise ValueError(f"data must be a non-empty tensor of shape (N, ...), got {getattr(data, 'shape', data)!r}")
+def _no_guide(*args, **kwargs) -> None:
+    """A guide with no sites: tracing the model behind it draws from the prior."""
+
+
+def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, seed, reverse, start, data_plate=DATA):
+    if reverse and (not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0):
+        raise ValueError(f"bdmc simulates one observed tensor: like must be a non-empty tensor of shape (N, ...), "
+                         f"got {getattr(data, 'shape', type(data).__name__)!r}")
+    batch = as_batch(data, "data", model)
     for name, value in (("num_chains", k), ("leapfrog", leapfrog), ("batch_size", batch_size)):
         check_positive_int(name, value)
     if not 0 < target_accept < 1 or not step_size > 0:
@@ -292,14 +344,25 @@ def _chunked(model, data, k, t, leapfrog, step_size, target_accept, batch_size, 
         raise TypeError(f"start must be None (the prior) or a callable start(x) -> {{site: distribution}}, got {type(start).__name__}")
     betas = sigmoid_schedule(t)
     out = {"log_px": [], "stderr": [], "accept": [], "step_size": [], "sims": [], "upper": []}
-    with seeded(seed, data.device), eval_mode(model, *([start] if start is not None else [])):
-        for i in range(0, len(data), batch_size):
-            x = data[i : i + batch_size]
+    plate = None
+    with seeded(seed, batch.device), eval_mode(model, *([start] if start is not None else [])):
+        for i in range(0, batch.size, batch_size):
+            chunk = batch.rows(slice(i, i + batch_size))
             if reverse:
-                x, z_star = _simulate(model, x)
+                x, z_star = _simulate(model, chunk.data)
                 out["sims"].append(x)
-            target = _Target(model, x, k, start)
+                chunk = as_batch(x, "like", model)
+            if plate is None:
+                plate = find_data_plate(model, _no_guide, chunk.args, chunk.kwargs, chunk.size, data_plate).data_plate
+            target = _Target(model, chunk, k, start, plate)
             z = target.initial()
+            problem = target.particle_problem(z)
+            if problem is not None:
+                raise ValueError(
+                    f"AIS runs its {k} chains in one vectorized pass, an extra plate left of the model's, and this "
+                    f"model cannot take it ({problem}): the model mixes that dimension into its computation (e.g. "
+                    "a BatchNorm1d on the latent's path). Use log_evidence (it falls back to one trace per "
+                    "particle), or write the model so that its networks broadcast over leading dimensions")
             _, lik = target.parts(z)
             log_w, acc, eps = _run(target, z, lik, betas, step_size, leapfrog, target_accept)
             for key, value in zip(("log_px", "stderr"), log_mean_exp(log_w, 0)):
