@@ -18,7 +18,8 @@ from ppgen.data import DataConfig
 from ppgen.devices import resolve_device
 from ppgen.infer.batches import as_batch
 from ppgen.infer.svi import evaluate_elbo
-from ppgen.user_models import ModelRunConfig, _first_rows, _open, _setup, load_model_run
+from ppgen.user_data import _first_rows, without_keys
+from ppgen.user_models import ModelRunConfig, _open, _setup, load_model_run
 
 __all__ = ["model_evidence_report", "format_joint_report", "sample_model_run", "measure_model_run"]
 
@@ -38,8 +39,14 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     globals, ``config.samples`` inner draws per datapoint), reported per datapoint (divided by
     ``N``) next to the ELBO of the whole split; the report's ``"evidence"`` is ``"joint"`` then.
 
+    A guide that gives probability 0 to values of a discrete latent that the model allows (a
+    label the guide pins, as a semi-supervised guide does in rows whose label is given) is
+    refused: importance sampling then estimates the evidence of the values it proposes only
+    (``log p(x, y)``), never ``log p(x)``, however many samples; the message says what to do.
+
     :raises ValueError: global latents and ``num_outer`` None (the message points to
-        :func:`ppgen.joint_log_evidence`), or global latents with dict data.
+        :func:`ppgen.joint_log_evidence`), global latents with dict or tuple data, or a guide
+        whose support misses values the model allows.
     """
     from ppgen.infer.evidence import log_evidence
     from ppgen.infer.evidence_report import write_report
@@ -50,6 +57,18 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
         split = _first_rows(split, config.limit)
     split = as_batch(split, f"{config.split} data", model).to(resolve_device(config.device)).data
     t0 = time.perf_counter()
+    uncovered = _uncovered_values(model, guide, split)
+    if uncovered:
+        where = ", ".join(f"{name!r} in {count} of {as_batch(split, 'data').size} datapoints"
+                          for name, count in uncovered.items())
+        raise ValueError(
+            f"the guide of {path} gives probability 0 to values of discrete latents that the model allows ({where}): "
+            "importance sampling then estimates the evidence of the values the guide proposes only (e.g. "
+            "log p(x, y) where the guide pins a given label), not log p(x), however many samples. If these are "
+            "labels given as data (a semi-supervised model), train with --train-only naming the label keys "
+            "(e.g. --train-only ys,labelled) so that evaluation calls the model without them; otherwise give "
+            "every value the model allows a positive probability in the guide"
+        )
     global_sites = _global_latents(model, guide, split, run_config.data_plate)
     if global_sites:
         if num_outer is None:
@@ -100,13 +119,43 @@ def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str
             and all(f.name != plate for f in site["cond_indep_stack"])]
 
 
+def _uncovered_values(model: Callable, guide: Callable, data: Any) -> dict[str, int]:
+    """``{site: positions}`` of the guide's discrete latents (with enumerable support) where it
+    gives probability exactly 0 (underflowing in its dtype) to a value the model gives a positive
+    probability, counted over the site's batch positions (one guide draw replayed in the model,
+    off the random stream)."""
+    from pyro import poutine
+
+    from ppgen.infer.networks import eval_mode
+
+    batch = as_batch(data, "data", model)
+    cuda = [batch.device] if batch.device.type == "cuda" else []
+    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=cuda), eval_mode(model, guide):
+        g = poutine.trace(guide).get_trace(*batch.args, **batch.kwargs)
+        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*batch.args, **batch.kwargs)
+    out = {}
+    for name, site in g.nodes.items():
+        fn = site.get("fn")
+        if (site["type"] != "sample" or site["is_observed"] or not getattr(fn, "has_enumerate_support", False)
+                or name not in m.nodes or m.nodes[name]["is_observed"]):
+            continue
+        values = fn.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
+        log_q, log_p = fn.log_prob(values), m.nodes[name]["fn"].log_prob(values)
+        missed = (log_q.exp() == 0) & (log_p > -math.inf)  # (K, *batch)
+        count = int(missed.reshape(missed.shape[0], -1).any(0).sum())
+        if count:
+            out[name] = count
+    return out
+
+
 def _joint_report(model, guide, data, config, run_config: ModelRunConfig, num_outer: int, path, t0: float) -> dict:
     """:func:`model_evidence_report` for a model with global latents (nested IS; see there)."""
     from ppgen.infer.nested_evidence import joint_log_evidence
 
     if not isinstance(data, torch.Tensor):
         raise ValueError("joint evidence (a model with global latents) takes one data tensor; this run's data is a "
-                         "dict: call ppgen.joint_log_evidence from Python with your own arguments")
+                         f"{'dict' if isinstance(data, dict) else 'tuple'} of arguments: call ppgen.joint_log_evidence "
+                         "from Python with your own arguments")
     r = joint_log_evidence(model, guide, data, num_outer=num_outer, num_inner=config.samples,
                            batch_size=config.batch_size, seed=config.seed, data_plate=run_config.data_plate)
     n = len(data)
@@ -155,7 +204,8 @@ def sample_model_run(path: Union[str, Path], n: int, out: Union[str, Path, None]
     The model runs under ``poutine.uncondition`` (every observed site is drawn from its
     distribution instead of scored) on a template batch of ``n`` training datapoints (rows
     repeated when ``n`` exceeds the split): latents come from the prior, observations from the
-    likelihood. The template gives the batch its shape; a model that reads the *values* of its
+    likelihood (``pyro.factor`` terms are no observations and are left out). The template
+    (without the run's ``train_only`` keys) gives the batch its shape; a model that reads the *values* of its
     arguments beyond the observed sites (a conditional model, covariates) is sampled given the
     template's values there.
 
@@ -171,7 +221,7 @@ def sample_model_run(path: Union[str, Path], n: int, out: Union[str, Path, None]
 
     check_positive_int("n", n)
     model, _, config, data = load_model_run(path, device)
-    train = as_batch(data.train, "train data", model)
+    train = as_batch(without_keys(data.train, config.data.train_only), "train data", model)
     template = train.rows(torch.arange(n) % train.size).to(resolve_device(device))
     torch.manual_seed(seed)
     trace = poutine.trace(poutine.uncondition(model)).get_trace(*template.args, **template.kwargs)
@@ -204,7 +254,8 @@ def _observed_sites(model: Callable, template) -> set[str]:
 
     with torch.random.fork_rng(), poutine.block():
         tr = poutine.trace(model).get_trace(*template.args, **template.kwargs)
-    return {name for name, site in tr.nodes.items() if site["type"] == "sample" and site["is_observed"]}
+    return {name for name, site in tr.nodes.items() if site["type"] == "sample" and site["is_observed"]
+            and not site["infer"].get("is_auxiliary")}  # pyro.factor terms are no draws
 
 
 def measure_model_run(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ppgen.cli.common import (
     int_list,
+    name_list,
     positive_float,
     positive_int,
     add_data_flags,
@@ -346,6 +347,9 @@ def add_train_model(sub) -> None:
     p.add_argument("--test-fraction", type=positive_float, default=0.1, help="data files: share of rows for testing")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "keep"],
                    help="cast floating-point data to float32 (default; numpy saves float64) or float64, or keep it")
+    p.add_argument("--train-only", type=name_list, default=(), metavar="KEY[,KEY]",
+                   help="dict data files: keys used in training only, e.g. labels and their mask (ys,labelled); "
+                   "validation, test ELBO, evidence and samples call the model without them (log p(x))")
     p.add_argument("--no-download", action="store_true", help="never download data")
     add_svi_flags(p)
     p.add_argument("--allow-changed-files", action="store_true",
@@ -366,6 +370,7 @@ def model_run_config(args: argparse.Namespace):
         str(Path(args.data).expanduser().resolve()) if is_file else args.data,
         args.binarize or ("none" if is_file else "dynamic"),
         None if is_file else args.data_dir, args.split_seed, args.val_fraction, args.test_fraction, None, args.dtype,
+        args.train_only,
     )
     return ModelRunConfig(
         model=resolve_spec(args.model, "model"),
