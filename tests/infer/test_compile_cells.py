@@ -1,0 +1,229 @@
+"""SVIConfig(compile=True) over what a user can reach: every estimator and particle count, and
+model shapes from real Pyro code (two data arguments, a plate not named "data", a BatchNorm
+encoder in train mode, a global latent next to local ones). Each cell either compiles and then
+gives the eager step's losses, gradients, parameters, module buffers and RNG stream, or runs
+eagerly after one warning line and gives the eager numbers exactly. A non-finite batch after
+compilation is skipped as the eager step skips it. Compiling costs 5-30 s per cell on 2 shared
+cores: cells share one compilation each (the NaN batch rides along) and are marked slow."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from ppgen.infer.autoguide import AmortizedGuide
+from ppgen.infer.svi import SVIConfig, make_svi_step
+from ppgen.models.vae import VAE
+
+D, Z, B = 12, 2, 16
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.bernoulli(torch.full((B, D), 0.3), generator=torch.Generator().manual_seed(seed))
+
+
+def _nan(x: torch.Tensor) -> torch.Tensor:
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    return bad
+
+
+# -- the models: factory() -> (model, guide, modules holding buffers, batches) ---------------------
+
+def _vae():
+    vae = VAE(D, Z, (8,))
+    x = _x()
+    return vae.model, vae.guide, [vae], [x, _nan(x), _x(1)]
+
+
+def _two_args_batchnorm_global():
+    """model(x, y) with its datapoints in plate "batch", a global latent ``w`` beside the local
+    ``z``, and a hand-written guide whose encoder has a BatchNorm1d in train mode (reads x only,
+    so the NaN in y of the second batch leaves the running statistics alone)."""
+    # No bias in front of the BatchNorm: it would have a zero gradient in exact arithmetic, whose
+    # rounding noise Adam turns into steps of size lr with random signs (a random walk, and
+    # running means, that differ between any two differently rounded runs, eager CPU vs CUDA too)
+    enc = nn.Sequential(nn.Linear(D, 8, bias=False), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2 * Z))
+    dec = nn.Linear(Z, D)
+
+    def model(x, y):
+        pyro.module("dec", dec)
+        w = pyro.sample("w", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+        with pyro.plate("batch", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+            pyro.sample("y", dist.Normal((z * w).sum(-1), 0.5), obs=y)
+            pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+    def guide(x, y):
+        pyro.module("enc", enc)
+        loc = pyro.param("w_loc", x.new_zeros(Z))
+        scale = pyro.param("w_scale", x.new_ones(Z), constraint=dist.constraints.positive)
+        pyro.sample("w", dist.Normal(loc, scale).to_event(1))
+        h = enc(x)
+        with pyro.plate("batch", x.shape[0]):
+            pyro.sample("z", dist.Normal(h[:, :Z], nn.functional.softplus(h[:, Z:]) + 1e-3).to_event(1))
+
+    g = torch.Generator().manual_seed(2)
+    x, y = _x(), torch.randn(B, generator=g)
+    bad_y = y.clone()
+    bad_y[5] = float("nan")
+    return model, guide, [enc, dec], [(x, y), (x, bad_y), (_x(1), torch.randn(B, generator=g))]
+
+
+def _amortized_global_batchnorm():
+    """A global mean ``mu`` next to a local ``z`` in plate "rows", guided by ppgen's
+    AmortizedGuide whose trunk holds a BatchNorm1d (train mode)."""
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(x.new_zeros(D), 1.0).to_event(1))
+        with pyro.plate("rows", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(mu + z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    trunk = nn.Sequential(nn.Linear(D, 8, bias=False), nn.BatchNorm1d(8))
+    guide = AmortizedGuide(model, encoder=trunk, hidden=(8,), data_plate="rows")
+    return model, guide, [guide], [_x(), _x(1), _x(2)]
+
+
+# -- running one configuration --------------------------------------------------------------------
+
+def _run(factory: Callable, config: SVIConfig, scale: float):
+    """Build with ``factory()`` (seed 0), then from seed 1 one loss-and-gradient evaluation and
+    one step per batch. Returns what a run leaves behind."""
+    torch.manual_seed(0)
+    model, guide, modules, batches = factory()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        step, _ = make_svi_step(model, guide, config, batches[0], scale=scale)
+    lines = [str(w.message) for w in record if "--compile" in str(w.message)]
+    pyro.set_rng_seed(1)
+    first = batches[0] if isinstance(batches[0], tuple) else (batches[0],)
+    loss = step._loss_and_grads(first, {})
+    grads = [p.grad.clone() for p in step.params]
+    step.optimizer.zero_grad(set_to_none=True)
+    losses, problems = [], []
+    for batch in batches:
+        try:
+            losses.append(step(batch))
+            problems.append(step.nonfinite)
+        except RuntimeError as e:  # eager score-function guides draw with torch.normal: NaN scale raises
+            losses.append(float("nan"))
+            problems.append(f"raised: {str(e).splitlines()[0]}")
+    buffers = {f"{i}.{k}": v.clone() for i, m in enumerate(modules) for k, v in m.named_buffers()}
+    return {"step": step, "warnings": lines, "loss": loss, "grads": grads, "losses": losses,
+            "problems": problems, "params": [p.detach().clone() for p in step.params],
+            "buffers": buffers, "rng": torch.rand(4)}
+
+
+def _compiled_and_eager(factory: Callable, scale: float = 4.0, **config_kwargs):
+    got = _run(factory, SVIConfig(lr=0.01, compile=True, **config_kwargs), scale)
+    want = _run(factory, SVIConfig(lr=0.01, **config_kwargs), scale)
+    assert want["step"].names == got["step"].names and not want["warnings"]
+    return got, want
+
+
+def _assert_same(got: dict, want: dict, exact: bool) -> None:
+    tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(got["loss"], want["loss"], **tol)
+    largest = max(float(w.abs().max()) for w in want["grads"])  # one scale, as the build's check
+    for g, w in zip(got["grads"], want["grads"]):
+        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * largest + (0 if exact else 1e-7))
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), equal_nan=True, **tol)
+    assert got["problems"] == want["problems"]
+    for p, q in zip(got["params"], want["params"]):
+        torch.testing.assert_close(p, q, rtol=tol["rtol"], atol=0.0 if exact else 1e-6)
+    assert got["buffers"].keys() == want["buffers"].keys()
+    for k in want["buffers"]:  # BatchNorm: as many updates, from the same batches
+        torch.testing.assert_close(got["buffers"][k], want["buffers"][k], rtol=tol["rtol"], atol=0.0 if exact else 1e-6)
+    assert torch.equal(got["rng"], want["rng"])  # the build's check left the RNG stream alone
+
+
+# -- estimators x particles -----------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator, particles", [("reparam", 3), ("vimco", 3)])
+def test_estimator_cell_compiles_and_matches_eager(one_thread, estimator, particles):
+    """The cells test_compile.py leaves out (reparam with vectorized particles, vimco); the NaN
+    batch in the middle is skipped on the device as eager skips it."""
+    got, want = _compiled_and_eager(_vae, estimator=estimator, particles=particles)
+    assert got["step"].compiled, got["step"].why_eager
+    assert not got["warnings"]
+    assert want["problems"] == [None, "loss", None]
+    _assert_same(got, want, exact=False)
+
+
+@pytest.mark.parametrize("estimator, particles, why", [
+    ("stl", 1, "torch.autograd.grad"),
+    ("stl", 3, "torch.autograd.grad"),
+    ("dreg", 3, "gradient hooks"),
+    ("score", 1, "reads its loss on the host"),
+    ("score", 3, "reads its loss on the host"),
+    ("score-baseline", 1, "reads its loss on the host"),
+    ("score-naive", 2, "reads its loss on the host"),
+    ("score-nn-baseline", 1, "reads its loss on the host"),
+    ("enum", 1, "reads its loss on the host"),
+])
+def test_estimator_cell_falls_back_with_one_line_and_eager_numbers(one_thread, estimator, particles, why):
+    """Refused without compiling (a known reason): one warning line, then the eager numbers,
+    NaN batch included, bit for bit."""
+    got, want = _compiled_and_eager(_vae, estimator=estimator, particles=particles)
+    assert not got["step"].compiled and got["step"].why_eager
+    assert len(got["warnings"]) == 1 and "\n" not in got["warnings"][0] and why in got["warnings"][0]
+    # The NaN batch: a skipped update, or (score-function guides sample with torch.normal, which
+    # refuses the NaN scale the encoder makes of a NaN input) the same error as eager
+    nan_problem = "raised: normal expects all elements of std >= 0.0" if "score" in estimator else "loss"
+    assert want["problems"] == [None, nan_problem, None]
+    _assert_same(got, want, exact=True)
+
+
+# -- model shapes ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", [_two_args_batchnorm_global, _amortized_global_batchnorm],
+                         ids=["model(x,y)-plate-batch-batchnorm-global", "amortized-plate-rows-batchnorm-global"])
+def test_model_shape_compiles_and_matches_eager_buffers_and_rng_included(one_thread, factory):
+    got, want = _compiled_and_eager(factory)
+    assert got["step"].compiled, got["step"].why_eager
+    assert got["step"].data_plate == want["step"].data_plate != "data"
+    assert any("running_mean" in k for k in want["buffers"])
+    nan_batch = factory is _two_args_batchnorm_global
+    assert want["problems"] == [None, "loss" if nan_batch else None, None]
+    _assert_same(got, want, exact=False)
+
+
+def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thread, monkeypatch):
+    """The build-time check runs the loss twice; with the compiled run replaced by an eager one
+    (no compiling: fast) the step still compiles 'successfully', and the BatchNorm running
+    statistics, batch count and RNG state after the build equal those of an eager build."""
+    import ppgen.infer.svi_step as svi_step
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    states = []
+    for compile in (True, False):
+        torch.manual_seed(0)
+        model, guide, modules, batches = _two_args_batchnorm_global()
+        step, _ = svi_step.make_svi_step(model, guide, SVIConfig(compile=compile), batches[0])
+        assert step.compiled is compile
+        states.append(({k: v.clone() for k, v in modules[0].named_buffers()}, torch.get_rng_state()))
+    (got, got_rng), (want, want_rng) = states
+    assert int(want["1.num_batches_tracked"]) == 1  # the registration trace, in both builds
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert torch.equal(got_rng, want_rng)
+
+
+def test_build_check_judges_every_gradient_on_one_scale():
+    """A gradient that is zero in exact arithmetic (a Linear's bias in front of a BatchNorm) is
+    rounding noise of the size of the terms it sums; judged on its own scale, two runs' noise
+    'differs' (measured: entries up to 1.5e-6 against 1e-7 allowed, and a needless fallback).
+    Judged on the largest gradient entry of the step, it agrees; a real difference does not."""
+    from ppgen.infer.svi_step import _close
+
+    eager, compiled = torch.tensor([0.0, 9.5e-7, -1.2e-7]), torch.tensor([-1.2e-7, 0.0, 1.5e-6])
+    assert not _close(compiled, eager) and _close(compiled, eager, scale=2.0)
+    assert not _close(torch.tensor([1e-3, 0.0, 0.0]), eager, scale=2.0)
