@@ -27,18 +27,8 @@ from ppgen.ema import EMA
 from ppgen.gan.networks import Discriminator, Generator, make_discriminator, make_generator, spectral_normalize
 from ppgen.gan.objectives import get_loss, r1_penalty
 from ppgen.plots import save_image_grid
-from ppgen.runs import (
-    Interrupted,
-    Run,
-    StopSignal,
-    check_resumable,
-    config_from_dict,
-    config_to_dict,
-    rng_state,
-    seed_everything,
-    seeded,
-    set_rng_state,
-)
+from ppgen.loop_state import LoopState, check_finite, interrupt
+from ppgen.runs import Run, StopSignal, check_resumable, config_from_dict, config_to_dict, seed_everything, seeded
 
 __all__ = ["LoopConfig", "GANConfig", "GANResult", "adversarial_loop", "train_gan", "load_gan", "train_toy_gan"]
 
@@ -160,26 +150,10 @@ def adversarial_loop(
     fixed = torch.randn(64, generator.z_dim, generator=torch.Generator().manual_seed(config.seed)).to(device)
     noise = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED)
     order = torch.Generator()
-    start, history, first = 0, [], 0
-    if run is not None and run.resume and run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(map_location="cpu")
-        generator.load_state_dict(ckpt["generator"]), discriminator.load_state_dict(ckpt["discriminator"])
-        opt_g.load_state_dict(ckpt["opt_g"]), opt_d.load_state_dict(ckpt["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        if "noise" in ckpt:
-            noise.set_state(ckpt["noise"])
-        start, first = int(ckpt["epoch"]), int(ckpt.get("batch", 0))  # batch: stopped mid-epoch by a signal
-        if writer is not None:
-            writer.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
-        history = [r for r in run.metrics() if r.get("epoch", 0) <= start]
+    parts = {"generator": generator, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d}
+    saved = LoopState(parts, noise, ema)  # what a checkpoint holds
+    start, first, history = saved.resume(run, job.rank)
     train = train.to(device)
-
-    def state(epoch: int, **partial) -> dict:
-        return {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "noise": noise.get_state(), **({"ema": ema.state_dict()} if ema is not None else {}), **partial}
 
     def z() -> torch.Tensor:  # the whole batch's noise, then our rows
         return torch.randn(bs, generator.z_dim, generator=noise, device=device)[lo : lo + local]
@@ -194,11 +168,8 @@ def adversarial_loop(
                 requested = job.agree_stop(stop.requested, device)
                 if requested:
                     _check_finite(sums, epoch, run, job.rank)
-                    if writer is None:
-                        raise Interrupted(f"{requested}: stopped at epoch {epoch}")
-                    writer.save_checkpoint(state(epoch - 1, batch=i))
-                    raise Interrupted(f"{requested}: stopped at epoch {epoch}, batch {i}; checkpoint saved "
-                                      f"in {run.path}. Resume with the same command plus --resume.")
+                    interrupt(requested, f"at epoch {epoch}, batch {i}", writer,
+                              lambda: saved.state(epoch - 1, batch=i))
                 rows = perm[i * bs : (i + 1) * bs]
                 x = transform(train[rows])[lo : lo + local] if transform is not None else train[rows[lo : lo + local]]
                 # Discriminator step: descend loss_D (+ R1 on the real batch) on a real batch and a
@@ -240,7 +211,7 @@ def adversarial_loop(
             history.append(record)
             if writer is not None:
                 writer.log(record)
-                writer.save_checkpoint(state(epoch))
+                writer.save_checkpoint(saved.state(epoch))
             if on_epoch is not None and job.rank == 0:
                 with torch.no_grad():
                     on_epoch(epoch, (ema.averaged() if ema is not None else generator)(fixed))
@@ -255,22 +226,9 @@ _NOISE_SEED = 1 << 32  # offset of the noise stream z from the seed of the weigh
 
 def _check_finite(sums: torch.Tensor, epoch: int, run: Optional[Run], rank: int) -> list[float]:
     """The epoch's running sums (loss_D, D_real, D_fake, r1, loss_G) as floats, or a
-    ``FloatingPointError`` if one is NaN or infinite."""
-    values = sums.tolist()
-    bad = [(name, v) for name, v in zip(("loss_D", "D_real", "D_fake", "r1", "loss_G"), values) if not math.isfinite(v)]
-    if not bad:
-        return values
-    name, value = bad[0]
-    if rank != 0:
-        where = "rank 0 names the last good checkpoint"
-    elif run is not None and run.checkpoint_path.exists():
-        where = f"the last good checkpoint is {run.checkpoint_path} (end of epoch {epoch - 1})"
-    else:
-        where = "no checkpoint was written yet"
-    raise FloatingPointError(
-        f"{name} became {value} in epoch {epoch}; training stopped and {where}. "
-        "Lower the learning rates or try --loss ns or hinge."
-    )
+    ``FloatingPointError`` if one is NaN or infinite (:func:`ppgen.loop_state.check_finite`)."""
+    return check_finite(sums, ("loss_D", "D_real", "D_fake", "r1", "loss_G"), epoch, run, rank,
+                        "Lower the learning rates or try --loss ns or hinge.")
 
 
 # --------------------------------------------------------------------------- image runs

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
@@ -28,18 +27,8 @@ from torch import nn
 from ppgen.data import TOYS, DataConfig, toy_sample
 from ppgen.ema import EMA
 from ppgen.devices import adam, distributed, resolve_device
-from ppgen.runs import (
-    Interrupted,
-    Run,
-    StopSignal,
-    check_resumable,
-    config_from_dict,
-    config_to_dict,
-    rng_state,
-    seed_everything,
-    seeded,
-    set_rng_state,
-)
+from ppgen.loop_state import LoopState, check_finite, interrupt
+from ppgen.runs import Run, StopSignal, check_resumable, config_from_dict, config_to_dict, seed_everything, seeded
 from ppgen.score.config import ScoreConfig, stored_config
 from ppgen.score.ladder import ladder_record, resolve_ladder
 
@@ -128,38 +117,12 @@ def train_score(
     ema = EMA(net, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
     noise = torch.Generator(device=device).manual_seed(config.seed + _NOISE_SEED)
     order = torch.Generator()
-    start, history, first = 0, [], 0
-    if resume and run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(map_location="cpu")
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["optim"])
-        set_rng_state(ckpt["rng"])
-        if "noise" in ckpt:
-            noise.set_state(ckpt["noise"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        start, first = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
-        if rank == 0:
-            run.truncate_metrics(lambda r: r.get("epoch", 0) <= start)
-        history = [r for r in run.metrics() if r.get("epoch", 0) <= start]
+    saved = LoopState({"net": net, "optim": opt}, noise, ema)
+    start, first, history = saved.resume(run, rank)
     data, x_val = train.to(device), val[:512].to(device)
 
-    def state(epoch: int, **partial) -> dict:
-        return {"net": net.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "rng": rng_state(),
-                "noise": noise.get_state(), **lo_hi, **partial, **({"ema": ema.state_dict()} if ema else {})}
-
-    def check(total: torch.Tensor, epoch: int) -> float:
-        value = float(total)  # the one host sync of an epoch
-        if not math.isfinite(value):
-            if rank != 0:
-                where = "rank 0 names the last good checkpoint"
-            elif run.checkpoint_path.exists():
-                where = f"the last good checkpoint is {run.checkpoint_path} (end of epoch {epoch - 1})"
-            else:
-                where = "no checkpoint was written yet"
-            raise FloatingPointError(f"score loss became {value} in epoch {epoch}; training stopped and {where}. "
-                                     "Lower --lr.")
-        return value
+    def check(total: torch.Tensor, epoch: int) -> float:  # the one host sync of an epoch
+        return check_finite(total, ("score loss",), epoch, run, rank, "Lower --lr.")[0]
 
     with StopSignal() as stop:
         for epoch in range(start, config.epochs):
@@ -175,11 +138,8 @@ def train_score(
                 requested = job.agree_stop(stop.requested, device)
                 if requested:
                     check(total, epoch + 1)
-                    if rank != 0:
-                        raise Interrupted(f"{requested}: stopped in epoch {epoch + 1}")
-                    run.save_checkpoint(state(epoch, batch=i))
-                    raise Interrupted(f"{requested}: stopped in epoch {epoch + 1}; checkpoint saved in "
-                                      f"{run.path}. Resume with the same command plus --resume.")
+                    interrupt(requested, f"in epoch {epoch + 1}", run if rank == 0 else None,
+                              lambda: saved.state(epoch, **lo_hi, batch=i))
                 x = data[perm[i * bs + lo : i * bs + lo + local]]
                 drawn = config.draw_noise(bs, x.shape[1], noise)  # the whole batch's noise, then our rows
                 loss = config.loss(net, x, {k: v[lo : lo + local] for k, v in drawn.items()})
@@ -201,7 +161,7 @@ def train_score(
             history.append(record)
             if rank == 0:
                 run.log(record)
-                run.save_checkpoint(state(epoch + 1))
+                run.save_checkpoint(saved.state(epoch + 1, **lo_hi))
     result = ScoreRun(net, config, run if rank == 0 else None, train, history, ema.averaged() if ema else net)
     if figures and rank == 0:
         from ppgen.score.samples import write_figures
