@@ -30,14 +30,14 @@ SS_VAE = Path(__file__).resolve().parents[1] / "examples" / "pyro_models" / "ss_
 LABELS = ("ys", "labelled")
 
 
-def _digits_file(path: Path, fraction: float = 0.1, labels: bool = True) -> Path:
-    """All 1797 embedded digits (static binarization), 10% of their labels given: ``{xs, ys, labelled}``
-    (the mask from its own seed, so labelled rows land in every split)."""
+def _digits_file(path: Path, rows: int = 1797, fraction: float = 0.1, labels: bool = True) -> Path:
+    """The first ``rows`` of the 1797 embedded digits (static binarization), 10% of their labels
+    given: ``{xs, ys, labelled}`` (the mask from its own seed, so labelled rows land in every split)."""
     from ppgen import load_dataset
 
     d = load_dataset("digits", "static")
-    xs = torch.cat([d.train, d.val, d.test])
-    y = torch.cat([d.train_labels, d.val_labels, d.test_labels])
+    xs = torch.cat([d.train, d.val, d.test])[:rows]
+    y = torch.cat([d.train_labels, d.val_labels, d.test_labels])[:rows]
     labelled = torch.zeros(len(xs), dtype=torch.bool)
     labelled[torch.randperm(len(xs), generator=torch.Generator().manual_seed(1))[: round(fraction * len(xs))]] = True
     torch.save({"xs": xs, "ys": F.one_hot(y, 10).double(), "labelled": labelled} if labels else {"xs": xs}, path)
@@ -83,8 +83,8 @@ def test_dict_file_keeps_labels_and_masks_and_drops_train_only_keys(tmp_path):
 def test_semi_supervised_m2_from_a_dict_file(tmp_path, capsys):
     """M2 of ss_vae.py trained by ``ppgen train model`` on {xs, ys, labelled}: the Python path's
     numbers, resume, evidence against the class summed out exactly, samples, report."""
-    data = _digits_file(tmp_path / "ss.pt")
-    once, twice, mixed = tmp_path / "once", tmp_path / "twice", tmp_path / "mixed"
+    data = _digits_file(tmp_path / "ss.pt", rows=600)
+    once, mixed = tmp_path / "once", tmp_path / "mixed"
     assert _train_ss(data, once, 2, "--train-only", ",".join(LABELS)) == 0
     cfg = config_from_dict(ModelRunConfig, json.loads((once / "config.json").read_text()))
     split = load_model_data(cfg.data)
@@ -101,18 +101,19 @@ def test_semi_supervised_m2_from_a_dict_file(tmp_path, capsys):
     assert [r["train_loss"] for r in result.history] == [r["train_loss"] for r in cli]
     assert [r["val_elbo"] for r in result.history] == [r["val_elbo"] for r in cli]
 
-    # Stopped after one epoch and resumed: the uninterrupted run's parameters and losses.
-    assert _train_ss(data, twice, 1, "--train-only", ",".join(LABELS)) == 0
-    assert _train_ss(data, twice, 2, "--train-only", ",".join(LABELS), "--resume") == 0
-    a, b = (load_checkpoint(p / "checkpoint.pt")["params"] for p in (once, twice))
+    # Without --train-only, stopped after one epoch and resumed: training is the same (the option
+    # changes only what evaluation passes), so the uninterrupted run's parameters and losses.
+    assert _train_ss(data, mixed, 1) == 0
+    assert _train_ss(data, mixed, 2, "--resume") == 0
+    a, b = (load_checkpoint(p / "checkpoint.pt")["params"] for p in (once, mixed))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(once) == _losses(twice)
+    assert _losses(once) == _losses(mixed)
 
     # Evidence: log p(x) of the test images, against log sum_k p(x, y=k) with the class summed out
     # exactly (ppgen.log_evidence of model(xs, one_hot(k)), y observed, for each k).
     assert main(["evidence", str(once), "--samples", "300", "--no-progress"]) == 0
     ev = json.loads((once / "evidence.json").read_text())
-    assert ev["n"] == len(split.test["xs"]) == 180
+    assert ev["n"] == len(split.test["xs"]) == 60
     from ppgen import log_evidence
 
     model, guide, _, _ = load_model_run(once)
@@ -120,8 +121,8 @@ def test_semi_supervised_m2_from_a_dict_file(tmp_path, capsys):
     per_class = torch.stack([log_evidence(model, guide, (xs, F.one_hot(torch.full((len(xs),), k), 10).float()),
                                           300, seed=k).log_px for k in range(10)])
     summed = float(torch.logsumexp(per_class, 0).mean())
-    # measured: IS (y from the classifier) -27.97 +- 0.01 against the class summed out -27.97
-    assert abs(ev["log_px"] - summed) < 5 * ev["log_px_stderr"] + 0.02, (ev["log_px"], summed)
+    # measured: IS (y drawn from the classifier) -29.2706 +- 0.0040, class summed out -29.2702
+    assert abs(ev["log_px"] - summed) < 4.5 * ev["log_px_stderr"] + 0.005, (ev["log_px"], summed)
     assert ev["elbo"] <= ev["log_px"] + 3 * ev["log_px_stderr"]
 
     # Samples: the mean image of 3000 draws against the model's mean, E[sigmoid(decoder(z, y))].
@@ -141,13 +142,12 @@ def test_semi_supervised_m2_from_a_dict_file(tmp_path, capsys):
     assert row["family"] == "model" and row["is_log_px"] == pytest.approx(ev["log_px"])
     capsys.readouterr()
 
-    # Without --train-only: the same training, but evaluation would score model(xs, ys, labelled),
-    # whose guide pins the given labels: IS would estimate log p(x, y) in those rows. Refused.
-    assert _train_ss(data, mixed, 2) == 0
-    assert _losses(mixed) == _losses(once)
+    # Without --train-only evaluation scores model(xs, ys, labelled), whose guide pins the given
+    # labels: IS would estimate log p(x, y) in those rows, not log p(x). Refused, saying what to do.
     assert main(["evidence", str(mixed), "--samples", "50", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "probability 0" in err and "'y' in 24 of 180" in err and "--train-only" in err
+    pinned = int(load_model_data(ModelDataConfig(str(data), "none")).test["labelled"].sum())
+    assert "probability 0" in err and f"'y' in {pinned} of 60" in err and "--train-only" in err
     assert not (mixed / "evidence.json").exists()
 
 
@@ -241,7 +241,7 @@ def test_two_positional_arrays_in_an_npz_and_a_plate_not_named_data(tmp_path, ca
     exact = float(torch.stack([
         torch.distributions.MultivariateNormal(p["b"][o], cov[o][:, o]).log_prob(xi[o]) for xi, o in zip(xt, mt)
     ]).mean())
-    # measured: IS -4.860 +- 0.002 against the exact -4.859
+    # measured: IS -6.8443 +- 0.0016 against the exact -6.8459 (82% of coordinates observed)
     assert ev["n"] == 60 and abs(ev["log_px"] - exact) < 3 * ev["log_px_stderr"] + 2e-3, (ev["log_px"], exact)
 
     assert main(["sample", str(once), "--n", "8"]) == 0  # every coordinate drawn, masked ones too
