@@ -167,6 +167,23 @@ def test_train_only_refuses_a_model_that_needs_the_keys(tmp_path, capsys):
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+def test_samples_leave_out_the_classifier_factor(tmp_path):
+    """M2 with Kingma et al.'s classifier term (alpha 20, ``pyro.factor("classifier", ...)``): the
+    factor is a training term, no observation, so ``ppgen sample`` draws only ``x`` (it used to add
+    an empty ``classifier`` entry)."""
+    src = tmp_path / "alpha.py"
+    src.write_text(f"import sys; sys.path.insert(0, {str(SS_VAE.parent)!r})\n"
+                   "import torch\nfrom ss_vae import SSVAE\n"
+                   "torch.manual_seed(0)\nnet = SSVAE(aux_loss_multiplier=20.0)\n")
+    run = tmp_path / "r"
+    assert main(["train", "model", f"{src}:net.model", "--guide", f"{src}:net.guide", "--data",
+                 str(_digits_file(tmp_path / "ss.pt", rows=300)), "--estimator", "enum", "--out", str(run),
+                 "--epochs", "1", "--batch-size", "50", "--train-only", "ys,labelled", "--no-progress"]) == 0
+    assert main(["sample", str(run), "--n", "8"]) == 0
+    draws = torch.load(run / "samples-8.pt", weights_only=True)
+    assert set(draws) == {"x"} and draws["x"].shape == (8, 64)
+
+
 @pytest.mark.slow
 def test_semi_supervised_cli_run_classifies_far_better_than_an_unsupervised_one(tmp_path):
     """10 epochs of M2 on the 1437 training digits, 10% labelled (alpha 0: the labels reach the
@@ -225,6 +242,9 @@ def test_two_positional_arrays_in_an_npz_and_a_plate_not_named_data(tmp_path, ca
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert main([*flags, "--out", str(once), "--epochs", "3"]) == 0
     assert main([*flags, "--out", str(twice), "--epochs", "2"]) == 0
+    stored = json.loads((twice / "config.json").read_text())
+    del stored["data"]["train_only"]  # a run started before the field existed resumes too
+    (twice / "config.json").write_text(json.dumps(stored))
     assert main([*flags, "--out", str(twice), "--epochs", "3", "--resume"]) == 0
     a, b_ = (load_checkpoint(p / "checkpoint.pt")["params"] for p in (once, twice))
     assert all(torch.equal(a[k], b_[k]) for k in a) and _losses(once) == _losses(twice)
