@@ -84,8 +84,11 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     """Per-datapoint ``log p(x)`` from the candidate proposal with the fewest untrusted datapoints.
 
     :param model: a Pyro model with one local latent site whose guide is Gaussian (the VAE's
-        ``diag`` and ``fullcov`` posteriors); other pairs are refused by the proposals, naming
-        ``log_evidence(..., proposal=None)`` (the guide) and AIS instead.
+        ``diag`` and ``fullcov`` posteriors) or a Gaussian under fixed bijective transforms
+        (``LogNormal``, a logistic-normal, the IAF posterior); other pairs are refused by the
+        proposals, naming ``log_evidence(..., proposal=None)`` (the guide) and AIS instead. A model
+        that cannot take a particle plate (a ``BatchNorm1d`` decoder) is scored one trace per
+        particle (:mod:`ppgen.infer.proposals`).
     :param data: as for :func:`~ppgen.infer.evidence.log_evidence` (the first ``pilot`` rows
         choose the proposal).
     :param num_samples: ``K`` of the plain IS whose cost sets the budget (and the most draws used).
