@@ -171,7 +171,10 @@ class _Target:
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if _data_frame(site) is None:
-                raise ValueError(f"site {name!r} is not inside pyro.plate({plate!r}, ...)")
+                raise ValueError(
+                    f"site {name!r} is not inside pyro.plate({plate!r}, ...): AIS anneals each datapoint's own "
+                    "latents; a global latent shared by all datapoints needs ppgen.joint_log_evidence (nested "
+                    "importance sampling of the joint log p(x_1..N))")
             if not site["is_observed"]:
                 if not _is_real(site["fn"].support):
                     raise ValueError(

@@ -91,6 +91,14 @@ def local_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict, plat
     g, m = _trace_pair(model, guide, args, kwargs)
     latents = [n for n, s in g.nodes.items() if s["type"] == "sample" and not s["is_observed"]
                and not site_is_subsample(s)]
+    shared = [n for n in latents if plate not in [f.name for f in g.nodes[n]["cond_indep_stack"]]]
+    if shared:
+        raise ValueError(
+            f"the guide's site(s) {shared} sit outside the datapoint plate {plate!r}: a global latent is shared by "
+            "all datapoints, so p(x) does not factor per datapoint and no per-datapoint proposal (nor "
+            "proposal='guide' or AIS) can estimate it; use ppgen.joint_log_evidence (nested importance sampling "
+            "of the joint log p(x_1..N))"
+        )
     if len(latents) != 1:
         raise ValueError(
             f"this proposal needs a guide with exactly one local latent site, got {len(latents)} ({latents}); "

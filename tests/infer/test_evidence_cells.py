@@ -313,3 +313,24 @@ def test_ais_refusals_name_what_to_use():
 
         bdmc(_two_args()[0], (X[:, :SPLIT], X[:, SPLIT:]), num_chains=2, num_steps=1)
     assert math.isfinite(_best_diag_kl())
+
+
+def test_a_global_latent_is_refused_naming_nested_evidence():
+    """A latent outside the datapoint plate is shared by all datapoints: neither the proposals nor
+    AIS can estimate per-datapoint evidence; both say so and name joint_log_evidence."""
+    def model(x):
+        g = pyro.sample("g", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(d), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ LG.weight.T + g, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("g", dist.Normal(x.new_zeros(()), 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("z", _q(x))
+
+    for proposal in (Guide(), Widened(Refined(2, 2))):
+        with pytest.raises(ValueError, match="outside the datapoint plate.*joint_log_evidence"):
+            log_evidence(model, guide, X, 20, proposal=proposal)
+    with pytest.raises(ValueError, match="not inside pyro.plate.*joint_log_evidence"):
+        ais_log_evidence(model, X, num_chains=2, num_steps=1)
