@@ -74,6 +74,9 @@ _EAGER_ESTIMATORS = {
     "dreg": "'dreg' registers gradient hooks on the guide's draws inside the loss",
 }
 
+# What a fallback caused by the estimator suggests instead (measured: tests/infer/test_compile*.py).
+_COMPILING = "estimators that compile: reparam, analytic-kl, iwae, vimco"
+
 # ELBO classes (exact types: a subclass may change loss_and_grads) whose differentiable_loss is
 # the whole estimator, so the step can take the loss as a tensor and compile it.
 _DEVICE_LOSS = (Trace_ELBO, AnalyticKL_ELBO, IWAE_ELBO, DReG_ELBO, VIMCO_ELBO)
@@ -216,10 +219,11 @@ class SVIStep:
         self.cudagraphs = mode == "reduce-overhead"
         reason = unsupported_reason()
         if reason is None and self.estimator in _EAGER_ESTIMATORS:
-            reason = f"{_EAGER_ESTIMATORS[self.estimator]}, which torch.compile(fullgraph=True) cannot trace"
+            reason = (f"{_EAGER_ESTIMATORS[self.estimator]}, which torch.compile(fullgraph=True) cannot trace; "
+                      f"{_COMPILING}")
         if reason is None and not self.device_loss:
             reason = (f"{type(self.elbo).__name__} reads its loss on the host in loss_and_grads "
-                      f"(score-function and enumeration estimators)")
+                      f"(score-function and enumeration estimators); {_COMPILING}")
         if reason is None:
             limit = {"recompile_limit": RECOMPILE_LIMIT} if "recompile_limit" in _COMPILE_ARGS else {}
             self._compiled_loss = torch.compile(self._loss, fullgraph=True, options=options, **limit)

@@ -42,6 +42,13 @@ def _vae():
     return vae.model, vae.guide, [vae], [x, _nan(x), _x(1)]
 
 
+def _vae_other_sizes():
+    """Then batches of 10 and 7 rows (step() called by hand; train_svi drops the last partial
+    batch): one recompilation, with dynamic shapes."""
+    model, guide, modules, batches = _vae()
+    return model, guide, modules, batches + [_x(2)[:10], _x(3)[:7]]
+
+
 def _two_args_batchnorm_global():
     """model(x, y) with its datapoints in plate "batch", a global latent ``w`` beside the local
     ``z``, and a hand-written guide whose encoder has a BatchNorm1d in train mode (reads x only,
@@ -71,9 +78,12 @@ def _two_args_batchnorm_global():
 
     g = torch.Generator().manual_seed(2)
     x, y = _x(), torch.randn(B, generator=g)
-    bad_y = y.clone()
+    bad_y, huge_y = y.clone(), y.clone()
     bad_y[5] = float("nan")
-    return model, guide, [enc, dec], [(x, y), (x, bad_y), (_x(1), torch.randn(B, generator=g))]
+    # A finite loss (~2e38 at scale 4) whose gradients' squares overflow float32: a skip that
+    # names the gradient
+    huge_y[5] = 5e18
+    return model, guide, [enc, dec], [(x, y), (x, bad_y), (_x(1), torch.randn(B, generator=g)), (x, huge_y)]
 
 
 def _amortized_global_batchnorm():
@@ -146,14 +156,14 @@ def _assert_same(got: dict, want: dict, exact: bool) -> None:
 # -- estimators x particles -----------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator, particles", [("reparam", 3), ("vimco", 3)])
-def test_estimator_cell_compiles_and_matches_eager(one_thread, estimator, particles):
+@pytest.mark.parametrize("estimator, particles, factory", [("reparam", 3, _vae_other_sizes), ("vimco", 3, _vae)])
+def test_estimator_cell_compiles_and_matches_eager(one_thread, estimator, particles, factory):
     """The cells test_compile.py leaves out (reparam with vectorized particles, vimco); the NaN
     batch in the middle is skipped on the device as eager skips it."""
-    got, want = _compiled_and_eager(_vae, estimator=estimator, particles=particles)
+    got, want = _compiled_and_eager(factory, estimator=estimator, particles=particles)
     assert got["step"].compiled, got["step"].why_eager
     assert not got["warnings"]
-    assert want["problems"] == [None, "loss", None]
+    assert want["problems"][:3] == [None, "loss", None] and len(want["problems"]) == len(factory()[3])
     _assert_same(got, want, exact=False)
 
 
@@ -167,6 +177,7 @@ def test_estimator_cell_compiles_and_matches_eager(one_thread, estimator, partic
     ("score-naive", 2, "reads its loss on the host"),
     ("score-nn-baseline", 1, "reads its loss on the host"),
     ("enum", 1, "reads its loss on the host"),
+    ("score-discrete", 1, "reads its loss on the host"),
 ])
 def test_estimator_cell_falls_back_with_one_line_and_eager_numbers(one_thread, estimator, particles, why):
     """Refused without compiling (a known reason): one warning line, then the eager numbers,
@@ -174,9 +185,11 @@ def test_estimator_cell_falls_back_with_one_line_and_eager_numbers(one_thread, e
     got, want = _compiled_and_eager(_vae, estimator=estimator, particles=particles)
     assert not got["step"].compiled and got["step"].why_eager
     assert len(got["warnings"]) == 1 and "\n" not in got["warnings"][0] and why in got["warnings"][0]
+    assert "estimators that compile: reparam" in got["warnings"][0]  # and what to use instead
     # The NaN batch: a skipped update, or (score-function guides sample with torch.normal, which
     # refuses the NaN scale the encoder makes of a NaN input) the same error as eager
-    nan_problem = "raised: normal expects all elements of std >= 0.0" if "score" in estimator else "loss"
+    scored = estimator.startswith("score") and estimator != "score-discrete"  # (only discrete sites scored)
+    nan_problem = "raised: normal expects all elements of std >= 0.0" if scored else "loss"
     assert want["problems"] == [None, nan_problem, None]
     _assert_same(got, want, exact=True)
 
@@ -191,24 +204,36 @@ def test_model_shape_compiles_and_matches_eager_buffers_and_rng_included(one_thr
     assert got["step"].compiled, got["step"].why_eager
     assert got["step"].data_plate == want["step"].data_plate != "data"
     assert any("running_mean" in k for k in want["buffers"])
-    nan_batch = factory is _two_args_batchnorm_global
-    assert want["problems"] == [None, "loss" if nan_batch else None, None]
+    if factory is _two_args_batchnorm_global:
+        assert want["problems"][:3] == [None, "loss", None] and want["problems"][3].startswith("gradient of 'enc")
+        assert want["losses"][3] != want["losses"][3]  # step() reports NaN when a gradient skipped the update
+    else:
+        assert want["problems"] == [None] * 3
     _assert_same(got, want, exact=False)
 
 
-def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thread, monkeypatch):
+def _fails(*args, **kwargs):
+    raise RuntimeError("stand-in for a failure while compiling")
+
+
+@pytest.mark.parametrize("compiles", [True, False], ids=["check-passes", "compile-fails"])
+def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thread, monkeypatch, compiles):
     """The build-time check runs the loss twice; with the compiled run replaced by an eager one
-    (no compiling: fast) the step still compiles 'successfully', and the BatchNorm running
-    statistics, batch count and RNG state after the build equal those of an eager build."""
+    (no compiling: fast) the step 'compiles', or with one that raises it falls back, and either
+    way the BatchNorm running statistics, batch count and RNG state after the build equal those
+    of an eager build."""
     import ppgen.infer.svi_step as svi_step
 
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn if compiles else _fails)
     states = []
     for compile in (True, False):
         torch.manual_seed(0)
         model, guide, modules, batches = _two_args_batchnorm_global()
-        step, _ = svi_step.make_svi_step(model, guide, SVIConfig(compile=compile), batches[0])
-        assert step.compiled is compile
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            step, _ = svi_step.make_svi_step(model, guide, SVIConfig(compile=compile), batches[0])
+        assert step.compiled is (compile and compiles)
+        assert (step.why_eager is not None) is (compile and not compiles) and len(record) == (compile and not compiles)
         states.append(({k: v.clone() for k, v in modules[0].named_buffers()}, torch.get_rng_state()))
     (got, got_rng), (want, want_rng) = states
     assert int(want["1.num_batches_tracked"]) == 1  # the registration trace, in both builds
