@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
 import pyro
 import torch
 from pyro import poutine
@@ -238,10 +240,13 @@ class SVIStep:
         """Why the compiled loss cannot stand in for the eager one on ``example``, or ``None``.
 
         Runs the loss and its backward twice on the same draws, eagerly and compiled. Neither run
-        may leave a trace: the RNG states, and every buffer of every ``nn.Module`` that runs
-        during the check (BatchNorm's running statistics and batch count in train mode), are put
-        back as they were, so a compiled run and an eager run of one seed continue identically."""
+        may leave a trace: the RNG states (torch's, Python's, NumPy's), and every buffer of every
+        ``nn.Module`` called during the check (BatchNorm's running statistics and batch count in
+        train mode, spectral norm's power-iteration vector), are put back as they were, so a
+        compiled run and an eager run of one seed continue identically. (A module's state held
+        outside its buffers, or a buffer changed without calling its module, is not covered.)"""
         cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        host_rng = (random.getstate(), np.random.get_state())  # pyro.set_rng_seed seeds these too
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def snapshot(module: torch.nn.Module, _inputs: Any) -> None:
@@ -286,6 +291,8 @@ class SVIStep:
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+            random.setstate(host_rng[0])
+            np.random.set_state(host_rng[1])
             with torch.no_grad():
                 for buf, value in saved.values():
                     buf.copy_(value)

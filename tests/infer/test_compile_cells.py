@@ -8,9 +8,11 @@ cores: cells share one compilation each (the NaN batch rides along) and are mark
 
 from __future__ import annotations
 
+import random
 import warnings
 from typing import Callable
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -228,18 +230,27 @@ def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thr
     states = []
     for compile in (True, False):
         torch.manual_seed(0)
-        model, guide, modules, batches = _two_args_batchnorm_global()
+        model, bn_guide, modules, batches = _two_args_batchnorm_global()
+
+        def guide(x, y):  # also draws from Python's and NumPy's generators (pyro.set_rng_seed seeds them)
+            random.random()
+            np.random.rand()
+            return bn_guide(x, y)
+
+        random.seed(0)
+        np.random.seed(0)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             step, _ = svi_step.make_svi_step(model, guide, SVIConfig(compile=compile), batches[0])
         assert step.compiled is (compile and compiles)
         assert (step.why_eager is not None) is (compile and not compiles) and len(record) == (compile and not compiles)
-        states.append(({k: v.clone() for k, v in modules[0].named_buffers()}, torch.get_rng_state()))
+        states.append(({k: v.clone() for k, v in modules[0].named_buffers()},
+                       (torch.get_rng_state(), random.random(), np.random.rand())))
     (got, got_rng), (want, want_rng) = states
     assert int(want["1.num_batches_tracked"]) == 1  # the registration trace, in both builds
     for k in want:
         assert torch.equal(got[k], want[k]), k
-    assert torch.equal(got_rng, want_rng)
+    assert torch.equal(got_rng[0], want_rng[0]) and got_rng[1:] == want_rng[1:]
 
 
 def test_build_check_judges_every_gradient_on_one_scale():
