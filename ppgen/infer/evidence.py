@@ -392,8 +392,9 @@ def log_evidence(
     path = {None: None, True: VECTORIZED, False: SEQUENTIAL}[vectorize]  # None: not yet decided
     proposal = as_proposal(proposal)
     if proposal is not None and vectorize is False:
-        raise ValueError("vectorize=False draws the guide's particles one trace at a time; a proposal object "
-                         "draws vectorized particles only: pass proposal=None for a model that cannot take them")
+        raise ValueError("vectorize=False asks for one trace per particle; a proposal object checks each chunk "
+                         "itself and falls back to one trace per particle where the model cannot take the "
+                         "particle plate: leave vectorize=None with a proposal")
     pair = None
     note = None
     with seeded(seed, batch.device), eval_mode(model, guide):
@@ -420,7 +421,8 @@ def log_evidence(
                                                        particle_chunk)
                 for key, value in prepared.stats.items():
                     parts.setdefault("local." + key, []).append(value.detach().double().cpu())
-                path, problem = VECTORIZED, None
+                path = SEQUENTIAL if not prepared.vectorized or path == SEQUENTIAL else VECTORIZED
+                problem = None
             else:
                 log_w, rounding, path, problem = _chunk_log_weights(
                     model, guide, call_args, call_kwargs, num_samples, particle_chunk, nesting, plate, chunk.size,
