@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ppgen.infer.autoguide import AmortizedGuide
+from ppgen.infer.batches import as_batch
 from ppgen.infer.svi import SVIConfig, make_svi_step
 from ppgen.models.vae import VAE
 
@@ -88,6 +89,12 @@ def _two_args_batchnorm_global():
     return model, guide, [enc, dec], [(x, y), (x, bad_y), (_x(1), torch.randn(B, generator=g)), (x, huge_y)]
 
 
+def _keyword_args_batchnorm_global():
+    """The same model, its batches given as dicts: ``model(**{"x": x, "y": y})``."""
+    model, guide, modules, batches = _two_args_batchnorm_global()
+    return model, guide, modules, [{"x": x, "y": y} for x, y in batches]
+
+
 def _amortized_global_batchnorm():
     """A global mean ``mu`` next to a local ``z`` in plate "rows", guided by ppgen's
     AmortizedGuide whose trunk holds a BatchNorm1d (train mode)."""
@@ -114,8 +121,8 @@ def _run(factory: Callable, config: SVIConfig, scale: float):
         step, _ = make_svi_step(model, guide, config, batches[0], scale=scale)
     lines = [str(w.message) for w in record if "--compile" in str(w.message)]
     pyro.set_rng_seed(1)
-    first = batches[0] if isinstance(batches[0], tuple) else (batches[0],)
-    loss = step._loss_and_grads(first, {})
+    first = as_batch(batches[0])
+    loss = step._loss_and_grads(first.args, first.kwargs)
     grads = [p.grad.clone() for p in step.params]
     step.optimizer.zero_grad(set_to_none=True)
     losses, problems = [], []
@@ -199,14 +206,16 @@ def test_estimator_cell_falls_back_with_one_line_and_eager_numbers(one_thread, e
 # -- model shapes ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factory", [_two_args_batchnorm_global, _amortized_global_batchnorm],
-                         ids=["model(x,y)-plate-batch-batchnorm-global", "amortized-plate-rows-batchnorm-global"])
+@pytest.mark.parametrize("factory", [_two_args_batchnorm_global, _keyword_args_batchnorm_global,
+                                     _amortized_global_batchnorm],
+                         ids=["model(x,y)-plate-batch-batchnorm-global", "model(**{x,y})",
+                              "amortized-plate-rows-batchnorm-global"])
 def test_model_shape_compiles_and_matches_eager_buffers_and_rng_included(one_thread, factory):
     got, want = _compiled_and_eager(factory)
     assert got["step"].compiled, got["step"].why_eager
     assert got["step"].data_plate == want["step"].data_plate != "data"
     assert any("running_mean" in k for k in want["buffers"])
-    if factory is _two_args_batchnorm_global:
+    if factory is not _amortized_global_batchnorm:
         assert want["problems"][:3] == [None, "loss", None] and want["problems"][3].startswith("gradient of 'enc")
         assert want["losses"][3] != want["losses"][3]  # step() reports NaN when a gradient skipped the update
     else:
