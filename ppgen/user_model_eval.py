@@ -91,13 +91,11 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
 
 def _ais(model: Callable, guide: Callable, data: Any, r, config, run_config: ModelRunConfig) -> dict:
     """The ``"ais"`` and ``"bdmc"`` entries of an evidence report, as ``ppgen evidence`` writes
-    them for a VAE run (:func:`ppgen.infer.ais.ais_log_evidence`, :func:`ppgen.infer.ais.bdmc`)."""
+    them for a VAE run (:func:`ppgen.infer.ais.ais_log_evidence`, :func:`ppgen.infer.ais.bdmc`;
+    BDMC for data in one tensor only)."""
     from ppgen.infer.evidence_report import ais_entries
 
-    if not isinstance(data, torch.Tensor) or run_config.data_plate != "data":
-        raise ValueError("AIS (--ais-steps) takes a model(x) on one data tensor with its datapoints in "
-                         "pyro.plate('data', ...); this run's data or plate differs: leave out --ais-steps")
-    return ais_entries(model, guide, data, r, config)
+    return ais_entries(model, guide, data, r, config, run_config.data_plate)
 
 
 def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str) -> list[str]:

@@ -266,7 +266,14 @@ def test_two_positional_arrays_in_an_npz_and_a_plate_not_named_data(tmp_path, ca
 
     assert main(["sample", str(once), "--n", "8"]) == 0  # every coordinate drawn, masked ones too
     assert torch.load(once / "samples-8.pt", weights_only=True)["x"].shape == (8, 4)
-    assert main(["evidence", str(once), "--samples", "10", "--ais-steps", "5", "--no-progress"]) == 2
-    assert "leave out --ais-steps" in capsys.readouterr().err
+    # AIS from the encoder on the positional data and plate 'rows' (BDMC needs one tensor: left out)
+    assert main(["evidence", str(once), "--samples", "100", "--ais-steps", "100", "--ais-chains", "8",
+                 "--ais-limit", "20", "--no-progress"]) == 0
+    ev = json.loads((once / "evidence.json").read_text())
+    exact20 = float(torch.stack([
+        torch.distributions.MultivariateNormal(p["b"][o], cov[o][:, o]).log_prob(xi[o]) for xi, o in zip(xt[:20], mt[:20])
+    ]).mean())
+    assert ev["ais"]["n"] == 20 and "bdmc" not in ev
+    assert abs(ev["ais"]["log_px"] - exact20) < 0.02, (ev["ais"]["log_px"], exact20)
     assert main([*flags, "--out", str(tmp_path / "bad"), "--epochs", "1", "--train-only", "arr_1"]) == 2
     assert "tuple of positional arrays" in capsys.readouterr().err

@@ -409,6 +409,7 @@ def bdmc(
     batch_size: int = 100,
     seed: Optional[int] = 0,
     start: Optional[Start] = None,
+    data_plate: str = DATA,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015) on data simulated from ``model``.
 
@@ -419,4 +420,5 @@ def bdmc(
     weights then estimate ``1 / p(x*)`` as ``q`` is normalized), so the gap measures AIS from that
     start.
     """
-    return _chunked(model, like, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, True, start)
+    return _chunked(model, like, num_chains, num_steps, leapfrog, step_size, target_accept, batch_size, seed, True, start,
+                    data_plate)

@@ -20,7 +20,9 @@ from typing import Optional, Union
 import torch
 
 from ppgen.infer.ais import ais_log_evidence, bdmc, guide_start
+from ppgen.infer.batches import as_batch
 from ppgen.infer.evidence import khat_threshold, khat_untrusted, log_evidence
+from ppgen.infer.traces import DATA
 from ppgen.infer.trusted import default_candidates, inference_gaps, trusted_evidence
 from ppgen.plots import save_figure
 
@@ -114,31 +116,37 @@ def evidence_report(
     return report
 
 
-def ais_entries(model, guide, data: torch.Tensor, r, config: EvidenceConfig) -> dict:
+def ais_entries(model, guide, data, r, config: EvidenceConfig, data_plate: str = DATA) -> dict:
     """The ``"ais"`` and ``"bdmc"`` entries of an evidence report: AIS and BDMC on the first
     ``config.ais_limit`` datapoints of ``data``, next to the IS result ``r`` on the same points,
-    their paths starting at ``config.ais_start`` (the guide's q(z|x), or the prior)."""
-    sub = data[: config.ais_limit]
+    their paths starting at ``config.ais_start`` (the guide's q(z|x), or the prior). ``data`` is
+    a tensor, a tuple or a dict of model arguments (:func:`ppgen.infer.batches.as_batch`); BDMC
+    simulates one observed tensor, so for a tuple or dict the report has no ``"bdmc"`` entry."""
+    batch = as_batch(data, "data", model)
+    n = min(config.ais_limit, batch.size)
+    sub = batch.rows(slice(0, n)).data
     start = guide_start(guide) if config.ais_start == "encoder" else None
     t0 = time.perf_counter()
     a = ais_log_evidence(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size,
-                         seed=config.seed, start=start)
+                         seed=config.seed, start=start, data_plate=data_plate)
     ais = {
-        "n": len(sub),
+        "n": n,
         "start": config.ais_start,
         "log_px": float(a.log_px.mean()),
-        "is_log_px_same_points": float(r.log_px[: len(sub)].mean()),
+        "is_log_px_same_points": float(r.log_px[:n].mean()),
         # the encoder's ELBO (L[q] when the draws came from a refined proposal)
-        "elbo_same_points": float((r.elbo if r.local is None else r.local["elbo_q"])[: len(sub)].mean()),
+        "elbo_same_points": float((r.elbo if r.local is None else r.local["elbo_q"])[:n].mean()),
         "accept": float(a.accept.mean()),
         "seconds": time.perf_counter() - t0,
         # per datapoint: IS and AIS within 3 combined standard errors of each other
-        "share_within_3se_of_is": float(((r.log_px[: len(sub)] - a.log_px).abs()
-                                         <= 3 * (r.stderr[: len(sub)].pow(2) + a.stderr.pow(2)).sqrt()).double().mean()),
+        "share_within_3se_of_is": float(((r.log_px[:n] - a.log_px).abs()
+                                         <= 3 * (r.stderr[:n].pow(2) + a.stderr.pow(2)).sqrt()).double().mean()),
     }
+    if batch.form != "tensor":
+        return {"ais": ais}
     b = bdmc(model, sub, config.ais_chains, config.ais_steps, batch_size=config.batch_size, seed=config.seed + 1,
-             start=start)
-    return {"ais": ais, "bdmc": {"n": len(sub), "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}}
+             start=start, data_plate=data_plate)
+    return {"ais": ais, "bdmc": {"n": n, "lower": float(b.lower.mean()), "upper": float(b.upper.mean()), "gap": b.gap}}
 
 
 def write_report(report: dict, r, out: Union[str, Path]) -> None:
@@ -181,16 +189,17 @@ def format_report(report: dict) -> str:
             ("larger gap", g["dominant"]),
         ]
     if "ais" in report:
-        a, b = report["ais"], report["bdmc"]
+        a, b = report["ais"], report.get("bdmc")
         rows += [
             (f"AIS log p(x) (first {a['n']}, from the {a.get('start', 'prior')})", f"{a['log_px']:.3f}"),
             (f"IS on the same {a['n']}", f"{a['is_log_px_same_points']:.3f}"),
             ("AIS - IS", f"{a['log_px'] - a['is_log_px_same_points']:.3f}"),
             ("share of points where AIS and IS agree within 3 SE", f"{a.get('share_within_3se_of_is', float('nan')):.2f}"),
             ("AIS acceptance", f"{a['accept']:.2f}"),
-            ("BDMC lower / upper (simulated)", f"{b['lower']:.3f} / {b['upper']:.3f}"),
-            ("BDMC gap", f"{b['gap']:.3f}"),
         ]
+        if b is not None:  # BDMC simulates data in one tensor only
+            rows += [("BDMC lower / upper (simulated)", f"{b['lower']:.3f} / {b['upper']:.3f}"),
+                     ("BDMC gap", f"{b['gap']:.3f}")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
