@@ -21,6 +21,13 @@ with ``poutine.block(model, hide=["classifier"])`` or on unlabelled data.
 
     python examples/pyro_models/ss_vae.py                      # ppgen's checks, then M2 with 10% labels
     python examples/pyro_models/ss_vae.py --smoke
+
+From the command line, on a ``.pt`` dict ``{"xs", "ys", "labelled"}`` (the module-level
+``ss_vae`` is one SSVAE; ``--train-only`` keeps labels and mask out of validation, test and
+``ppgen evidence``, which then score log p(x)):
+
+    ppgen train model examples/pyro_models/ss_vae.py:ss_vae.model --guide examples/pyro_models/ss_vae.py:ss_vae.guide \
+        --data digits_10pct.pt --estimator enum --train-only ys,labelled --out runs/m2
 """
 
 from __future__ import annotations
