@@ -27,6 +27,11 @@ that is ``loss + (surrogate - surrogate.detach())``, the same value and the same
 
 :func:`pyro_compat` is also used by the eager step for the same ELBOs: with it, the loss of a
 step never leaves the device, compiled or not.
+
+The module also holds what the SVI step's build-time check of a compiled loss needs
+(:mod:`ppgen.infer.svi_step`): :func:`buffers_kept` / :class:`ModuleBuffers`, so that running
+the loss on the example batch, eagerly and compiled, leaves no trace in module buffers
+(BatchNorm's running statistics), and :func:`close`, its tolerance.
 """
 
 from __future__ import annotations
@@ -36,8 +41,9 @@ import functools
 from typing import Any, Callable, Iterator, Optional
 
 import pyro
+import torch
 
-__all__ = ["PYRO_VERSION", "unsupported_reason", "pyro_compat"]
+__all__ = ["PYRO_VERSION", "ModuleBuffers", "buffers_kept", "close", "largest", "pyro_compat", "unsupported_reason"]
 
 #: The Pyro release whose internals :func:`pyro_compat` replaces.
 PYRO_VERSION = "1.9.2"
@@ -111,6 +117,51 @@ def _checked() -> tuple[tuple[Any, str, Any, Any], ...]:
             raise RuntimeError(f"Pyro {pyro.__version__}: {owner.__name__}.{name} not found")
         rows.append((owner, name, vars(owner)[name], new))
     return tuple(rows)
+
+
+class ModuleBuffers:
+    """The buffers of the modules called while :meth:`note` is a global forward pre-hook, as
+    they were before their module's first call; :meth:`restore` puts them back."""
+
+    def __init__(self):
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def note(self, module: torch.nn.Module, _inputs: Any) -> None:
+        for buf in module.buffers():
+            if id(buf) not in self.saved:
+                self.saved[id(buf)] = (buf, buf.detach().clone())
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for buf, value in self.saved.values():
+                buf.copy_(value)
+
+
+@contextlib.contextmanager
+def buffers_kept() -> Iterator[None]:
+    """Buffers of the modules called inside the block (BatchNorm's running statistics and batch
+    count in train mode, spectral norm's power-iteration vector) are put back on exit, also on
+    error. Buffers changed without calling their module are not covered."""
+    saved = ModuleBuffers()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(saved.note)
+    try:
+        yield
+    finally:
+        hook.remove()
+        saved.restore()
+
+
+def largest(b: torch.Tensor) -> float:
+    """The largest finite ``|entry|`` of ``b`` (0 if none)."""
+    finite = b[b.isfinite()]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def close(a: torch.Tensor, b: torch.Tensor, scale: float = 0.0) -> bool:
+    """Equal within ``rtol = 1e-4`` and ``1e-5`` of ``max(scale, b's largest finite entry)``, NaN
+    and inf in the same places (a non-finite example batch is judged by where its non-finite
+    entries are)."""
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, largest(b)) + 1e-7, equal_nan=True))
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ from pyro.infer import Trace_ELBO
 
 from ppgen.devices import Distributed, adam
 from ppgen.infer.batches import Batch, as_batch
-from ppgen.infer.compile import pyro_compat, unsupported_reason
+from ppgen.infer.compile import ModuleBuffers, buffers_kept, close, largest, pyro_compat, unsupported_reason
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
 from ppgen.infer.estimators.multisample import DReG_ELBO, IWAE_ELBO, VIMCO_ELBO
 from ppgen.infer.estimators.pathwise import AnalyticKL_ELBO, sticking_the_landing
@@ -247,12 +247,7 @@ class SVIStep:
         outside its buffers, or a buffer changed without calling its module, is not covered.)"""
         cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
         host_rng = (random.getstate(), np.random.get_state())  # pyro.set_rng_seed seeds these too
-        saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def snapshot(module: torch.nn.Module, _inputs: Any) -> None:
-            for buf in module.buffers():
-                if id(buf) not in saved:
-                    saved[id(buf)] = (buf, buf.detach().clone())
+        saved = ModuleBuffers()
 
         def run(compiled: bool) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
             torch.set_rng_state(cpu)
@@ -260,7 +255,7 @@ class SVIStep:
                 torch.cuda.set_rng_state_all(cuda)
             self.compiled = compiled
             # the eager run calls every module the compiled one will: note their buffers first
-            hook = None if compiled else torch.nn.modules.module.register_module_forward_pre_hook(snapshot)
+            hook = None if compiled else torch.nn.modules.module.register_module_forward_pre_hook(saved.note)
             try:
                 loss = self._loss_and_grads(example.args, example.kwargs)
                 return loss, [None if p.grad is None else p.grad.clone() for p in self.params]
@@ -277,13 +272,13 @@ class SVIStep:
                 loss, grads = run(True)
             except Exception as e:  # noqa: BLE001 - any failure to compile means: run eagerly
                 return _compile_failure(e)
-            if not _close(loss.reshape(1), eager_loss.reshape(1)):
+            if not close(loss.reshape(1), eager_loss.reshape(1)):
                 return f"compiled loss {float(loss):.6g} differs from the eager {float(eager_loss):.6g}"
             # One scale for all gradients: a gradient that is zero in exact arithmetic (a bias
             # in front of a BatchNorm) is rounding noise of the size of the terms it sums.
-            scale = max((_largest(e) for e in eager_grads if e is not None), default=0.0)
+            scale = max((largest(e) for e in eager_grads if e is not None), default=0.0)
             for name, g, e in zip(self.names, grads, eager_grads):
-                if (g is None) != (e is None) or (g is not None and not _close(g, e, scale)):
+                if (g is None) != (e is None) or (g is not None and not close(g, e, scale)):
                     return f"compiled gradient of {name!r} differs from the eager one"
             return None
         finally:
@@ -293,9 +288,7 @@ class SVIStep:
                 torch.cuda.set_rng_state_all(cuda)
             random.setstate(host_rng[0])
             np.random.set_state(host_rng[1])
-            with torch.no_grad():
-                for buf, value in saved.values():
-                    buf.copy_(value)
+            saved.restore()
 
     # -- the update --------------------------------------------------------------------------
     def on_device(self, x: Any, halt: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -356,19 +349,6 @@ def _compile_failure(e: Exception) -> str:
     return f"torch.compile(fullgraph=True) failed: {type(e).__name__}: {(lines or [''])[0][:160]}{where}"
 
 
-def _largest(b: torch.Tensor) -> float:
-    """The largest finite ``|entry|`` of ``b`` (0 if none)."""
-    finite = b[b.isfinite()]
-    return float(finite.abs().max()) if finite.numel() else 0.0
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, scale: float = 0.0) -> bool:
-    """Equal within ``rtol = 1e-4`` and ``1e-5`` of ``max(scale, b's largest finite entry)``, NaN
-    and inf in the same places (a non-finite example batch is judged by where its non-finite
-    entries are)."""
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, _largest(b)) + 1e-7, equal_nan=True))
-
-
 def make_svi_step(
     model: Callable,
     guide: Callable,
@@ -414,7 +394,8 @@ def make_svi_step(
         check_vectorizable(model, guide, example.args, example.kwargs, nesting, plate, example.size,
                            example.device, f"estimator {config.estimator!r} with {config.particles} particle(s)")
     train_guide = prepare_guide(config.estimator, guide)
-    with poutine.trace(param_only=True) as capture, torch.no_grad():
+    # A throwaway trace: it must not move BatchNorm statistics (as ppgen.infer.traces' traces)
+    with poutine.trace(param_only=True) as capture, torch.no_grad(), buffers_kept():
         Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
     names = list(capture.trace.nodes)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]

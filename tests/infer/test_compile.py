@@ -205,7 +205,7 @@ def test_compile_flag_maps_onto_the_config():
 
 def test_nonfinite_example_batch_still_compiles_or_says_why(one_thread):
     """_close judges NaN where the eager loss is NaN as agreement (no spurious 'differs')."""
-    from ppgen.infer.svi_step import _close
+    from ppgen.infer.compile import close as _close
 
     nan = torch.tensor([float("nan"), 1.0])
     assert _close(nan, nan.clone()) and not _close(torch.tensor([1.0, 1.0]), nan)

@@ -109,6 +109,23 @@ def _amortized_global_batchnorm():
     return model, guide, [guide], [_x(), _x(1), _x(2)]
 
 
+def _prodlda():
+    """Pyro's ProdLDA as examples/pyro_models/prodlda.py writes it: plate "documents", BatchNorm
+    (train mode) and Dropout in encoder and decoder, a Multinomial whose total count the model
+    reads with ``int(docs.sum(-1).max())``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "pyro_models" / "prodlda.py"
+    spec = importlib.util.spec_from_file_location("ppgen_example_prodlda", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    lda = example.ProdLDA(hidden=16)
+    docs = example.synthetic_corpus(3 * B, seed=1)
+    return lda.model, lda.guide, [lda], [docs[:B], docs[B:2 * B], docs[2 * B:]]
+
+
 # -- running one configuration --------------------------------------------------------------------
 
 def _run(factory: Callable, config: SVIConfig, scale: float):
@@ -146,6 +163,15 @@ def _compiled_and_eager(factory: Callable, scale: float = 4.0, **config_kwargs):
     return got, want
 
 
+# Parameters whose gradient is zero in exact arithmetic (a Linear's bias in front of a BatchNorm,
+# which subtracts it again), and the running means that follow them: Adam scales their rounding
+# noise up to steps of size lr with random signs, so any two differently rounded runs (eager on
+# the CPU and on CUDA too) walk them apart, with no effect on the loss. ProdLDA has two.
+_ROUNDING_WALKS = {
+    "encoder$$$fc_mu.bias", "encoder$$$fc_lv.bias", "0.encoder.bn_mu.running_mean", "0.encoder.bn_lv.running_mean",
+}
+
+
 def _assert_same(got: dict, want: dict, exact: bool) -> None:
     tol = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(got["loss"], want["loss"], **tol)
@@ -154,10 +180,13 @@ def _assert_same(got: dict, want: dict, exact: bool) -> None:
         torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * largest + (0 if exact else 1e-7))
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), equal_nan=True, **tol)
     assert got["problems"] == want["problems"]
-    for p, q in zip(got["params"], want["params"]):
+    for name, p, q, w in zip(want["step"].names, got["params"], want["params"], want["grads"]):
+        if name in _ROUNDING_WALKS:
+            assert float(w.abs().max()) <= 1e-5 * largest  # zero up to rounding, as claimed
+            continue
         torch.testing.assert_close(p, q, rtol=tol["rtol"], atol=0.0 if exact else 1e-6)
     assert got["buffers"].keys() == want["buffers"].keys()
-    for k in want["buffers"]:  # BatchNorm: as many updates, from the same batches
+    for k in set(want["buffers"]) - _ROUNDING_WALKS:  # BatchNorm: as many updates, from the same batches
         torch.testing.assert_close(got["buffers"][k], want["buffers"][k], rtol=tol["rtol"], atol=0.0 if exact else 1e-6)
     assert torch.equal(got["rng"], want["rng"])  # the build's check left the RNG stream alone
 
@@ -207,15 +236,15 @@ def test_estimator_cell_falls_back_with_one_line_and_eager_numbers(one_thread, e
 
 @pytest.mark.slow
 @pytest.mark.parametrize("factory", [_two_args_batchnorm_global, _keyword_args_batchnorm_global,
-                                     _amortized_global_batchnorm],
+                                     _amortized_global_batchnorm, _prodlda],
                          ids=["model(x,y)-plate-batch-batchnorm-global", "model(**{x,y})",
-                              "amortized-plate-rows-batchnorm-global"])
+                              "amortized-plate-rows-batchnorm-global", "prodlda-batchnorm-dropout"])
 def test_model_shape_compiles_and_matches_eager_buffers_and_rng_included(one_thread, factory):
     got, want = _compiled_and_eager(factory)
     assert got["step"].compiled, got["step"].why_eager
     assert got["step"].data_plate == want["step"].data_plate != "data"
     assert any("running_mean" in k for k in want["buffers"])
-    if factory is not _amortized_global_batchnorm:
+    if factory in (_two_args_batchnorm_global, _keyword_args_batchnorm_global):
         assert want["problems"][:3] == [None, "loss", None] and want["problems"][3].startswith("gradient of 'enc")
         assert want["losses"][3] != want["losses"][3]  # step() reports NaN when a gradient skipped the update
     else:
@@ -232,7 +261,8 @@ def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thr
     """The build-time check runs the loss twice; with the compiled run replaced by an eager one
     (no compiling: fast) the step 'compiles', or with one that raises it falls back, and either
     way the BatchNorm running statistics, batch count and RNG state after the build equal those
-    of an eager build."""
+    of an eager build; the buffers are those of a fresh BatchNorm (make_svi_step's registration
+    trace does not move them either)."""
     import ppgen.infer.svi_step as svi_step
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn if compiles else _fails)
@@ -256,9 +286,9 @@ def test_build_check_leaves_batchnorm_buffers_and_rng_as_the_eager_build(one_thr
         states.append(({k: v.clone() for k, v in modules[0].named_buffers()},
                        (torch.get_rng_state(), random.random(), np.random.rand())))
     (got, got_rng), (want, want_rng) = states
-    assert int(want["1.num_batches_tracked"]) == 1  # the registration trace, in both builds
+    fresh = nn.BatchNorm1d(8).state_dict()  # the registration trace is a throwaway too
     for k in want:
-        assert torch.equal(got[k], want[k]), k
+        assert torch.equal(got[k], want[k]) and torch.equal(want[k], fresh[k.split(".", 1)[1]]), k
     assert torch.equal(got_rng[0], want_rng[0]) and got_rng[1:] == want_rng[1:]
 
 
@@ -267,7 +297,7 @@ def test_build_check_judges_every_gradient_on_one_scale():
     rounding noise of the size of the terms it sums; judged on its own scale, two runs' noise
     'differs' (measured: entries up to 1.5e-6 against 1e-7 allowed, and a needless fallback).
     Judged on the largest gradient entry of the step, it agrees; a real difference does not."""
-    from ppgen.infer.svi_step import _close
+    from ppgen.infer.compile import close as _close
 
     eager, compiled = torch.tensor([0.0, 9.5e-7, -1.2e-7]), torch.tensor([-1.2e-7, 0.0, 1.5e-6])
     assert not _close(compiled, eager) and _close(compiled, eager, scale=2.0)
