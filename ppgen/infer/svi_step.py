@@ -76,6 +76,9 @@ _EAGER_ESTIMATORS = {
     "dreg": "'dreg' registers gradient hooks on the guide's draws inside the loss",
 }
 
+# torch.normal's error for a NaN standard deviation (torch 2.x)
+_NAN_DRAW = "normal expects all elements of std >= 0.0"
+
 # What a fallback caused by the estimator suggests instead (measured: tests/infer/test_compile*.py).
 _COMPILING = "estimators that compile: reparam, analytic-kl, iwae, vimco"
 
@@ -176,8 +179,16 @@ class SVIStep:
         # distribution's arguments each step costs about 5% of a VAE step (bench/svi_step.py).
         with pyro.validation_enabled(False):
             if not self.device_loss:  # Pyro's own loss_and_grads, which reads the loss on the host
-                with DataScale(self.scale, self.data_plate):
-                    loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+                try:
+                    with DataScale(self.scale, self.data_plate):
+                        loss = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+                except RuntimeError as e:
+                    # A non-reparameterized draw (torch.normal) refuses a NaN scale, which a NaN in
+                    # the batch makes of an encoder's output: the pathwise step's NaN loss, skipped
+                    if not str(e).startswith(_NAN_DRAW):
+                        raise
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss = math.nan
                 return torch.as_tensor(loss, dtype=self.params[0].dtype, device=self.params[0].device)
             with pyro_compat():
                 loss = self._compiled_call(args, kwargs) if self.compiled else None
