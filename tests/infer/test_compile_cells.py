@@ -299,3 +299,43 @@ def test_build_check_judges_every_gradient_on_one_scale():
     eager, compiled = torch.tensor([0.0, 9.5e-7, -1.2e-7]), torch.tensor([-1.2e-7, 0.0, 1.5e-6])
     assert not _close(compiled, eager) and _close(compiled, eager, scale=2.0)
     assert not _close(torch.tensor([1e-3, 0.0, 0.0]), eager, scale=2.0)
+
+
+@pytest.mark.slow
+def test_training_run_with_a_nan_row_skips_or_stops_as_the_eager_run(one_thread):
+    """train_svi(compile=True) on data with one NaN row: under on_nonfinite="skip" the same
+    epoch losses and skipped steps as the eager run (one a epoch: the row's batch), and the same
+    parameters; under "stop" the same FloatingPointError."""
+    from ppgen.infer.svi import train_svi
+
+    data = torch.cat([_x(0), _x(1), _x(2), _x(3)])
+    data[21, 4] = float("nan")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        runs = _train_with_nan_row(train_svi, data)
+    assert not [w for w in record if "--compile" in str(w.message)]  # compiled, and stayed so
+    (got, got_params, got_stop), (want, want_params, want_stop) = runs[True], runs[False]
+    assert [h["skipped_steps"] for h in want] == [1, 1] and [h["skipped_steps"] for h in got] == [1, 1]
+    for g, w in zip(got, want):
+        assert g["train_loss"] == pytest.approx(w["train_loss"], rel=1e-5)
+    for p, q in zip(got_params, want_params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert got_stop == want_stop and "non-finite loss (nan)" in want_stop
+
+
+def _train_with_nan_row(train_svi, data) -> dict:
+    runs = {}
+    for compile in (True, False):
+        torch.manual_seed(0)
+        vae = VAE(D, Z, (8,))
+        result = train_svi(vae.model, vae.guide, data, None,
+                           SVIConfig(epochs=2, batch_size=16, lr=0.01, on_nonfinite="skip", compile=compile),
+                           progress=False)
+        runs[compile] = (result.history, [p.detach().clone() for p in pyro.get_param_store().values()])
+        torch.manual_seed(0)
+        vae = VAE(D, Z, (8,))
+        with pytest.raises(FloatingPointError) as stopped:
+            train_svi(vae.model, vae.guide, data, None, SVIConfig(epochs=2, batch_size=16, compile=compile),
+                      progress=False)
+        runs[compile] += (str(stopped.value),)
+    return runs
