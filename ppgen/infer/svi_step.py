@@ -11,23 +11,28 @@ step's *record* ``(1 + P,)``. A record with a non-finite entry skips the update 
 torch's fused AMP check turns the record into ``found_inf``, which fused Adam takes to leave
 parameters, moments and step count untouched. Nothing is read on the host:
 :func:`ppgen.infer.svi.train_svi` reads the records of an epoch once, at its end (or at a
-checkpoint), and applies the stop/skip policy.
+checkpoint), and applies the stop/skip policy. The score-function family, whose Pyro ELBOs read
+the loss on the host, records a NaN loss also when a NaN batch makes an encoder's scale NaN and
+``torch.normal`` refuses to draw (instead of that RuntimeError ending the run).
 
 With ``compile=True`` the loss (and through AOTAutograd its backward) runs as one
 ``torch.compile(fullgraph=True)`` graph. Whether that works depends on model, guide and
 estimator; the step compiles on the example batch when it is built, checks the compiled loss and
 gradients against the eager ones on the same random draws (inductor's ``fallback_random``, so
 a compiled run draws the same numbers as an eager one), and on any failure or difference runs
-eagerly and says why in one warning line. Estimators whose Pyro ELBO reads the loss on the host
-inside ``loss_and_grads`` (the score-function family, ``enum``) always run eagerly.
+eagerly and says why in one warning line (for an estimator that cannot compile, naming those
+that can). Estimators whose Pyro ELBO reads the loss on the host inside ``loss_and_grads`` (the
+score-function family, ``enum``) always run eagerly.
 
 Measured with Pyro 1.9.2 and torch 2.14 on the CPU (tests/infer/test_compile.py and
 test_compile_cells.py), and torch 2.11 on CUDA, also with CUDA graphs (tests/test_cuda.py): the
 VAE with the diag and fullcov guides, Bernoulli and Gaussian likelihoods, KL warm-up and free
 bits, under ``reparam`` (1 particle, and 3 vectorized), ``analytic-kl``, ``iwae`` and ``vimco``
-compiles and matches eager within 1e-5; so do a model ``model(x, y)`` with its datapoints in a
-plate not named "data", a BatchNorm encoder in train mode, and a global latent beside local ones
-(hand-written guide, and :class:`ppgen.infer.autoguide.AmortizedGuide`). The build's check
+compiles and matches eager within 1e-5, also on batches of other sizes (one recompilation, with
+dynamic shapes); so do a model ``model(x, y)`` (positional or keyword batches) with its
+datapoints in a plate not named "data", a BatchNorm encoder in train mode, and a global latent
+beside local ones (hand-written guide, and :class:`ppgen.infer.autoguide.AmortizedGuide`), and
+Pyro's ProdLDA (BatchNorm and Dropout in train mode). The build's check
 puts back the RNG state and every buffer of the modules it ran (BatchNorm's running statistics),
 so a compiled and an eager run of one seed end with the same buffers and draw the same numbers
 after. The IAF guide does not compile (dynamo stops in its transforms) and runs eagerly.
