@@ -138,14 +138,15 @@ class ModuleBuffers:
 
 
 @contextlib.contextmanager
-def buffers_kept() -> Iterator[None]:
+def buffers_kept() -> Iterator[ModuleBuffers]:
     """Buffers of the modules called inside the block (BatchNorm's running statistics and batch
     count in train mode, spectral norm's power-iteration vector) are put back on exit, also on
-    error. Buffers changed without calling their module are not covered."""
+    error. Buffers changed without calling their module are not covered. Yields the
+    :class:`ModuleBuffers` it keeps (``.saved``: the buffers it saw)."""
     saved = ModuleBuffers()
     hook = torch.nn.modules.module.register_module_forward_pre_hook(saved.note)
     try:
-        yield
+        yield saved
     finally:
         hook.remove()
         saved.restore()

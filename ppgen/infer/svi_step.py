@@ -150,8 +150,9 @@ class SVIStep:
 
     ``record = step.on_device(x)`` takes the update and returns its record, a ``(1 + P,)`` tensor
     on the device (the loss, negative ELBO at full-dataset scale, then the gradient 2-norm of
-    each of the ``P`` parameters ``step.names``); the update was applied exactly when every entry
-    is finite. No host read. ``step(x)`` does the same and returns the
+    each of the ``P`` parameters ``step.names``); the update (parameters, Adam's state, and the
+    buffers of the modules the step runs, e.g. BatchNorm's running statistics) was applied exactly
+    when every entry is finite. No host read. ``step(x)`` does the same and returns the
     loss as a float (NaN when a gradient was not finite), with ``step.nonfinite`` saying why the
     update was skipped (``None``, ``"loss"``, ``"gradient of '<name>'"``): one host read, for
     interactive use and tests.
@@ -171,6 +172,7 @@ class SVIStep:
         self._checking = False
         self.estimator: Optional[str] = None  # the estimator's name, set by make_svi_step
         self.nonfinite: Optional[str] = None
+        self.buffers: list[torch.Tensor] = []  # module buffers the step moves (BatchNorm statistics)
         self._found: Optional[torch.Tensor] = None  # found_inf of the skip policy, reused
         self._one: Optional[torch.Tensor] = None
 
@@ -319,6 +321,7 @@ class SVIStep:
         else:
             batch = x if isinstance(x, Batch) else as_batch(x, "batch", self.model)
             args, kwargs = batch.args, batch.kwargs
+        before = [b.clone() for b in self.buffers]
         loss = self._loss_and_grads(args, kwargs)
         if self.job.world > 1:
             (loss,) = self.job.average(self.params, loss)
@@ -335,6 +338,11 @@ class SVIStep:
                 self._found = torch.zeros((), dtype=torch.float32, device=record.device)
             halt = self._found.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_([record], halt, self._unit(record.device))
+        if before:  # a skipped step leaves the buffers as it found them too (no NaN running statistics)
+            skip = halt.bool()
+            with torch.no_grad():
+                for b, old in zip(self.buffers, before):
+                    b.copy_(torch.where(skip, old, b))
         if self.fused:  # fused Adam skips the whole update (moments and step count too) when 1
             self.optimizer.found_inf = halt
             self.optimizer.step()
@@ -411,7 +419,7 @@ def make_svi_step(
                            example.device, f"estimator {config.estimator!r} with {config.particles} particle(s)")
     train_guide = prepare_guide(config.estimator, guide)
     # A throwaway trace: it must not move BatchNorm statistics (as ppgen.infer.traces' traces)
-    with poutine.trace(param_only=True) as capture, torch.no_grad(), buffers_kept():
+    with poutine.trace(param_only=True) as capture, torch.no_grad(), buffers_kept() as kept:
         Trace_ELBO().loss(model, guide, *example.args, **example.kwargs)
     names = list(capture.trace.nodes)
     params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
@@ -421,6 +429,7 @@ def make_svi_step(
                    and unsupported_reason() is None)
     step = SVIStep(model, train_guide, elbo, names, params, optimizer, scale, plate, job, device_loss)
     step.estimator = config.estimator
+    step.buffers = [buf for buf, _ in kept.saved.values()]
     if getattr(config, "compile", False):
         step.compile(example)
     return step, optimizer

@@ -266,6 +266,43 @@ def test_non_finite_gradient_is_skipped_or_stops_and_never_reaches_validation():
         train_svi(model, guide, x, x, SVIConfig(epochs=1, batch_size=16, lr=0.1), progress=False)
 
 
+def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were():
+    # A NaN datapoint through a BatchNorm in train mode turns its running statistics NaN in the
+    # forward pass; the step that is skipped for it must put them back, as it leaves the weights.
+    from ppgen.infer.svi_step import make_svi_step
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1).expand(-1, 3), 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("enc", enc)
+        out = enc(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(out[:, 0], out[:, 1].exp()))
+
+    x = torch.randn(8, 3)
+    step, _ = make_svi_step(model, guide, SVIConfig(lr=0.01), x)
+    bn = enc[1]
+    assert int(bn.num_batches_tracked) == 0  # building the step moved nothing
+    step(x)
+    stats = [b.clone() for b in bn.buffers()]
+    weights = [p.detach().clone() for p in step.params]
+    bad = x.clone()
+    bad[2, 1] = math.nan
+    step(bad)
+    assert step.nonfinite == "loss"
+    assert all(torch.equal(a, b) for a, b in zip(stats, bn.buffers()))
+    assert all(torch.equal(a, p) for a, p in zip(weights, step.params))
+    step(x)  # and a finite batch moves them again
+    assert step.nonfinite is None and int(bn.num_batches_tracked) == 2
+    assert not torch.equal(stats[0], bn.running_mean) and bool(bn.running_mean.isfinite().all())
+
+
 # -- no host sync per step ------------------------------------------------------------------------
 
 _HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
