@@ -64,14 +64,14 @@ class Cell:
         return self.name
 
 
-def _tensor():
+def _tensor(plate: str = "data"):
     def model(x):
-        with pyro.plate("data", len(x)):
+        with pyro.plate(plate, len(x)):
             z = pyro.sample("z", dist.Normal(x.new_zeros(d), 1.0).to_event(1))
             pyro.sample("x", _lik(z, x), obs=x)
 
     def guide(x):
-        with pyro.plate("data", len(x)):
+        with pyro.plate(plate, len(x)):
             pyro.sample("z", _q(x))
 
     return model, guide
@@ -87,19 +87,6 @@ def _two_args():
     def guide(x1, x2):
         with pyro.plate("data", len(x1)):
             pyro.sample("z", _q(torch.cat([x1, x2], -1)))
-
-    return model, guide
-
-
-def _obs_plate():
-    def model(x):
-        with pyro.plate("obs", len(x)):
-            z = pyro.sample("z", dist.Normal(x.new_zeros(d), 1.0).to_event(1))
-            pyro.sample("x", _lik(z, x), obs=x)
-
-    def guide(x):
-        with pyro.plate("obs", len(x)):
-            pyro.sample("z", _q(x))
 
     return model, guide
 
@@ -167,7 +154,7 @@ def make_cell(name):
     if name == "two_args":
         return Cell(name, *_two_args(), (X[:, :SPLIT], X[:, SPLIT:]), batch_size=5)
     if name == "obs_plate":
-        return Cell(name, *_obs_plate(), X)
+        return Cell(name, *_tensor("obs"), X)
     if name == "dict":
         return Cell(name, *_dict(), {"a": X[:, :SPLIT], "b": X[:, SPLIT:]}, batch_size=7)
     if name == "bn_encoder":
