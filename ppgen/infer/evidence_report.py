@@ -88,7 +88,8 @@ def evidence_report(
     extra, gaps = {}, None
     if config.proposal == "auto":
         t = trusted_evidence(model, guide, data, config.samples, budget=config.budget, pilot=config.pilot,
-                             candidates=default_candidates(config.refine_steps, config.refine_samples), **common)
+                             candidates=default_candidates(config.refine_steps, config.refine_samples), extend=True,
+                             **common)
         r = t.result
         extra["choice"] = {"chosen": t.chosen, "pilot_share_untrusted": t.pilot, **t.plan}
         trusted = ~khat_untrusted(r.khat, r.num_samples)

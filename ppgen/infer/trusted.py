@@ -9,8 +9,19 @@ from refined local proposals (:mod:`ppgen.infer.proposals`) within a compute bud
 2. every candidate is tried on a pilot of the first ``pilot`` datapoints (the refined ``q*`` is
    computed once and shared by all candidates built on it); the one with the smallest share of
    k-hat above :func:`~ppgen.infer.evidence.khat_threshold` wins (ties: the first listed);
-3. the winner runs on the remaining datapoints, its pilot result is kept, and the number of
-   draws ``K`` is the largest (at most ``num_samples``) that keeps the whole plan in budget.
+3. when the candidates are widenings of one proposal (:func:`default_candidates`) and the
+   :class:`WidthSearch` is on (the default for the default candidates), a widest (narrowest)
+   factor among the best, with untrusted datapoints left, means the pilot may ask for wider
+   (narrower): the grid is extended past that end in geometric steps (outward first), reusing the
+   one ``q*`` (a step costs only its ``K`` draws on the pilot), while the pilot's untrusted share
+   keeps falling below the best so far, up to ``extra`` steps and factors within
+   ``[1 / cap, cap]``; a step is chosen only if it beats every candidate tried before it. Models
+   need different widths (ProdLDA's logistic-normal ``q*`` about 1.5-1.6x, a VAE's on
+   Fashion-MNIST 1.3x): no fixed grid fits every model;
+4. the winner runs on the remaining datapoints, its pilot result is kept, and the number of
+   draws ``K`` is the largest (at most ``num_samples``) that keeps the whole plan in budget, the
+   pilot draws of all ``extra`` possible steps included (reserved before the pilot; what the
+   search did not use is left unspent).
 
 Which candidate ran, the pilot's shares, the planned cost and the budget are returned with the
 result. Every candidate keeps IS unbiased for ``p(x)``: the choice only decides how far the
@@ -28,9 +39,10 @@ mean carries ``sqrt(sum se^2) / N`` (the error of the mean over these fixed data
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -39,7 +51,7 @@ from ppgen.infer.evidence import EvidenceResult, khat_threshold, khat_untrusted,
 from ppgen.infer.proposals import Proposal, Refined, Widened, refined_of
 from ppgen.infer.traces import DATA
 
-__all__ = ["default_candidates", "trusted_evidence", "TrustedResult", "inference_gaps", "Gaps"]
+__all__ = ["default_candidates", "WidthSearch", "trusted_evidence", "TrustedResult", "inference_gaps", "Gaps"]
 
 #: the smallest K whose sample-size threshold is 0.7 (Vehtari et al. 2024: 1 - 1/log10 K >= 0.7)
 K_FULL_THRESHOLD = 2154
@@ -52,14 +64,59 @@ def default_candidates(steps: int = 50, samples: int = 16, lr: float = 0.05,
     return [Widened(refined, f) for f in factors]
 
 
+@dataclasses.dataclass(frozen=True)
+class WidthSearch:
+    """How :func:`trusted_evidence` extends a grid of widenings ``Widened(r, f)`` of one proposal
+    ``r`` past the end the pilot prefers (see the module docstring)."""
+
+    step: float = 1.15  # each new factor is the grid's end factor times `step` (outward) or over it (inward)
+    cap: float = 3.0  # no factor above `cap` nor below `1 / cap` is tried (the last step stops at it)
+    extra: int = 4  # most candidates added to the grid; their pilot draws are reserved in the budget
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.step, (int, float)) and math.isfinite(self.step) and self.step > 1):
+            raise ValueError(f"step must be a number > 1 (the ratio between neighbouring factors), got {self.step!r}")
+        if not (isinstance(self.cap, (int, float)) and math.isfinite(self.cap) and self.cap >= 1):
+            raise ValueError(f"cap must be a number >= 1 (the widest factor; 1 / cap the narrowest), got {self.cap!r}")
+        if isinstance(self.extra, bool) or not isinstance(self.extra, int) or self.extra < 1:
+            raise ValueError(f"extra must be a positive integer (candidates added at most), got {self.extra!r}")
+
+
+def _width_search(extend, candidates: Optional[Sequence]) -> Optional[WidthSearch]:
+    """The search to run: the default candidates are searched, a user's list is tried as given
+    unless ``extend`` asks (``True`` or a :class:`WidthSearch`)."""
+    if extend is None:
+        return WidthSearch() if candidates is None else None
+    if isinstance(extend, bool):
+        return WidthSearch() if extend else None
+    if isinstance(extend, WidthSearch):
+        return extend
+    raise TypeError(f"extend must be None, a bool or a WidthSearch, got {extend!r}")
+
+
+def _grid_inner(candidates: list) -> Proposal:
+    """The one proposal all ``candidates`` widen (the same object), or a ValueError."""
+    inners = {id(c.inner) for c in candidates if isinstance(c, Widened)}
+    if len(inners) != 1 or not all(isinstance(c, Widened) for c in candidates):
+        raise ValueError(
+            f"extend searches the widening of one proposal: candidates must all be Widened(r, factor) with the same r "
+            f"(e.g. default_candidates() or [Widened(r, f) for f in (1.2, 1.4)]), got {candidates!r}; "
+            "pass extend=False to try them as given"
+        )
+    return candidates[0].inner
+
+
 class TrustedResult(NamedTuple):
     """What :func:`trusted_evidence` returns.
 
     :param result: the chosen proposal's :class:`~ppgen.infer.evidence.EvidenceResult` on all ``N``.
     :param chosen: the chosen proposal's name.
     :param pilot: ``{candidate name: share of pilot datapoints above the k-hat threshold}``.
-    :param plan: the budget and the plan: ``budget_evals`` (per datapoint), ``planned_evals``,
-        ``num_samples`` actually drawn, ``pilot`` size, ``seconds``.
+    :param plan: the budget and the plan: ``budget_evals`` (per datapoint), ``planned_evals`` (the
+        plan's cost with every search step it reserved, at most the budget), ``spent_evals`` (with
+        the steps taken), ``num_samples`` actually drawn, ``pilot`` size, ``candidates`` (the names
+        tried, the grid's first), ``tried`` (their number), ``grid`` (the given list's length),
+        ``search`` (the :class:`WidthSearch` as a dict, or ``None``), ``seconds``.
     """
 
     result: EvidenceResult
@@ -79,8 +136,9 @@ def _cat(a: EvidenceResult, b: Optional[EvidenceResult]) -> EvidenceResult:
 
 
 def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates: Optional[Sequence[Proposal]] = None,
-                     budget: float = 1.5, pilot: int = 50, seed: Optional[int] = 0, batch_size: int = 100,
-                     particle_chunk: int = 500, progress: bool = False, data_plate: str = DATA) -> TrustedResult:
+                     budget: float = 1.5, pilot: int = 50, extend: Union[bool, WidthSearch, None] = None,
+                     seed: Optional[int] = 0, batch_size: int = 100, particle_chunk: int = 500, progress: bool = False,
+                     data_plate: str = DATA) -> TrustedResult:
     """Per-datapoint ``log p(x)`` from the candidate proposal with the fewest untrusted datapoints.
 
     :param model: a Pyro model with one local latent site whose guide is Gaussian (the VAE's
@@ -93,53 +151,104 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
         choose the proposal).
     :param num_samples: ``K`` of the plain IS whose cost sets the budget (and the most draws used).
     :param candidates: proposals to choose from (default :func:`default_candidates`).
-    :param budget: the plan's cost may be at most ``budget`` times that of plain IS with ``K``.
-    :param pilot: datapoints the candidates are compared on (``min(pilot, N)``).
+    :param budget: the plan's cost may be at most ``budget`` times that of plain IS with ``K``,
+        the pilot draws of every candidate the search may add included.
+    :param pilot: datapoints the candidates are compared on (``min(pilot, N)``); keep it at most
+        ``batch_size`` so that the pilot's ``q*`` is refined once for all candidates.
+    :param extend: whether to extend a grid of widenings past its ends (module docstring, step 3):
+        ``None`` (default) searches the default candidates and tries a user's list as given;
+        ``True`` or a :class:`WidthSearch` searches the given list too, which must then widen one
+        proposal object (``[Widened(r, f) for f in factors]``); ``False`` tries the list as given.
     :param seed, batch_size, particle_chunk, progress, data_plate: as for ``log_evidence`` (the
         pilot draws with ``seed``, the rest with ``seed + 1``).
     """
+    search = _width_search(extend, candidates)
     candidates = list(candidates) if candidates is not None else default_candidates()
     if not candidates or not all(isinstance(c, Proposal) for c in candidates):
         raise TypeError(f"candidates must be a non-empty list of Proposal objects, got {candidates!r}")
+    inner = _grid_inner(candidates) if search is not None else None
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise ValueError(f"budget must be a positive number (a multiple of plain IS's cost), got {budget!r}")
     if isinstance(pilot, bool) or not isinstance(pilot, int) or pilot < 1:
         raise ValueError(f"pilot must be a positive integer (datapoints), got {pilot!r}")
     batch = as_batch(data, "data", model)
     n, p = batch.size, min(pilot, batch.size)
-    # Plan: preparing (refining) costs the same for all candidates sharing it; draws K each.
+    # Plan: preparing (refining) costs the same for all candidates sharing it; draws K each on the
+    # pilot, the search's possible steps included (they widen the same q*: no new preparation).
     prep = max(c.cost(0) for c in candidates)
+    reserve = search.extra if search is not None else 0
     allowed = budget * num_samples * n
-    k = int((allowed - prep * n) // (n + (len(candidates) - 1) * p))
+    k = int((allowed - prep * n) // (n + (len(candidates) - 1 + reserve) * p))
     k = min(num_samples, k)
     if k < 10:
+        steps = f" and {reserve} search steps on the pilot (extend)" if reserve else ""
         raise ValueError(
             f"budget={budget} x plain IS with K={num_samples} leaves {k} draws per datapoint after preparing the "
-            f"proposals ({prep:.0f} model evaluations each): raise budget or num_samples, or use fewer refine steps"
+            f"proposals ({prep:.0f} model evaluations each){steps}: raise budget or num_samples, or use fewer "
+            "refine steps" + (", or fewer search steps (WidthSearch(extra=...)) or extend=False" if reserve else "")
         )
     common = dict(batch_size=batch_size, particle_chunk=particle_chunk, seed=seed, progress=progress,
                   data_plate=data_plate)
     t0 = time.perf_counter()
     head = batch.rows(slice(0, p)).data
-    shares, results = {}, {}
+    shares, results, tried = {}, {}, []
+
+    def score(c: Proposal) -> float:
+        r = log_evidence(model, guide, head, k, proposal=c, **common)
+        results[c.name], shares[c.name] = r, float(khat_untrusted(r.khat, k).double().mean())
+        tried.append(c)
+        return shares[c.name]
+
     with contextlib.ExitStack() as stack:  # candidates on one Refined share its q* of the pilot
         for refined in refined_of(candidates):
             stack.enter_context(refined.keep())
         for c in candidates:
-            r = log_evidence(model, guide, head, k, proposal=c, **common)
-            results[c.name] = r
-            shares[c.name] = float(khat_untrusted(r.khat, k).double().mean())
-    chosen = min(candidates, key=lambda c: shares[c.name])  # first listed on ties
+            score(c)
+        if search is not None:
+            _extend(inner, tried, shares, score, search)
+    chosen = min(tried, key=lambda c: shares[c.name])  # first tried on ties: a step wins only by improving
     rest = None
     if p < n:
         rest = log_evidence(model, guide, batch.rows(slice(p, n)).data, k, proposal=chosen,
                             **{**common, "seed": None if seed is None else seed + 1})
-    plan = {"budget_evals": budget * num_samples, "planned_evals": prep + k * (n + (len(candidates) - 1) * p) / n,
-            "num_samples": k, "pilot": p, "candidates": [c.name for c in candidates],
+    plan = {"budget_evals": budget * num_samples,
+            "planned_evals": prep + k * (n + (len(candidates) - 1 + reserve) * p) / n,
+            "spent_evals": prep + k * (n + (len(tried) - 1) * p) / n,
+            "num_samples": k, "pilot": p, "candidates": [c.name for c in tried], "tried": len(tried),
+            "grid": len(candidates), "search": None if search is None else dataclasses.asdict(search),
             "seconds": time.perf_counter() - t0,
             "khat_threshold": khat_threshold(k) if k >= 10 else None,
             "unit": "model evaluations per datapoint (a gradient step counts 3)"}
     return TrustedResult(_cat(results[chosen.name], rest), chosen.name, shares, plan)
+
+
+def _extend(inner: Proposal, tried: list, shares: dict, score, search: WidthSearch) -> None:
+    """Widen (or narrow) past the grid's end while the pilot's untrusted share falls (step 3 of the
+    module docstring); ``score(candidate)`` runs one on the pilot and returns its share."""
+    level = min(shares.values())
+    if level == 0:
+        return  # nothing to gain
+    ends = [max(tried, key=lambda c: c.factor), min(tried, key=lambda c: c.factor)]
+    ways = [(w, end) for w, end in zip((search.step, 1 / search.step), ends) if shares[end.name] == level]
+    factors = [c.factor for c in tried]
+    added = 0
+    for way, end in ways:  # an end among the best (ties too): outward first, inward if that did not help
+        f, moved = end.factor, False
+        while added < search.extra:
+            nxt = round(min(search.cap, max(1 / search.cap, f * way)), 3)
+            if nxt == round(f, 3) or any(nxt == round(g, 3) for g in factors):
+                break  # at the cap, or a factor already tried
+            c = Widened(inner, nxt)
+            share = score(c)
+            added, f = added + 1, nxt
+            factors.append(nxt)
+            if share >= level:
+                break
+            level, moved = share, True
+            if level == 0:
+                break
+        if moved or added >= search.extra:
+            return
 
 
 class Gaps(NamedTuple):
