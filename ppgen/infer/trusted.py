@@ -153,8 +153,10 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     :param candidates: proposals to choose from (default :func:`default_candidates`).
     :param budget: the plan's cost may be at most ``budget`` times that of plain IS with ``K``,
         the pilot draws of every candidate the search may add included.
-    :param pilot: datapoints the candidates are compared on (``min(pilot, N)``); keep it at most
-        ``batch_size`` so that the pilot's ``q*`` is refined once for all candidates.
+    :param pilot: datapoints the candidates are compared on (``min(pilot, N)``); at most
+        ``batch_size`` is cheapest (a :class:`~ppgen.infer.proposals.Refined` keeps the last
+        chunk's ``q*``: a pilot of several chunks is refined again for every candidate, and the
+        plan counts it).
     :param extend: whether to extend a grid of widenings past its ends (module docstring, step 3):
         ``None`` (default) searches the default candidates and tries a user's list as given;
         ``True`` or a :class:`WidthSearch` searches the given list too, which must then widen one
@@ -174,11 +176,18 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     batch = as_batch(data, "data", model)
     n, p = batch.size, min(pilot, batch.size)
     # Plan: preparing (refining) costs the same for all candidates sharing it; draws K each on the
-    # pilot, the search's possible steps included (they widen the same q*: no new preparation).
+    # pilot, the search's possible steps included (they widen the same q*: no new preparation). A
+    # Refined keeps the last chunk's q*: a pilot of several chunks is prepared again per candidate.
     prep = max(c.cost(0) for c in candidates)
     reserve = search.extra if search is not None else 0
+    again = p if isinstance(batch_size, int) and p > batch_size else 0
+
+    def cost(more: int) -> tuple[float, float]:  # (fixed, per draw) with `more` candidates after the first
+        return prep * (n + more * again), n + more * p
+
     allowed = budget * num_samples * n
-    k = int((allowed - prep * n) // (n + (len(candidates) - 1 + reserve) * p))
+    fixed, per_draw = cost(len(candidates) - 1 + reserve)
+    k = int((allowed - fixed) // per_draw)
     k = min(num_samples, k)
     if k < 10:
         steps = f" and {reserve} search steps on the pilot (extend)" if reserve else ""
@@ -211,9 +220,10 @@ def trusted_evidence(model, guide, data, num_samples: int = 5000, *, candidates:
     if p < n:
         rest = log_evidence(model, guide, batch.rows(slice(p, n)).data, k, proposal=chosen,
                             **{**common, "seed": None if seed is None else seed + 1})
+    spent = cost(len(tried) - 1)
     plan = {"budget_evals": budget * num_samples,
-            "planned_evals": prep + k * (n + (len(candidates) - 1 + reserve) * p) / n,
-            "spent_evals": prep + k * (n + (len(tried) - 1) * p) / n,
+            "planned_evals": (fixed + k * per_draw) / n,
+            "spent_evals": (spent[0] + k * spent[1]) / n,
             "num_samples": k, "pilot": p, "candidates": [c.name for c in tried], "tried": len(tried),
             "grid": len(candidates), "search": None if search is None else dataclasses.asdict(search),
             "seconds": time.perf_counter() - t0,

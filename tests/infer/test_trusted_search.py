@@ -74,10 +74,12 @@ def test_the_search_goes_wider_than_the_grid_and_trusts_more_within_budget():
     assert searched.result.num_samples < fixed.result.num_samples
 
 
+@pytest.mark.parametrize("batch_size", [N, 20])  # 20: the pilot is refined again per candidate
 @pytest.mark.parametrize("extend", [False, True, WidthSearch(step=1.3, cap=2.0, extra=2)])
-def test_the_budget_holds_in_counted_model_evaluations(extend):
+def test_the_budget_holds_in_counted_model_evaluations(extend, batch_size):
     model = Counted()
-    t = run(extend, model)
+    t = trusted_evidence(model, LG.mean_field_guide, X, K, candidates=grid(), budget=BUDGET, pilot=PILOT,
+                         extend=extend, batch_size=batch_size)
     k, tried = t.result.num_samples, t.plan["tried"]
     search = extend if isinstance(extend, WidthSearch) else WidthSearch() if extend else None
     assert tried <= 3 + (search.extra if search else 0)
