@@ -57,18 +57,7 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
         split = _first_rows(split, config.limit)
     split = as_batch(split, f"{config.split} data", model).to(resolve_device(config.device)).data
     t0 = time.perf_counter()
-    uncovered = _uncovered_values(model, guide, split)
-    if uncovered:
-        where = ", ".join(f"{name!r} in {count} of {as_batch(split, 'data').size} datapoints"
-                          for name, count in uncovered.items())
-        raise ValueError(
-            f"the guide of {path} gives probability 0 to values of discrete latents that the model allows ({where}): "
-            "importance sampling then estimates the evidence of the values the guide proposes only (e.g. "
-            "log p(x, y) where the guide pins a given label), not log p(x), however many samples. If these are "
-            "labels given as data (a semi-supervised model), train with --train-only naming the label keys "
-            "(e.g. --train-only ys,labelled) so that evaluation calls the model without them; otherwise give "
-            "every value the model allows a positive probability in the guide"
-        )
+    _check_guide_support(model, guide, split, run_config.data_plate, path)
     global_sites = _global_latents(model, guide, split, run_config.data_plate)
     if global_sites:
         if num_outer is None:
@@ -117,33 +106,17 @@ def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str
             and all(f.name != plate for f in site["cond_indep_stack"])]
 
 
-def _uncovered_values(model: Callable, guide: Callable, data: Any) -> dict[str, int]:
-    """``{site: positions}`` of the guide's discrete latents (with enumerable support) where it
-    gives probability exactly 0 (underflowing in its dtype) to a value the model gives a positive
-    probability, counted over the site's batch positions (one guide draw replayed in the model,
-    off the random stream)."""
-    from pyro import poutine
-
-    from ppgen.infer.networks import eval_mode
+def _check_guide_support(model: Callable, guide: Callable, data: Any, data_plate: str, path) -> None:
+    """:func:`ppgen.infer.support.check_guide_support` on the whole split, with the CLI's advice."""
+    from ppgen.infer.support import check_guide_support
+    from ppgen.infer.traces import find_data_plate
 
     batch = as_batch(data, "data", model)
-    cuda = [batch.device] if batch.device.type == "cuda" else []
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=cuda), eval_mode(model, guide):
-        g = poutine.trace(guide).get_trace(*batch.args, **batch.kwargs)
-        m = poutine.trace(poutine.replay(model, trace=g)).get_trace(*batch.args, **batch.kwargs)
-    out = {}
-    for name, site in g.nodes.items():
-        fn = site.get("fn")
-        if (site["type"] != "sample" or site["is_observed"] or not getattr(fn, "has_enumerate_support", False)
-                or name not in m.nodes or m.nodes[name]["is_observed"]):
-            continue
-        values = fn.enumerate_support(expand=False)  # (K, 1, ..., 1, *event)
-        log_q, log_p = fn.log_prob(values), m.nodes[name]["fn"].log_prob(values)
-        missed = (log_q.exp() == 0) & (log_p > -math.inf)  # (K, *batch)
-        count = int(missed.reshape(missed.shape[0], -1).any(0).sum())
-        if count:
-            out[name] = count
-    return out
+    plate = find_data_plate(model, guide, batch.args, batch.kwargs, batch.size, data_plate).data_plate
+    check_guide_support(model, guide, [(batch.args, batch.kwargs)], plate, subject=f"the guide of {path}", advice=(
+        "If these are labels given as data (a semi-supervised model), train with --train-only naming the label keys "
+        "(e.g. --train-only ys,labelled) so that evaluation calls the model without them; otherwise give every value "
+        "the model allows a positive probability in the guide"))
 
 
 def _joint_report(model, guide, data, config, run_config: ModelRunConfig, num_outer: int, path, t0: float) -> dict:

@@ -21,14 +21,19 @@ particle-major order, so chunking over ``K`` reproduces the unchunked numbers ex
 chunk's draw size is a multiple of 16, as for ``B * z_dim`` below); a different datapoint chunk
 size draws different (equally valid) samples.
 
-Diagnostics per datapoint: the delta-method standard error of the estimate, Kish's effective
-sample size ``(sum w)^2 / sum w^2`` and the Pareto k-hat of the weights (Vehtari et al. 2024;
-ArviZ ``psislw``). An estimate is trusted when its k-hat is at most the sample-size threshold
-``min(1 - 1 / log10 K, 0.7)`` of Vehtari et al. (2024, sec. 3.2.4; 0.41 at ``K = 50``, 0.7 from
-``K = 2154``) -- :func:`khat_threshold`. Fewer than 10 weights cannot be fitted: k-hat is NaN and
-such a datapoint is never counted as trusted. Weights equal up to the rounding of the arithmetic
-that made them (an exact proposal, in float32 or float64) have no tail: k-hat is ``-inf``. The
-IWAE bound for a ladder of ``K`` values comes from nested prefixes of the same samples.
+Diagnostics per datapoint (:mod:`ppgen.infer.diagnostics`, re-exported here): the delta-method
+standard error of the estimate, Kish's effective sample size ``(sum w)^2 / sum w^2`` and the
+Pareto k-hat of the weights (Vehtari et al. 2024; ArviZ ``psislw``), trusted up to
+:func:`khat_threshold` ``(K)`` (NaN, never trusted, below ``K = 10``; ``-inf`` for weights equal up
+to rounding). The IWAE bound for a ladder of ``K`` values comes from nested prefixes of the same
+samples.
+
+A guide that never proposes a value of a discrete latent that the model allows (probability
+exactly 0: a semi-supervised guide pinning a given label) makes IS estimate the evidence of the
+values it proposes only (``log p(x, y)``, not ``log p(x)``), with weights that look perfect; such a
+pair is refused before sampling (:func:`ppgen.infer.support.check_guide_support`: one guide and one
+model trace per chunk, off the random stream; continuous pairs pay one trace pair). Enumerated
+sites and merely confident guides (tiny but positive probabilities) pass.
 
 Models that cannot take the particle dimension. Some models break under the extra plate:
 boolean-mask indexing (``loc[mask]`` with a ``(B, D)`` mask on ``(K, B, D)`` values), a
@@ -61,9 +66,18 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 from ppgen.infer.batches import as_batch, slice_arguments
+from ppgen.infer.diagnostics import (
+    iwae_ladder_sizes,
+    khat_threshold,
+    khat_untrusted,
+    kish_ess,
+    log_mean_exp,
+    psis_khat,
+)
 from ppgen.infer.networks import eval_mode
 from ppgen.infer.particles import sequential_log_weights, vectorization_problem
-from ppgen.infer.proposals import as_proposal, local_pair, proposal_log_weights
+from ppgen.infer.proposals import Guide, as_proposal, local_pair, proposal_log_weights
+from ppgen.infer.support import check_guide_support
 from ppgen.infer.traces import (
     DATA,
     check_positive_int,
@@ -140,102 +154,12 @@ class EvidenceResult(NamedTuple):
         }
 
 
-def kish_ess(log_w: torch.Tensor) -> torch.Tensor:
-    """Kish's effective sample size ``(sum w)^2 / sum w^2`` along the last axis of ``log_w``."""
-    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
-
-
-def khat_threshold(num_samples: int) -> float:
-    """The largest Pareto k-hat for which ``num_samples`` importance weights give a trustworthy
-    estimate: ``min(1 - 1 / log10 S, 0.7)`` (Vehtari et al. 2024, "Pareto smoothed importance
-    sampling", sec. 3.2.4; ArviZ ``loo``'s ``good_k``). 0.41 at ``S = 50``, 0.67 at ``S = 1000``,
-    0.7 from ``S = 2154`` on.
-
-    :param num_samples: ``S >= 10`` (k-hat is not fitted below 10 weights).
-    """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
-        raise ValueError(
-            f"num_samples must be an integer >= 10 for a k-hat threshold, got {num_samples!r}; "
-            "with fewer importance weights no Pareto tail can be fitted (use K >= 10)"
-        )
-    return min(1.0 - 1.0 / math.log10(num_samples), 0.7)
-
-
-def khat_untrusted(khat: torch.Tensor, num_samples: int) -> torch.Tensor:
-    """Boolean mask of the datapoints whose estimate is *not* trusted: k-hat above
-    :func:`khat_threshold` ``(num_samples)``, or NaN (``K < 10``, nothing fitted). ``-inf``
-    (equal weights) is trusted. Shape of ``khat``."""
-    if num_samples < 10:
-        return torch.ones_like(khat, dtype=torch.bool)
-    return torch.isnan(khat) | (khat > khat_threshold(num_samples))
-
-
-def psis_khat(log_w: torch.Tensor, rounding: Optional[float] = None) -> torch.Tensor:
-    """Pareto k-hat of importance weights along the last axis (ArviZ ``psislw``; Vehtari et al.
-    2024). Shape ``(..., K) -> (...)``; NaN where ``K < 10`` (too few weights to fit a tail),
-    ``-inf`` where the weights are equal up to rounding (bounded weights, no tail).
-
-    Weights count as equal when ``max - min`` of the log weights is at most
-    ``sqrt(rounding) * (1 + max |log w|)``: several thousand float32 rounding units, far above
-    what the rounding of an exact proposal's terms was measured to produce (at most ~360 units in
-    float32), and a spread so small that the weights are bounded within that factor, which is
-    what a negative k-hat means. The only ArviZ call in ppgen.
-
-    :param log_w: log weights ``(..., K)`` (any float dtype; fitted in float64).
-    :param rounding: unit roundoff of the arithmetic that *computed* ``log_w`` (e.g.
-        ``torch.finfo(torch.float32).eps`` for float32 weights later stored as float64); default
-        that of ``log_w.dtype``.
-    """
-    if rounding is None:
-        rounding = torch.finfo(log_w.dtype).eps if log_w.is_floating_point() else torch.finfo(torch.float64).eps
-    if not (isinstance(rounding, (int, float)) and 0 < rounding < 1):
-        raise ValueError(f"rounding must be a unit roundoff in (0, 1), e.g. torch.finfo(dtype).eps, got {rounding!r}")
-    if log_w.shape[-1] < 10:
-        return torch.full(log_w.shape[:-1], math.nan, dtype=torch.float64)
-    import warnings
-
-    import numpy as np
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ArviZ's refactor notice; warnings on large k (k-hat says it).
-        import arviz as az
-
-        _, k = az.psislw(np.asarray(log_w.detach().double().cpu().numpy()), reff=1.0)
-    k = torch.as_tensor(np.asarray(k, dtype=np.float64)).reshape(log_w.shape[:-1])
-    # Equal weights (an exact proposal) have no tail; a fit to rounding noise would mean nothing
-    # (float32 rounding gave k-hat = inf here with the old absolute cut-off of 1e-9 nats).
-    lw = log_w.detach().double().cpu()
-    spread = lw.max(-1).values - lw.min(-1).values
-    tol = math.sqrt(rounding) * (1.0 + lw.abs().max(-1).values)
-    return torch.where(spread <= tol, torch.full_like(k, -math.inf), k)
-
-
 def plot_khat_arviz(*args, **kwargs):
     """ArviZ's k-hat plot; lives with the other figures in
     :func:`ppgen.infer.evidence_report.plot_khat_arviz` (same arguments), re-exported here."""
     from ppgen.infer.evidence_report import plot_khat_arviz as plot
 
     return plot(*args, **kwargs)
-
-
-def iwae_ladder_sizes(num_samples: int) -> list[int]:
-    """``1, 5, 50, 500, ...`` below ``num_samples``, then ``num_samples`` itself."""
-    sizes, k = [1], 5
-    while k < num_samples:
-        sizes.append(k)
-        k *= 10
-    if sizes[-1] != num_samples:
-        sizes.append(num_samples)
-    return sizes
-
-
-def log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The importance-sampling estimate ``log mean_k w_k`` along ``dim`` of log weights ``log_w``,
-    and its delta-method standard error ``sd(w) / (sqrt(K) mean(w))`` (computed with the largest
-    weight scaled to 1, so nothing overflows). Shared by IS, AIS and nested IS."""
-    k = log_w.shape[dim]
-    w = torch.exp(log_w - log_w.max(dim, keepdim=True).values)
-    return torch.logsumexp(log_w, dim) - math.log(k), w.std(dim, unbiased=False) / w.mean(dim) / math.sqrt(k)
 
 
 def _reduce(log_w: torch.Tensor, ladder: Sequence[int], rounding: float) -> dict:
@@ -378,6 +302,10 @@ def log_evidence(
         vectorized (``vectorize=False`` is refused) and its per-datapoint statistics land in
         :attr:`EvidenceResult.local`.
     :returns: :class:`EvidenceResult`; its ``path`` says which way the particles were drawn.
+    :raises ValueError: (besides bad arguments) a guide that gives probability 0 to values of a
+        discrete latent that the model allows, e.g. a label it pins (with ``proposal=None`` or
+        ``Guide()``; :func:`ppgen.infer.support.check_guide_support`): IS would estimate
+        ``log p(x, y)``, not ``log p(x)``. Call the model without the labels instead.
     """
     batch = as_batch(data, "data", model)
     n = batch.size
@@ -406,13 +334,13 @@ def log_evidence(
 
             starts = tqdm(starts, desc="evidence", unit="chunk")
         for i in starts:
-            chunk = batch.rows(slice(i, i + batch_size))
-            # Per-datapoint arguments (dim 0 of length N) follow the data's rows; others pass as is.
-            extra_args, extra_kwargs = slice_arguments(args, kwargs, n, slice(i, i + batch_size))
-            call_args, call_kwargs = (*chunk.args, *extra_args), {**chunk.kwargs, **extra_kwargs}
+            chunk, call_args, call_kwargs = _chunk_call(batch, args, kwargs, i, batch_size)
             if plate is None:  # found once, on the first chunk, off the random stream
                 found = find_data_plate(model, guide, call_args, call_kwargs, chunk.size, data_plate)
                 plate, nesting = found.data_plate, found.nesting
+                if proposal is None or isinstance(proposal, Guide):  # draws from the guide's own support
+                    calls = (_chunk_call(batch, args, kwargs, j, batch_size)[1:] for j in range(0, n, batch_size))
+                    check_guide_support(model, guide, calls, plate)
                 if proposal is not None:
                     pair = local_pair(model, guide, call_args, call_kwargs, plate, nesting)
             if proposal is not None:
@@ -439,6 +367,14 @@ def log_evidence(
     local = {key[6:]: torch.cat(v) for key, v in parts.items() if key.startswith("local.")} or None
     return EvidenceResult(ladder=ladder_means, num_samples=num_samples, path=path or VECTORIZED, note=note,
                           proposal="guide" if proposal is None else proposal.name, local=local, **out)
+
+
+def _chunk_call(batch, args: tuple, kwargs: dict, start: int, batch_size: int) -> tuple:
+    """``(chunk, args, kwargs)`` of the model call on rows ``start:start + batch_size``: per-datapoint
+    arguments (dim 0 of length ``N``) follow the data's rows, others pass as is."""
+    chunk = batch.rows(slice(start, start + batch_size))
+    extra_args, extra_kwargs = slice_arguments(args, kwargs, batch.size, slice(start, start + batch_size))
+    return chunk, (*chunk.args, *extra_args), {**chunk.kwargs, **extra_kwargs}
 
 
 def _rng_state(device: torch.device) -> tuple:

@@ -76,6 +76,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.batches import slice_arguments
 from ppgen.infer.evidence import khat_threshold, kish_ess, log_mean_exp, psis_khat
+from ppgen.infer.support import check_guide_support
 from ppgen.infer.traces import check_positive_int, plate_nesting_from, trace_particles
 from ppgen.runs import seeded
 
@@ -370,7 +371,9 @@ def joint_log_evidence(
     :param data_plate: name of the plate over datapoints.
     :returns: :class:`JointEvidenceResult`.
     :raises ValueError: no global latent (use :func:`ppgen.infer.evidence.log_evidence`), no
-        site in the data plate, a subsampling data plate, model and guide with different latents.
+        site in the data plate, a subsampling data plate, model and guide with different latents,
+        a guide giving probability 0 to discrete values the model allows
+        (:func:`ppgen.infer.support.check_guide_support`).
     """
     if not isinstance(data, torch.Tensor):
         raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
@@ -383,6 +386,8 @@ def joint_log_evidence(
     ):
         check_positive_int(name, value)
     nesting = plate_nesting_from(model, guide, (data, *args), kwargs)
+    # A guide that never proposes a discrete value the model allows (global or local) is refused.
+    check_guide_support(model, guide, [((data, *args), kwargs)], data_plate)
     full = nesting + 1  # the outer particle plate sits at dim -full
     with seeded(seed, data.device):
         log_w, inner_var, num_locals, rounding = [], [], None, 0.0
