@@ -57,7 +57,7 @@ from pyro.infer import Trace_ELBO
 
 from ppgen.devices import Distributed, adam
 from ppgen.infer.batches import Batch, as_batch
-from ppgen.infer.compile import ModuleBuffers, buffers_kept, close, largest, pyro_compat, unsupported_reason
+from ppgen.infer.compile import buffers_kept, close, largest, pyro_compat, unsupported_reason
 from ppgen.infer.estimators import get_estimator, make_elbo, prepare_guide
 from ppgen.infer.estimators.multisample import DReG_ELBO, IWAE_ELBO, VIMCO_ELBO
 from ppgen.infer.estimators.pathwise import AnalyticKL_ELBO, sticking_the_landing
@@ -259,27 +259,23 @@ class SVIStep:
 
         Runs the loss and its backward twice on the same draws, eagerly and compiled. Neither run
         may leave a trace: the RNG states (torch's, Python's, NumPy's), and every buffer of every
-        ``nn.Module`` called during the check (BatchNorm's running statistics and batch count in
-        train mode, spectral norm's power-iteration vector), are put back as they were, so a
+        ``nn.Module`` the step runs (``self.buffers``: BatchNorm's running statistics and batch
+        count in train mode, spectral norm's power-iteration vector), are put back as they were, so a
         compiled run and an eager run of one seed continue identically. (A module's state held
         outside its buffers, or a buffer changed without calling its module, is not covered.)"""
         cpu, cuda = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
         host_rng = (random.getstate(), np.random.get_state())  # pyro.set_rng_seed seeds these too
-        saved = ModuleBuffers()
+        buffers = [b.clone() for b in self.buffers]  # those make_svi_step saw the model and guide move
 
         def run(compiled: bool) -> tuple[torch.Tensor, list[Optional[torch.Tensor]]]:
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
             self.compiled = compiled
-            # the eager run calls every module the compiled one will: note their buffers first
-            hook = None if compiled else torch.nn.modules.module.register_module_forward_pre_hook(saved.note)
             try:
                 loss = self._loss_and_grads(example.args, example.kwargs)
                 return loss, [None if p.grad is None else p.grad.clone() for p in self.params]
             finally:
-                if hook is not None:
-                    hook.remove()
                 self.compiled = False
                 self.optimizer.zero_grad(set_to_none=True)
 
@@ -306,7 +302,9 @@ class SVIStep:
                 torch.cuda.set_rng_state_all(cuda)
             random.setstate(host_rng[0])
             np.random.set_state(host_rng[1])
-            saved.restore()
+            with torch.no_grad():
+                for b, value in zip(self.buffers, buffers):
+                    b.copy_(value)
 
     # -- the update --------------------------------------------------------------------------
     def on_device(self, x: Any, halt: Optional[torch.Tensor] = None) -> torch.Tensor:
