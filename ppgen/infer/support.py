@@ -20,11 +20,15 @@ or, for ``Categorical``, ``OneHotCategorical`` and a ``Bernoulli`` built from ``
 ``probs`` they draw from are exactly 0 there (``OneHotCategorical(probs=one_hot)``, whose
 ``log_prob`` torch clamps to ``log(eps)``, about -15.9 in float32, although the value is never
 drawn). A ``Bernoulli`` built from logits is read by ``log_prob`` only: its ``probs`` round to 1
-from a logit of about 17 in float32, where the other value still has ``exp(-17)``. A value is allowed by
-the model where the same test finds its probability positive, so a model whose support depends
-on the data (zeros in its ``probs``, ``-inf`` logits) is checked against the values it allows.
+from a logit of about 17 in float32, where the other value still has ``exp(-17)``. A value is
+allowed by the model where the same test finds its probability positive, so a model whose support
+depends on the data (zeros in its ``probs``, ``-inf`` logits) is checked against the values it
+allows. A vector of such latents (``Bernoulli(p).to_event(1)``) is checked element by element.
+
 Not refused: a guide that is merely confident (``1e-30`` is drawn rarely but is not 0), and
-enumerated sites (``infer={"enumerate": ...}``), which plain traces draw like any other.
+enumerated sites (``infer={"enumerate": ...}``), which plain traces draw like any other. Not
+checked: latents without enumerable support (``Poisson``, ``Geometric``), and values of the model
+beyond the guide's enumerated support (a model with more classes than its guide).
 """
 
 from __future__ import annotations
@@ -88,16 +92,29 @@ def _never_drawn(fn, values: torch.Tensor) -> torch.Tensor:
     return zero if p is None else zero | (p == 0)
 
 
+def _elementwise(fn) -> tuple:
+    """``(base, k)``: ``fn`` without its ``Independent`` layers (``.to_event(k)`` of a Bernoulli,
+    whose elements are each enumerable) and the number of batch dims they made event dims."""
+    k = 0
+    while isinstance(fn, torch.distributions.Independent):
+        fn, k = fn.base_dist, k + fn.reinterpreted_batch_ndims
+    return fn, k
+
+
 def _site_uncovered(site: dict, model_site: dict, data_plate: str) -> Optional[Uncovered]:
     """:class:`Uncovered` of one guide site against the model's, or None when it cannot be checked
     (no enumerable support, or the model cannot score the guide's values)."""
-    fn = site["fn"]
+    (fn, k), (model_fn, model_k) = _elementwise(site["fn"]), _elementwise(model_site["fn"])
+    if k != model_k:
+        return None  # model and guide disagree on the site's shape; IS itself will say so
     try:
         values = fn.enumerate_support(expand=False)  # (V, 1, .., 1, *event)
-        missed = _never_drawn(fn, values) & ~_never_drawn(model_site["fn"], values)  # (V, *batch)
+        missed = _never_drawn(fn, values) & ~_never_drawn(model_fn, values)  # (V, *batch)
     except (NotImplementedError, ValueError, RuntimeError, IndexError):
         return None  # e.g. a Binomial of unequal total counts; IS itself will say what is wrong
     missed = missed.any(0)  # (*batch)
+    if k:  # an element of a .to_event(k) vector missed: the site's value is missed
+        missed = missed.reshape(*missed.shape[:missed.ndim - k], -1).any(-1)
     frame = next((f for f in site["cond_indep_stack"] if f.name == data_plate and f.vectorized), None)
     if frame is None or -frame.dim > missed.ndim:
         return Uncovered(int(missed.any()), 1, False)
@@ -120,7 +137,7 @@ def uncovered_values(model: Callable, guide: Callable, calls: Iterable[tuple[tup
         g, m = _trace_pair(model, guide, args, kwargs)
         discrete = [(name, site) for name, site in g.nodes.items()
                     if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
-                    and getattr(site["fn"], "has_enumerate_support", False)
+                    and getattr(_elementwise(site["fn"])[0], "has_enumerate_support", False)
                     and name in m.nodes and not m.nodes[name]["is_observed"]]
         if not discrete:
             break  # a continuous pair: one trace pair is all it costs

@@ -249,3 +249,28 @@ def test_a_bernoulli_pinned_by_probs_is_refused_one_confident_by_logits_is_not()
 def _in_plate(x, draw):
     with pyro.plate("data", len(x)):
         draw()
+
+
+def test_a_vector_of_bits_is_checked_element_by_element_and_matches_exact():
+    """b_n in {0,1}^2 (Bernoulli(0.3).to_event(1)), x_n ~ N(b_n, 1): log p(x_n) sums the 4 codes by hand."""
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    p = torch.tensor(0.3, dtype=torch.float64)
+
+    def bits_model(x):
+        with pyro.plate("data", len(x)):
+            b = pyro.sample("b", dist.Bernoulli(p.expand(len(x), 2)).to_event(1))
+            pyro.sample("x", dist.Normal(b, 1.0).to_event(1), obs=x)
+
+    def bits_guide(x, pin=None):
+        with pyro.plate("data", len(x)):
+            probs = torch.full_like(x, 0.5)
+            if pin is not None:  # the first bit of the first `pin` rows set to 1 for sure
+                probs[:pin, 0] = 1.0
+            pyro.sample("b", dist.Bernoulli(probs).to_event(1))
+
+    with pytest.raises(ValueError, match="'b' in 5 of 12 datapoints"):
+        log_evidence(bits_model, lambda x: bits_guide(x, pin=5), x, 10)
+    codes = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    log_prior = dist.Bernoulli(p).log_prob(codes).sum(-1)  # (4,)
+    exact = torch.logsumexp(log_prior + dist.Normal(codes, 1.0).log_prob(x.unsqueeze(-2)).sum(-1), -1)
+    _matches(log_evidence(bits_model, bits_guide, x, 400), exact)
