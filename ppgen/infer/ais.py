@@ -177,10 +177,15 @@ class _Target:
                     "importance sampling of the joint log p(x_1..N))")
             if not site["is_observed"]:
                 if not _is_real(site["fn"].support):
-                    raise ValueError(
-                        f"AIS needs real-valued latents; site {name!r} has support {site['fn'].support}: declare it "
-                        "in unconstrained space (a Normal whose value the model transforms, e.g. exp(u)) or use "
-                        "log_evidence(..., proposal=Widened(Refined())) (importance sampling, any support)")
+                    if site["fn"].support.is_discrete:
+                        advice = ("sum it out in the model, or use log_evidence(model, guide, x) (importance "
+                                  "sampling from the guide, which may propose discrete values)")
+                    else:
+                        advice = ("declare it in unconstrained space (a Normal whose value the model transforms, "
+                                  "e.g. exp(u)) or use log_evidence(..., proposal=Widened(Refined())) (importance "
+                                  "sampling from a refined Gaussian pushed through the guide's transform)")
+                    raise ValueError(f"AIS needs real-valued latents; site {name!r} has support "
+                                     f"{site['fn'].support}: {advice}")
                 self.latents.append(name)
         if not self.latents:
             raise ValueError("the model has no latent sample site")
