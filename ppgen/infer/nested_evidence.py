@@ -51,12 +51,9 @@ Diagnostics (on the ``S`` outer log weights): the delta-method standard error of
 Kish's effective sample size and the Pareto k-hat (:func:`ppgen.infer.evidence.psis_khat`,
 trusted up to :func:`ppgen.infer.evidence.khat_threshold` ``(S)``; NaN below ``S = 10``).
 
-Per datapoint: ``log p(x_n | g*)`` at one point ``g*`` of the guide's globals, by the same inner
-importance sampling with ``K`` draws. ``g*`` is found by running the guide once with each global
-site set to the *mean* of its guide distribution (a guide site conditioned on an earlier global
-gets the mean given that one's point); a discrete site gets its mode, and a transformed
-distribution without a mean (e.g. ``exp`` of a Normal) its base mean pushed through the
-transforms, which is the median for a monotone transform of a symmetric base.
+Per datapoint: ``log p(x_n | g*)`` at one point ``g*`` of the guide's globals (their means, modes
+or medians: :func:`ppgen.infer.global_point.global_point`), by the same inner importance sampling
+with ``K`` draws.
 
 For a model whose latents all sit in the data plate use :func:`ppgen.infer.evidence.log_evidence`
 (per-datapoint evidence); this module refuses it.
@@ -68,14 +65,13 @@ import math
 from typing import Callable, NamedTuple, Optional
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.batches import slice_arguments
 from ppgen.infer.evidence import khat_threshold, kish_ess, log_mean_exp, psis_khat
+from ppgen.infer.global_point import _AtCenter, global_point
+from ppgen.infer.plates import _data_frame, _sample_sites, _split_at_plate
 from ppgen.infer.support import check_guide_support
 from ppgen.infer.traces import check_positive_int, plate_nesting_from, trace_particles
 from ppgen.runs import seeded
@@ -126,22 +122,6 @@ class JointEvidenceResult(NamedTuple):
         return self.khat_threshold is not None and not math.isnan(self.khat) and self.khat <= self.khat_threshold
 
 
-def _data_frame(site: dict, data_plate: str):
-    for frame in site["cond_indep_stack"]:
-        if frame.name == data_plate:
-            return frame
-    return None
-
-
-def _sample_sites(tr, latent_only: bool):
-    for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        if latent_only and site["is_observed"]:
-            continue
-        yield name, site
-
-
 def _reduced_log_prob(site: dict, full: int, keep: int, data_axis: Optional[int]) -> torch.Tensor:
     """A site's plain (unscaled, masked) log-density summed over every batch dim except the first
     ``keep`` (particle dims) and ``data_axis`` (if given); shape ``(d_0, .., d_keep-1[, B])``
@@ -160,14 +140,6 @@ def _reduced_log_prob(site: dict, full: int, keep: int, data_axis: Optional[int]
         lp = lp.sum(other, keepdim=True)
     shape = tuple(lp.shape[:keep]) + ((lp.shape[data_axis],) if data_axis is not None else ())
     return lp.reshape(shape)
-
-
-def _split(tr, data_plate: str, latent_only: bool) -> tuple[dict, dict]:
-    """Sample sites of a trace outside / inside the data plate."""
-    outside, inside = {}, {}
-    for name, site in _sample_sites(tr, latent_only):
-        (inside if _data_frame(site, data_plate) is not None else outside)[name] = site
-    return outside, inside
 
 
 def _check_same_latents(guide_tr, model_tr) -> None:
@@ -199,92 +171,9 @@ def _check_full_plate(tr, data_plate: str) -> None:
             )
 
 
-def _mode(fn) -> torch.Tensor:
-    """A most probable value of a discrete distribution; ties (torch gives NaN for a fair coin)
-    go to the first maximum of the enumerated support."""
-    try:
-        value = fn.mode
-        if torch.isfinite(value).all():
-            return value
-    except NotImplementedError:
-        pass
-    if not fn.has_enumerate_support:
-        raise ValueError(
-            f"cannot find a mode of the guide's discrete global distribution {type(fn).__name__}: "
-            "it has no .mode and no enumerable support"
-        )
-    support = fn.enumerate_support(expand=True)  # (V, *batch, *event)
-    best = fn.log_prob(support).argmax(0)  # (*batch,)
-    index = best.reshape((1,) + best.shape + (1,) * len(fn.event_shape)).expand((1,) + support.shape[1:])
-    return support.gather(0, index)[0]
-
-
-def _center(fn) -> torch.Tensor:
-    """A point of a distribution: the mean (continuous), the mode (discrete) or, for a
-    transformed distribution without a mean, the base's point pushed through the transforms."""
-    if fn.support.is_discrete:
-        return _mode(fn)
-    try:
-        value = fn.mean
-        if torch.isfinite(value).all():
-            return value
-    except NotImplementedError:
-        pass
-    if isinstance(fn, (dist.Independent, torch.distributions.Independent)):
-        return _center(fn.base_dist)
-    if isinstance(fn, dist.ExpandedDistribution):
-        return _center(fn.base_dist).expand(fn.batch_shape + fn.event_shape)
-    if isinstance(fn, dist.MaskedDistribution):
-        return _center(fn.base_dist)
-    if isinstance(fn, torch.distributions.TransformedDistribution):
-        value = _center(fn.base_dist)
-        for t in fn.transforms:
-            value = t(value)
-        return value
-    raise ValueError(
-        f"cannot find a mean, mode or median of the guide's global distribution {type(fn).__name__}; "
-        "give the site a distribution with a .mean (or a transformed one with such a base)"
-    )
-
-
-class _AtCenter(Messenger):
-    """Sets every latent site outside the data plate to :func:`_center` of its distribution."""
-
-    def __init__(self, data_plate: str):
-        super().__init__()
-        self.data_plate = data_plate
-
-    def _pyro_sample(self, msg):
-        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
-            return
-        if _data_frame(msg, self.data_plate) is None:
-            msg["value"] = _center(msg["fn"])
-
-
 def _as_particle_value(value: torch.Tensor, event_dim: int, full: int) -> torch.Tensor:
     """Left-pad a global value to ``full`` batch dims (the particle dim first)."""
     return value.reshape((1,) * (full + event_dim - value.ndim) + tuple(value.shape))
-
-
-@torch.no_grad()
-def global_point(guide: Callable, data: torch.Tensor, *args, data_plate: str = "data", **kwargs) -> dict:
-    """``{site: value}`` of the point ``g*`` of the guide's global latents at which
-    :func:`joint_log_evidence` reports ``log p(x_n | g*)``: each global site at the mean (mode,
-    median; see the module docstring) of its guide distribution given the earlier globals' points.
-    Values are shaped as the guide draws them without particle plates. The guide's local draws on
-    the way are discarded (seeded apart from the caller's random stream).
-
-    :param guide: ``guide(data, *args, **kwargs)`` as for :func:`joint_log_evidence`.
-    """
-    if not isinstance(data, torch.Tensor):
-        raise TypeError(f"data must be a torch.Tensor, got {type(data).__name__}")
-    with poutine.block(), seeded(0, data.device):
-        tr = poutine.trace(_AtCenter(data_plate)(guide)).get_trace(data, *args, **kwargs)
-    return {
-        name: site["value"].detach().clone()
-        for name, site in _split(tr, data_plate, latent_only=True)[0].items()
-        if not site["infer"].get("is_auxiliary")
-    }
 
 
 def _inner_log_weights(
@@ -303,7 +192,7 @@ def _inner_log_weights(
         model_tr = trace_particles(model, (x, *args), kwargs, num_outer, full_outer, replay=guide_tr)
     total = x.new_zeros((), dtype=torch.float64)
     for tr, latent_only, sign in ((model_tr, False, 1.0), (guide_tr, True, -1.0)):
-        _, inside = _split(tr, data_plate, latent_only)
+        _, inside = _split_at_plate(tr, data_plate, latent_only)
         for site in inside.values():
             axis = full + _data_frame(site, data_plate).dim
             total = total + sign * _reduced_log_prob(site, full, 2, axis).double()
@@ -334,7 +223,7 @@ def _inner_pass(model, guide, data, args, kwargs, globals_tr, num_outer, num_inn
 def _globals_of(tr, data_plate: str) -> poutine.Trace:
     """A trace of ``tr``'s latent sites outside the data plate (what the inner pass replays)."""
     out = poutine.Trace()
-    for name, site in _split(tr, data_plate, latent_only=True)[0].items():
+    for name, site in _split_at_plate(tr, data_plate, latent_only=True)[0].items():
         out.add_node(name, **site)
     return out
 
@@ -399,8 +288,8 @@ def joint_log_evidence(
             if num_locals is None:
                 _check_same_latents(guide_tr, model_tr)
                 _check_full_plate(model_tr, data_plate)
-                q_out, q_in = _split(guide_tr, data_plate, latent_only=True)
-                _, p_in = _split(model_tr, data_plate, latent_only=False)
+                q_out, q_in = _split_at_plate(guide_tr, data_plate, latent_only=True)
+                _, p_in = _split_at_plate(model_tr, data_plate, latent_only=False)
                 if not p_in:
                     raise ValueError(
                         f"the model has no sample site inside a pyro.plate({data_plate!r}, ...); name "
@@ -416,8 +305,8 @@ def joint_log_evidence(
                 if num_locals == 0:
                     num_inner = 1  # p(x_n | g) is exact: no inner sampling needed
             log_outer = data.new_zeros((sc,), dtype=torch.float64)
-            for sign, sites in ((1.0, _split(model_tr, data_plate, latent_only=False)[0].values()),
-                                (-1.0, _split(guide_tr, data_plate, latent_only=True)[0].values())):
+            for sign, sites in ((1.0, _split_at_plate(model_tr, data_plate, latent_only=False)[0].values()),
+                                (-1.0, _split_at_plate(guide_tr, data_plate, latent_only=True)[0].values())):
                 for site in sites:
                     lp = _reduced_log_prob(site, full, 1, None)
                     # k-hat's equal-weights test needs the rounding of the dtype the model computed in

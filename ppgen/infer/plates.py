@@ -88,13 +88,34 @@ def data_plate_name(site: Optional[dict] = None) -> str:
     return DATA
 
 
-def _data_frame(site: dict):
-    """The frame of the datapoint plate (:func:`data_plate_name`) in a site's plate stack, or ``None``."""
-    name = data_plate_name(site)
+def _data_frame(site: dict, name: Optional[str] = None):
+    """The frame of the datapoint plate in a site's plate stack, or ``None``: the plate called
+    ``name`` if given, else :func:`data_plate_name` of the site."""
+    name = data_plate_name(site) if name is None else name
     for frame in site["cond_indep_stack"]:
         if frame.name == name:
             return frame
     return None
+
+
+def _sample_sites(tr, latent_only: bool):
+    """``(name, site)`` of a trace's sample sites (subsample sites left out; observed ones too if
+    ``latent_only``)."""
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if latent_only and site["is_observed"]:
+            continue
+        yield name, site
+
+
+def _split_at_plate(tr, data_plate: str, latent_only: bool) -> tuple[dict, dict]:
+    """Sample sites of a trace outside / inside the plate called ``data_plate``: two
+    ``{name: site}`` dicts (e.g. a model's global and local sites)."""
+    outside, inside = {}, {}
+    for name, site in _sample_sites(tr, latent_only):
+        (inside if _data_frame(site, data_plate) is not None else outside)[name] = site
+    return outside, inside
 
 
 def _trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict):
