@@ -56,8 +56,8 @@ from pyro.poutine.util import site_is_subsample
 from ppgen.infer.batches import as_batch
 from ppgen.infer.evidence import log_mean_exp
 from ppgen.infer.networks import eval_mode
-from ppgen.infer.traces import _PARTICLES, DATA, DataPlate, _data_frame, _plate_nesting, check_positive_int, \
-    find_data_plate
+from ppgen.infer.plates import DATA, DataPlate, _data_frame, _plate_nesting, find_data_plate
+from ppgen.infer.traces import _PARTICLES, check_positive_int
 from ppgen.runs import seeded
 
 __all__ = ["AISResult", "BDMCResult", "sigmoid_schedule", "guide_start", "ais_log_evidence", "bdmc"]

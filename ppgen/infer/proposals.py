@@ -54,7 +54,8 @@ from torch.distributions import TransformedDistribution
 from torch.distributions.utils import _sum_rightmost
 
 from ppgen.infer.refine import gaussian_site, local_log_joint, particle_problem, push_forward, refine_local
-from ppgen.infer.traces import DATA, _trace_pair, check_positive_int, find_data_plate
+from ppgen.infer.plates import DATA, _trace_pair, find_data_plate
+from ppgen.infer.traces import check_positive_int
 
 __all__ = ["Proposal", "Prepared", "LocalPair", "local_pair", "Guide", "Refined", "Widened", "StudentT",
            "Defensive", "DefensiveMixture", "proposal_log_weights", "as_proposal", "refined_of"]

@@ -10,7 +10,7 @@ and the weights are all alike, so neither the standard error nor k-hat gives it 
 
 :func:`check_guide_support` refuses such a pair before any sampling, naming the site, the number
 of datapoints affected and what to do. It costs one guide trace and one model trace replaying it
-per chunk of datapoints, taken off the caller's random stream (:func:`ppgen.infer.traces._trace_pair`:
+per chunk of datapoints, taken off the caller's random stream (:func:`ppgen.infer.plates._trace_pair`:
 the caller's RNG state and every later draw are unchanged), and stops after the first chunk when
 the guide has no latent with enumerable support (continuous models pay one trace pair).
 
@@ -38,7 +38,7 @@ from typing import Callable, Iterable, NamedTuple, Optional
 import torch
 from pyro.poutine.util import site_is_subsample
 
-from ppgen.infer.traces import _trace_pair
+from ppgen.infer.plates import _trace_pair
 
 __all__ = ["Uncovered", "uncovered_values", "check_guide_support", "UNCOVERED_ADVICE"]
 

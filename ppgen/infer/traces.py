@@ -30,7 +30,6 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from ppgen.infer import plates as _plates
 from ppgen.infer.plates import (
     DATA,
     DATA_PLATE_KEY,
@@ -65,10 +64,6 @@ __all__ = [
 ]
 
 _PARTICLES = "_ppgen_particles"
-# Private plate helpers that other modules import from here (ais: _plate_nesting; support,
-# proposals: _trace_pair); they live in ppgen.infer.plates.
-_plate_nesting = _plates._plate_nesting
-_trace_pair = _plates._trace_pair
 
 
 def check_positive_int(name: str, value) -> None:
