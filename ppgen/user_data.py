@@ -36,7 +36,7 @@ from ppgen.data import BINARIZATIONS, DATASETS, DataConfig
 from ppgen.infer.batches import as_batch
 
 __all__ = ["FILE_SUFFIXES", "DTYPES", "ModelDataConfig", "ModelData", "load_model_data", "without_keys",
-           "check_train_only"]
+           "check_train_only", "drop_keys"]
 
 #: Data file suffixes ppgen reads (see the module docstring).
 FILE_SUFFIXES = (".npy", ".npz", ".pt")
@@ -173,18 +173,41 @@ def load_model_data(config: ModelDataConfig, download: bool = True) -> ModelData
     return ModelData(train, without_keys(val, config.train_only), without_keys(test, config.train_only), False)
 
 
-def _check_keys(data: Any, keys: tuple[str, ...], what: str) -> None:
+def _check_keys(data: Any, keys: tuple[str, ...], what: str, flag: str = "--train-only") -> None:
+    """Refuse keys ``flag`` cannot drop from ``data``: data not a dict, a missing key, or every key."""
     if not isinstance(data, dict):
-        raise ValueError(f"train_only ({', '.join(keys)}) names keys of a dict, but {what} holds a "
+        raise ValueError(f"{flag} {','.join(keys)} names keys of a dict, but {what} holds a "
                          f"{'tuple of positional arrays' if isinstance(data, tuple) else 'single array'}: save a "
                          "dict (torch.save({'xs': ..., 'ys': ...}) or numpy.savez(f, xs=..., ys=...)) or leave "
-                         "--train-only out")
+                         f"{flag} out")
     missing = [k for k in keys if k not in data]
     if missing:
-        raise ValueError(f"train_only names {missing}, which {what} lacks; its keys: {sorted(data)}")
+        raise ValueError(f"{flag} names {missing}, which {what} lacks; its keys: {sorted(data)}")
     if not set(data) - set(keys):
-        raise ValueError(f"train_only ({', '.join(keys)}) would drop every key of {what}; the evaluation "
-                         "splits need the observations: leave them out of --train-only")
+        raise ValueError(f"{flag} {','.join(keys)} would drop every key of {what}; the evaluation needs the "
+                         f"observations: leave them out of {flag}")
+
+
+def drop_keys(model: Callable, data: Any, keys: tuple[str, ...], what: str) -> Any:
+    """``data`` (a dict split) without ``keys``, for an evaluation that calls ``model`` without
+    them (``ppgen evidence --drop-keys ys,labelled``: the evidence of the observations alone, of
+    a run trained without ``--train-only``). Refuses keys that are not there, all keys, and
+    dropped arguments the model has no default for."""
+    if not keys:
+        return data
+    _check_keys(data, keys, what, "--drop-keys")
+    out = without_keys(data, keys)
+    try:
+        signature = inspect.signature(model)
+    except (TypeError, ValueError):  # no signature to check: the model call will tell
+        return out
+    try:
+        signature.bind(**out)
+    except TypeError as err:
+        raise ValueError(f"--drop-keys {','.join(keys)}: the model cannot be called with only "
+                         f"{', '.join(sorted(out))} ({err}); give the dropped arguments a default "
+                         "(e.g. ys=None, labelled=None)") from None
+    return out
 
 
 def without_keys(data: Any, keys: tuple[str, ...]) -> Any:

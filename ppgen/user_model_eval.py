@@ -18,7 +18,7 @@ from ppgen.data import DataConfig
 from ppgen.devices import resolve_device
 from ppgen.infer.batches import as_batch
 from ppgen.infer.svi import evaluate_elbo
-from ppgen.user_data import _first_rows, without_keys
+from ppgen.user_data import _first_rows, drop_keys, without_keys
 from ppgen.user_models import ModelRunConfig, _open, _setup, load_model_run
 
 __all__ = ["model_evidence_report", "format_joint_report", "sample_model_run", "measure_model_run"]
@@ -55,6 +55,7 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     split = getattr(data, config.split)
     if config.limit is not None:
         split = _first_rows(split, config.limit)
+    split = drop_keys(model, split, config.drop_keys, f"the {config.split} split of {path}")
     split = as_batch(split, f"{config.split} data", model).to(resolve_device(config.device)).data
     t0 = time.perf_counter()
     _check_guide_support(model, guide, split, run_config.data_plate, path)
@@ -114,9 +115,9 @@ def _check_guide_support(model: Callable, guide: Callable, data: Any, data_plate
     batch = as_batch(data, "data", model)
     plate = find_data_plate(model, guide, batch.args, batch.kwargs, batch.size, data_plate).data_plate
     check_guide_support(model, guide, [(batch.args, batch.kwargs)], plate, subject=f"the guide of {path}", advice=(
-        "If these are labels given as data (a semi-supervised model), train with --train-only naming the label keys "
-        "(e.g. --train-only ys,labelled) so that evaluation calls the model without them; otherwise give every value "
-        "the model allows a positive probability in the guide"))
+        "If these are labels given as data (a semi-supervised model), evaluate with --drop-keys naming the label "
+        "keys (e.g. --drop-keys ys,labelled), or train with --train-only ys,labelled so that validation and test "
+        "leave them out too; otherwise give every value the model allows a positive probability in the guide"))
 
 
 def _joint_report(model, guide, data, config, run_config: ModelRunConfig, num_outer: int, path, t0: float) -> dict:

@@ -148,7 +148,15 @@ def test_semi_supervised_m2_from_a_dict_file(tmp_path, capsys):
     err = capsys.readouterr().err
     pinned = int(load_model_data(ModelDataConfig(str(data), "none")).test["labelled"].sum())
     assert "probability 0" in err and f"'y' in {pinned} of 60" in err and "--train-only" in err
+    assert "--drop-keys ys,labelled" in err
     assert not (mixed / "evidence.json").exists()
+    # ... or evaluated as it is, without the label keys: the same weights, data and draws as `once`
+    assert main(["evidence", str(mixed), "--samples", "300", "--drop-keys", ",".join(LABELS), "--no-progress"]) == 0
+    assert json.loads((mixed / "evidence.json").read_text())["log_px"] == ev["log_px"]
+    assert main(["evidence", str(mixed), "--samples", "10", "--drop-keys", "labels", "--no-progress"]) == 2
+    assert "--drop-keys names ['labels']" in capsys.readouterr().err
+    assert main(["evidence", str(mixed), "--samples", "10", "--drop-keys", "xs,ys,labelled", "--no-progress"]) == 2
+    assert "would drop every key" in capsys.readouterr().err
 
 
 def test_train_only_refuses_a_model_that_needs_the_keys(tmp_path, capsys):
@@ -277,3 +285,21 @@ def test_two_positional_arrays_in_an_npz_and_a_plate_not_named_data(tmp_path, ca
     assert abs(ev["ais"]["log_px"] - exact20) < 0.02, (ev["ais"]["log_px"], exact20)
     assert main([*flags, "--out", str(tmp_path / "bad"), "--epochs", "1", "--train-only", "arr_1"]) == 2
     assert "tuple of positional arrays" in capsys.readouterr().err
+
+
+def test_drop_keys_refusals():
+    from ppgen.user_data import drop_keys
+
+    def model(xs, ys):
+        pass
+
+    def optional(xs, ys=None):
+        pass
+
+    x, y = torch.zeros(4, 3), torch.zeros(4, 2)
+    assert set(drop_keys(optional, {"xs": x, "ys": y}, ("ys",), "the split")) == {"xs"}
+    assert drop_keys(model, {"xs": x, "ys": y}, (), "the split").keys() == {"xs", "ys"}
+    with pytest.raises(ValueError, match="cannot be called with only xs.*default"):
+        drop_keys(model, {"xs": x, "ys": y}, ("ys",), "the split")
+    with pytest.raises(ValueError, match="--drop-keys ys names keys of a dict, but the split holds a single array"):
+        drop_keys(model, x, ("ys",), "the split")

@@ -189,6 +189,9 @@ def add_evidence(sub) -> None:
     p.add_argument("--refine-steps", type=int, default=50, help="auto: Adam steps of each datapoint's q*")
     p.add_argument("--refine-samples", type=positive_int, default=16, help="auto: draws per refine step")
     p.add_argument("--pilot", type=positive_int, default=50, help="auto: datapoints the proposals are compared on")
+    p.add_argument("--drop-keys", type=name_list, default=(), metavar="KEY[,KEY]",
+                   help="model runs on dict data: call the model without these keys (e.g. ys,labelled of a "
+                   "semi-supervised run trained without --train-only), so IS scores log p(x)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evidence)
 
@@ -202,7 +205,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
     config = EvidenceConfig(
         args.samples, args.split, args.limit, args.batch_size, args.particle_chunk,
         args.ais_steps, args.ais_chains, args.ais_limit, args.ais_start, args.seed, args.device,
-        proposal, args.gaps, args.budget, args.refine_steps, args.refine_samples, args.pilot,
+        proposal, args.gaps, args.budget, args.refine_steps, args.refine_samples, args.pilot, tuple(args.drop_keys),
     )
     if _family(args.run) == "model":  # a declared model (ppgen train model)
         if proposal != "guide":
@@ -216,6 +219,9 @@ def cmd_evidence(args: argparse.Namespace) -> int:
         print(format_joint_report(report) if joint else format_report(report))
         print(f"wrote {Path(args.run) / 'evidence.json'}" + ("" if joint else f" and figures in {Path(args.run) / 'figures'}"))
         return 0
+    if config.drop_keys:
+        raise ValueError("--drop-keys leaves keys of a dict data file out of a declared model's call (ppgen train "
+                         "model); a VAE run's data is one image tensor: leave --drop-keys out")
     vae, run_config, _ = load_vae(args.run, args.device)
     data = getattr(run_config.data.load(False), config.split).to(resolve_device(args.device))
     vae.check_data(data)

@@ -50,6 +50,7 @@ class EvidenceConfig:
     refine_steps: int = 50  # "auto": Adam steps of each datapoint's q*
     refine_samples: int = 16  # "auto": draws per refine step
     pilot: int = 50  # "auto": datapoints the candidate proposals are compared on
+    drop_keys: tuple[str, ...] = ()  # model runs on dict data: keys left out of the model call (labels: log p(x))
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch_size", "particle_chunk", "ais_chains", "ais_limit"):
