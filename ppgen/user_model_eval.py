@@ -50,6 +50,7 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     """
     from ppgen.infer.evidence import log_evidence
     from ppgen.infer.evidence_report import write_report
+    from ppgen.infer.support import GuideSupportError
 
     model, guide, run_config, data = load_model_run(path, config.device)
     split = getattr(data, config.split)
@@ -58,19 +59,25 @@ def model_evidence_report(path: Union[str, Path], config, progress: bool = False
     split = drop_keys(model, split, config.drop_keys, f"the {config.split} split of {path}")
     split = as_batch(split, f"{config.split} data", model).to(resolve_device(config.device)).data
     t0 = time.perf_counter()
-    _check_guide_support(model, guide, split, run_config.data_plate, path)
     global_sites = _global_latents(model, guide, split, run_config.data_plate)
-    if global_sites:
-        if num_outer is None:
-            raise ValueError(
-                f"the model of {path} has latents outside its datapoint plate ({', '.join(global_sites)}): its "
-                "evidence does not factor per datapoint; use ppgen.joint_log_evidence (ppgen evidence "
-                "--outer-samples S: nested importance sampling of the joint log p(x_1..N))"
-            )
-        return _joint_report(model, guide, split, config, run_config, num_outer, path, t0)
-    r = log_evidence(model, guide, split, config.samples, batch_size=config.batch_size,
-                     particle_chunk=config.particle_chunk, seed=config.seed, progress=progress,
-                     data_plate=run_config.data_plate)
+    if global_sites and num_outer is None:
+        raise ValueError(
+            f"the model of {path} has latents outside its datapoint plate ({', '.join(global_sites)}): its "
+            "evidence does not factor per datapoint; use ppgen.joint_log_evidence (ppgen evidence "
+            "--outer-samples S: nested importance sampling of the joint log p(x_1..N))"
+        )
+    try:  # both estimators refuse a guide that pins a label before they sample; the CLI's own advice
+        if global_sites:
+            return _joint_report(model, guide, split, config, run_config, num_outer, path, t0)
+        r = log_evidence(model, guide, split, config.samples, batch_size=config.batch_size,
+                         particle_chunk=config.particle_chunk, seed=config.seed, progress=progress,
+                         data_plate=run_config.data_plate)
+    except GuideSupportError as e:
+        raise ValueError(
+            f"{path}: {e.problem} If these are labels given as data (a semi-supervised model), evaluate with "
+            "--drop-keys naming the label keys (e.g. --drop-keys ys,labelled), or train with --train-only "
+            "ys,labelled so that validation and test leave them out too; otherwise give every value the model "
+            "allows a positive probability in the guide") from None
     report = {"config": dataclasses.asdict(config), "evidence": "per-datapoint", **r.summary(),
               "is_seconds": time.perf_counter() - t0}
     if config.ais_steps > 0:
@@ -105,19 +112,6 @@ def _global_latents(model: Callable, guide: Callable, data: Any, data_plate: str
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
             and not site["infer"].get("is_auxiliary")
             and all(f.name != plate for f in site["cond_indep_stack"])]
-
-
-def _check_guide_support(model: Callable, guide: Callable, data: Any, data_plate: str, path) -> None:
-    """:func:`ppgen.infer.support.check_guide_support` on the whole split, with the CLI's advice."""
-    from ppgen.infer.support import check_guide_support
-    from ppgen.infer.traces import find_data_plate
-
-    batch = as_batch(data, "data", model)
-    plate = find_data_plate(model, guide, batch.args, batch.kwargs, batch.size, data_plate).data_plate
-    check_guide_support(model, guide, [(batch.args, batch.kwargs)], plate, subject=f"the guide of {path}", advice=(
-        "If these are labels given as data (a semi-supervised model), evaluate with --drop-keys naming the label "
-        "keys (e.g. --drop-keys ys,labelled), or train with --train-only ys,labelled so that validation and test "
-        "leave them out too; otherwise give every value the model allows a positive probability in the guide"))
 
 
 def _joint_report(model, guide, data, config, run_config: ModelRunConfig, num_outer: int, path, t0: float) -> dict:

@@ -40,7 +40,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ppgen.infer.plates import _trace_pair
 
-__all__ = ["Uncovered", "uncovered_values", "check_guide_support", "UNCOVERED_ADVICE"]
+__all__ = ["Uncovered", "uncovered_values", "check_guide_support", "GuideSupportError", "UNCOVERED_ADVICE"]
 
 #: what :func:`check_guide_support` tells a Python caller to do (a CLI passes its own words).
 UNCOVERED_ADVICE = (
@@ -49,6 +49,15 @@ UNCOVERED_ADVICE = (
     "otherwise give every value the model allows a positive probability in the guide (e.g. mix its "
     "probabilities with a little of the uniform)"
 )
+
+
+class GuideSupportError(ValueError):
+    """:func:`check_guide_support`'s refusal. ``problem`` is the message without its advice, so a
+    caller that names its own remedies (``ppgen evidence``: its flags) can reword it."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(f"{problem} {advice}")
+        self.problem = problem
 
 
 class Uncovered(NamedTuple):
@@ -160,15 +169,15 @@ def check_guide_support(model: Callable, guide: Callable, calls: Iterable[tuple[
     :param data_plate: name of the datapoint plate.
     :param advice: what to do, appended to the message (a CLI names its own flags).
     :param subject: who gives probability 0 (``"the guide of runs/m2"``).
-    :raises ValueError: naming each such site and the number of datapoints affected.
+    :raises GuideSupportError: (a ``ValueError``) naming each such site and the number of
+        datapoints affected.
     """
     found = uncovered_values(model, guide, calls, data_plate)
     if not found:
         return
     where = ", ".join(f"{name!r} in {u.count} of {u.size} datapoints" if u.in_plate
                       else f"{name!r} outside the datapoint plate {data_plate!r}" for name, u in found.items())
-    raise ValueError(
+    raise GuideSupportError(
         f"{subject} gives probability 0 to values of discrete latents that the model allows ({where}): "
         "importance sampling then estimates the evidence of the values the guide proposes only (e.g. "
-        "log p(x, y) where the guide pins a given label), not log p(x), however many samples. " + advice
-    )
+        "log p(x, y) where the guide pins a given label), not log p(x), however many samples.", advice)
